@@ -1,0 +1,398 @@
+"""Delta Activations: embed a finetune as the mean shift of its hidden state on probe prompts.
+
+``delta(f) = mean_p ( h_f(p) - h_base(p) )`` with ``h`` the hidden state of ``layer`` (default: the
+final, post-norm one) at the last non-pad token, in fp32.
+
+How a finetune's activations are computed (``method``):
+
+- ``"fold"`` (default): the base stays loaded once. For a LoRA adapter, each target weight is
+  replaced for one forward by ``W + scale * B @ A`` (``torch.addmm`` into a reused scratch buffer,
+  passed with ``torch.func.functional_call``, so the base weights are never modified), and all
+  probes run in one padded batch through the transformer body only (no LM head).
+  A full finetune is streamed into the live model tensor by tensor (one model in memory), and the
+  base weights are streamed back before the next adapter.
+- ``"reference"``: PEFT's ``PeftModel.from_pretrained`` per adapter, one probe per forward, then
+  ``unload()``. Slower; the baseline of ``benchmarks/embed_throughput.py`` and the fallback for
+  adapters the fold cannot express (DoRA, modules_to_save, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from delta_router.base import DEFAULT_BASE, BaseFingerprint, BaseModel, resolve_base
+from delta_router.errors import IncompatibleBaseError, InvalidModelError, SpaceMismatchError
+from delta_router.finetune import Finetune, LoraFactors, iter_full_weights, load_lora_factors
+from delta_router.home import atomic_write_bytes, cache_dir
+from delta_router.probes import ProbeSet
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("last", "mean")
+NORMALIZATIONS = ("none", "probe")
+METHODS = ("fold", "reference")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpace:
+    """Everything that must match for two embeddings to be comparable.
+
+    ``base_name`` and ``probe_set`` are labels for messages; equality uses the fingerprints.
+    """
+
+    base: BaseFingerprint
+    probes: str  # ProbeSet.fingerprint
+    layer: int
+    pooling: str
+    normalize: str
+    dim: int
+    base_name: str = field(default="", compare=False)
+    probe_set: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> str:
+        """Short hash of the compared fields: names cache directories."""
+        parts = [self.base.id, self.probes, self.layer, self.pooling, self.normalize, self.dim]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return (
+            f"base {self.base_name or '?'} [{self.base.id}], probes {self.probe_set or '?'} "
+            f"[{self.probes}], layer {self.layer}, pooling {self.pooling}, "
+            f"normalize {self.normalize}, dim {self.dim}"
+        )
+
+    def check_same(self, other: EmbeddingSpace, this: str, that: str) -> None:
+        """Raise SpaceMismatchError naming both spaces unless ``other == self``."""
+        if other != self:
+            raise SpaceMismatchError(
+                f"cannot compare embeddings from different spaces:\n  {this}: {self.describe()}"
+                f"\n  {that}: {other.describe()}\nRe-embed with the same base and probe settings."
+            )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "base": self.base.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EmbeddingSpace:
+        return cls(**{**data, "base": BaseFingerprint.from_dict(data["base"])})
+
+
+@dataclass
+class Embedding:
+    """One finetune's Delta Activations vector (float32, shape ``[dim]``) and where it came from."""
+
+    vector: np.ndarray
+    model_id: str
+    path: str
+    kind: str  # "lora" or "full"
+    content_hash: str
+    space: EmbeddingSpace
+    created: str  # ISO-8601 UTC time the vector was computed
+
+    def to_dict(self, with_vector: bool = True) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k not in ("vector", "space")}
+        data["space"] = self.space.to_dict()
+        if with_vector:
+            data["vector"] = self.vector.tolist()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, vector: np.ndarray | None = None) -> Embedding:
+        fields = {k: v for k, v in data.items() if k not in ("vector", "space")}
+        vec = vector if vector is not None else np.asarray(data["vector"], dtype=np.float32)
+        return cls(vector=vec, space=EmbeddingSpace.from_dict(data["space"]), **fields)
+
+
+def pooled_hidden_states(
+    body: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int = -1,
+    pooling: str = "last",
+    weights: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Hidden state ``hidden_states[layer]`` of the transformer body, pooled per row: ``[B, d]`` fp32.
+
+    Position ids follow the attention mask, so left and right padding give the same result.
+    ``weights`` optionally overrides parameters (body-relative names) for this call only.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        output_hidden_states=layer != -1,
+    )
+    out = functional_call(body, weights or {}, args=(), kwargs=kwargs)
+    hidden = (out.last_hidden_state if layer == -1 else out.hidden_states[layer]).float()
+    if pooling == "last":
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask * positions).argmax(-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def delta_vector(finetuned: torch.Tensor, base: torch.Tensor, normalize: str = "none") -> np.ndarray:
+    """Mean over probes of ``finetuned - base`` (both ``[P, d]``); ``"probe"`` L2-normalises rows first."""
+    diff = finetuned - base
+    if normalize == "probe":
+        diff = diff / diff.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return diff.mean(0).cpu().numpy().astype(np.float32)
+
+
+class DeltaEmbedder:
+    """Embeds finetunes (LoRA adapter or full-model directories) of one base model.
+
+    >>> embedder = DeltaEmbedder("smollm2-135m")
+    >>> [e.vector.shape for e in embedder.embed(["adapters/math-1", "adapters/law-1"])]
+    [(576,), (576,)]
+    """
+
+    def __init__(
+        self,
+        base: str | Path | BaseModel = DEFAULT_BASE,
+        probes: str | Path | Sequence[str] | ProbeSet = "paper",
+        layer: int = -1,
+        pooling: str = "last",
+        normalize: str = "none",
+        method: str = "fold",
+        device: str | torch.device = "cpu",
+        cache: bool = True,
+        progress: bool = True,
+    ) -> None:
+        for name, value, allowed in (
+            ("pooling", pooling, POOLINGS),
+            ("normalize", normalize, NORMALIZATIONS),
+            ("method", method, METHODS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.base = resolve_base(base)
+        self.probes = ProbeSet.resolve(probes)
+        n_layers = self.base.fingerprint.num_layers
+        if not -1 <= layer <= n_layers:
+            raise ValueError(f"layer must be -1 or 0..{n_layers} for this base, got {layer}")
+        self.layer, self.pooling, self.normalize, self.method = layer, pooling, normalize, method
+        self.device = torch.device(device)
+        self.cache, self.progress = cache, progress
+        self._live = "base"  # what the live model's weights are: "base", a content hash, "dirty"
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    # ---- spaces and caches -------------------------------------------------------------------
+    @cached_property
+    def space(self) -> EmbeddingSpace:
+        fp = self.base.fingerprint
+        return EmbeddingSpace(
+            base=fp, probes=self.probes.fingerprint, layer=self.layer, pooling=self.pooling,
+            normalize=self.normalize, dim=fp.hidden_size, base_name=self.base.name,
+            probe_set=self.probes.name,
+        )  # fmt: skip
+
+    def _cache_file(self, content_hash: str) -> Path:
+        return cache_dir("embeddings", self.space.key) / f"{content_hash}.npy"
+
+    # ---- the live model ------------------------------------------------------------------------
+    @cached_property
+    def model(self) -> torch.nn.Module:
+        """The base causal LM, loaded once, in fp32 eval mode."""
+        logger.info("loading base %s", self.base.describe())
+        return self.base.load_model(torch.float32, self.device).requires_grad_(False)
+
+    @cached_property
+    def tokenizer(self):
+        return self.base.load_tokenizer()
+
+    @property
+    def body(self) -> torch.nn.Module:
+        """The transformer body (embeddings, blocks, final norm): no LM head."""
+        return self.model.base_model
+
+    @cached_property
+    def _body_prefix(self) -> str:
+        return self.model.base_model_prefix + "."
+
+    @cached_property
+    def probe_batch(self) -> dict[str, torch.Tensor]:
+        """All probes tokenized in one padded batch: ``input_ids``/``attention_mask`` ``[P, T]``."""
+        batch = self.tokenizer(list(self.probes.texts), padding=True, return_tensors="pt")
+        return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def _forward(self, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        with torch.inference_mode():
+            return pooled_hidden_states(
+                self.body, **self.probe_batch, layer=self.layer, pooling=self.pooling,
+                weights=weights,
+            )  # fmt: skip
+
+    def _load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], label: str) -> None:
+        """Copy named tensors into the live model in place (streaming; one tensor at a time)."""
+        params = dict(self.model.named_parameters())
+        seen = set()
+        self._live = "dirty"
+        with torch.no_grad():
+            for name, tensor in tensors:
+                if name not in params:
+                    continue
+                if params[name].shape != tensor.shape:
+                    raise IncompatibleBaseError(
+                        f"{label}: tensor {name} has shape {tuple(tensor.shape)}, the base "
+                        f"{self.base.describe()} has {tuple(params[name].shape)}"
+                    )
+                params[name].copy_(tensor)
+                seen.add(name)
+        missing = [n for n in params if n.startswith(self._body_prefix) and n not in seen]
+        if missing:
+            raise InvalidModelError(f"{label}: missing {len(missing)} tensors, e.g. {missing[0]}")
+
+    def _ensure_base(self) -> None:
+        if self._live != "base":
+            base_ft = Finetune(self.base.path, "full", self.base.name)
+            self._load_weights(iter_full_weights(base_ft, self.base), f"base {self.base.name}")
+            self._live = "base"
+
+    # ---- activations ---------------------------------------------------------------------------
+    def base_activations(self) -> torch.Tensor:
+        """Pooled base activations on the probes, ``[P, d]`` fp32; computed once, cached on disk."""
+        if "_base_acts" not in self.__dict__:
+            path = cache_dir("activations") / f"{self.space.key}.npy"
+            if self.cache and path.exists():
+                acts = torch.from_numpy(np.load(path))
+            else:
+                self._ensure_base()
+                acts = self._forward().cpu()
+                if self.cache:
+                    atomic_write_bytes(path, _npy_bytes(acts.numpy()))
+            self.__dict__["_base_acts"] = acts
+        return self.__dict__["_base_acts"]
+
+    def finetune_activations(self, finetune: Finetune) -> torch.Tensor:
+        """Pooled activations of ``finetune`` on the probes, ``[P, d]`` fp32."""
+        if finetune.kind == "full":
+            self._load_weights(iter_full_weights(finetune, self.base), str(finetune.path))
+            self._live = finetune.content_hash
+            return self._forward().cpu()
+        self._ensure_base()
+        lora = load_lora_factors(finetune, self.model, self.base)
+        if self.method == "fold" and lora.foldable:
+            with self._folded(lora) as weights:
+                return self._forward(weights).cpu()
+        if self.method == "fold":
+            logger.warning("%s: adapter features need PEFT; using the reference path", finetune.path)
+        return self._reference_activations(finetune)
+
+    @contextlib.contextmanager
+    def _folded(self, lora: LoraFactors) -> Iterator[dict[str, torch.Tensor]]:
+        """Body-relative weight overrides ``W + scale * B @ A`` in reused scratch buffers."""
+        modules = dict(self.model.named_modules())
+        weights = {}
+        for name, (a, b, scale) in lora.factors.items():
+            w = modules[name].weight
+            scratch = self._scratch.get(name)
+            if scratch is None:
+                scratch = self._scratch[name] = torch.empty_like(w)
+            dev = w.device
+            torch.addmm(w, b.to(dev), a.to(dev), alpha=scale, out=scratch)
+            weights[name.removeprefix(self._body_prefix) + ".weight"] = scratch
+        yield weights
+
+    def _reference_activations(self, finetune: Finetune) -> torch.Tensor:
+        """PEFT's path: attach the adapter, one probe per forward, unload."""
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(self.model, str(finetune.path))
+        try:
+            peft_model.eval()
+            rows = []
+            for text in self.probes.texts:
+                one = self.tokenizer([text], return_tensors="pt")
+                with torch.inference_mode():
+                    rows.append(
+                        pooled_hidden_states(
+                            self.body,
+                            one["input_ids"].to(self.device),
+                            one["attention_mask"].to(self.device),
+                            self.layer,
+                            self.pooling,
+                        )  # fmt: skip
+                    )
+            return torch.cat(rows).cpu()
+        finally:
+            peft_model.unload()
+
+    # ---- public API ----------------------------------------------------------------------------
+    def embed_one(self, source: str | Path | Finetune, model_id: str | None = None) -> Embedding:
+        return self.embed([source], [model_id] if model_id else None)[0]
+
+    def embed(
+        self,
+        sources: Sequence[str | Path | Finetune],
+        model_ids: Sequence[str] | None = None,
+    ) -> list[Embedding]:
+        """Embed finetunes, in input order. Unchanged finetunes come from the cache for free.
+
+        All paths are opened and checked before any compute; LoRA adapters run before full
+        finetunes so the base weights are streamed back at most once.
+        """
+        if model_ids is not None and len(model_ids) != len(sources):
+            raise ValueError(f"{len(model_ids)} model ids for {len(sources)} sources")
+        finetunes = [
+            s if isinstance(s, Finetune) else Finetune.open(s, model_ids[i] if model_ids else None)
+            for i, s in enumerate(sources)
+        ]
+        results: dict[int, Embedding] = {}
+        todo = []
+        for i, ft in enumerate(finetunes):
+            cached = self._cache_file(ft.content_hash)
+            if self.cache and cached.exists():
+                results[i] = self._record(ft, np.load(cached), cached)
+            else:
+                todo.append(i)
+        todo.sort(key=lambda i: finetunes[i].kind == "full")
+        if todo:
+            base_acts = self.base_activations()
+            bar = tqdm(todo, desc="embedding", unit="model", disable=not self.progress)
+            for i in bar:
+                ft = finetunes[i]
+                bar.set_postfix_str(ft.model_id)
+                vector = delta_vector(self.finetune_activations(ft), base_acts, self.normalize)
+                cached = self._cache_file(ft.content_hash)
+                if self.cache:
+                    atomic_write_bytes(cached, _npy_bytes(vector))
+                results[i] = self._record(ft, vector, cached if self.cache else None)
+        return [results[i] for i in range(len(finetunes))]
+
+    def transform(self, sources: Sequence[str | Path | Finetune]) -> np.ndarray:
+        """Embedding vectors stacked: ``[N, dim]`` float32."""
+        return np.stack([e.vector for e in self.embed(sources)])
+
+    def _record(self, ft: Finetune, vector: np.ndarray, cached: Path | None) -> Embedding:
+        when = datetime.fromtimestamp(cached.stat().st_mtime, timezone.utc) if cached else None
+        return Embedding(
+            vector=np.asarray(vector, dtype=np.float32), model_id=ft.model_id,
+            path=str(ft.path.resolve()), kind=ft.kind, content_hash=ft.content_hash,
+            space=self.space, created=(when or datetime.now(timezone.utc)).isoformat(),
+        )  # fmt: skip
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()

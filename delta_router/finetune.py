@@ -1,0 +1,177 @@
+"""Finetunes of a base: PEFT LoRA adapter directories and full HF model directories.
+
+``Finetune.open`` tells them apart and hashes their content; ``load_lora_factors`` reads an
+adapter's low-rank factors and checks every shape against the base, so an adapter trained on
+another base fails here with a message naming both bases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+
+from delta_router.base import BaseModel, read_config, safetensors_files, shape_signature
+from delta_router.errors import IncompatibleBaseError, InvalidModelError
+from delta_router.home import sha256_files
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class Finetune:
+    """A finetune on disk. ``kind`` is ``"lora"`` (PEFT adapter) or ``"full"`` (HF model)."""
+
+    path: Path
+    kind: Literal["lora", "full"]
+    model_id: str
+
+    @classmethod
+    def open(cls, path: str | Path, model_id: str | None = None) -> Finetune:
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise InvalidModelError(f"{path}: not a directory (expected a PEFT adapter or HF model)")
+        model_id = model_id or path.resolve().name
+        if (path / ADAPTER_CONFIG).exists():
+            if not (path / ADAPTER_WEIGHTS).exists():
+                raise InvalidModelError(
+                    f"{path}: adapter has no {ADAPTER_WEIGHTS} (re-save it with "
+                    "save_pretrained(..., safe_serialization=True))"
+                )
+            return cls(path, "lora", model_id)
+        if (path / "config.json").exists() and safetensors_files(path):
+            return cls(path, "full", model_id)
+        raise InvalidModelError(
+            f"{path}: not a PEFT adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}) "
+            "nor an HF model directory (config.json + *.safetensors)"
+        )
+
+    @cached_property
+    def files(self) -> list[Path]:
+        if self.kind == "lora":
+            return [self.path / ADAPTER_CONFIG, self.path / ADAPTER_WEIGHTS]
+        return [self.path / "config.json", *safetensors_files(self.path)]
+
+    @cached_property
+    def content_hash(self) -> str:
+        """sha256 over the config and weight files: equal hashes mean equal finetunes."""
+        return sha256_files(self.files)
+
+    @cached_property
+    def adapter_config(self) -> dict:
+        try:
+            return json.loads((self.path / ADAPTER_CONFIG).read_text())
+        except json.JSONDecodeError as exc:
+            raise InvalidModelError(f"{self.path / ADAPTER_CONFIG}: corrupt JSON ({exc})") from exc
+
+    @property
+    def claimed_base(self) -> str:
+        """The base the finetune says it was trained from (may be empty or a stale path)."""
+        if self.kind == "lora":
+            return str(self.adapter_config.get("base_model_name_or_path") or "?")
+        return str(read_config(self.path).get("_name_or_path") or "?")
+
+
+@dataclass
+class LoraFactors:
+    """Low-rank updates of one adapter: ``delta W[name] = scale * B @ A``.
+
+    ``factors[name] = (A [r, in], B [out, r], scale)``; names are module names of the causal LM.
+    ``foldable`` is False when the adapter uses features the weight fold cannot express
+    (DoRA, modules_to_save, per-module alpha, biases, embedding LoRA, fan_in_fan_out).
+    """
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    foldable: bool
+
+
+def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseModel) -> LoraFactors:
+    """Read and validate an adapter against the live base ``model`` (a causal LM)."""
+    cfg = finetune.adapter_config
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise InvalidModelError(f"{finetune.path}: peft_type {cfg.get('peft_type')} is not LORA")
+    weights_file = finetune.path / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(weights_file), framework="pt") as fh:
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error type for corrupt headers
+        raise InvalidModelError(f"{weights_file}: corrupt safetensors file ({exc})") from exc
+
+    foldable = not (
+        cfg.get("use_dora") or cfg.get("modules_to_save") or cfg.get("alpha_pattern")
+        or cfg.get("fan_in_fan_out")
+    )  # fmt: skip
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in name:
+                module_name = name.split(marker)[0]
+                pairs.setdefault(module_name, {})[part] = tensor
+                break
+        else:
+            foldable = False  # biases, DoRA magnitudes, embedding LoRA, saved modules
+    if not pairs:
+        raise InvalidModelError(f"{weights_file}: no lora_A/lora_B tensors found")
+
+    modules = dict(model.named_modules())
+    alpha = float(cfg.get("lora_alpha", 8))
+    factors = {}
+    for module_name, pair in sorted(pairs.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise InvalidModelError(f"{weights_file}: {module_name} lacks lora_A or lora_B")
+        a, b = pair["lora_A"].to(torch.float32), pair["lora_B"].to(torch.float32)
+        module = modules.get(module_name)
+        weight = getattr(module, "weight", None)
+        if module is None or weight is None or weight.dim() != 2:
+            _incompatible(finetune, base, f"the base has no linear module {module_name!r}")
+        if not isinstance(module, torch.nn.Linear):
+            foldable = False
+        out_features, in_features = weight.shape
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features:
+            _incompatible(
+                finetune,
+                base,
+                f"{module_name} is {out_features}x{in_features} in the base, but the adapter's "
+                f"factors are A {tuple(a.shape)} and B {tuple(b.shape)}",
+            )
+        rank = a.shape[0]
+        scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+        factors[module_name] = (a, b, scale)
+    return LoraFactors(factors, foldable)
+
+
+def iter_full_weights(finetune: Finetune, base: BaseModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream ``(name, tensor)`` of a full finetune, one tensor at a time, after a shape check."""
+    mine, theirs = shape_signature(read_config(finetune.path)), shape_signature(base.config)
+    if mine != theirs:
+        _incompatible(
+            finetune,
+            base,
+            "architecture/hidden/layers/vocab are "
+            f"{'/'.join(map(str, mine))} vs the base's {'/'.join(map(str, theirs))}",
+        )
+    for file in safetensors_files(finetune.path):
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    yield key, fh.get_tensor(key)
+        except Exception as exc:
+            raise InvalidModelError(f"{file}: corrupt safetensors file ({exc})") from exc
+
+
+def _incompatible(finetune: Finetune, base: BaseModel, detail: str) -> None:
+    raise IncompatibleBaseError(
+        f"{finetune.kind} finetune {finetune.model_id!r} at {finetune.path} (trained on "
+        f"{finetune.claimed_base!r}) does not fit the base {base.describe()}: {detail}"
+    )

@@ -1,0 +1,278 @@
+"""ModelIndex: a FAISS index of Delta Activations embeddings with a JSON metadata sidecar.
+
+Vectors are L2-normalised, so inner product = cosine similarity. Kinds:
+
+- ``flat`` (default): exact search, ``IndexIDMap2(IndexFlatIP)``.
+- ``hnsw``: approximate, for large zoos. FAISS HNSW cannot remove vectors, so a removal
+  rebuilds the graph from the stored vectors on the next search.
+- ``ivf``: approximate, trained on the vectors present when the index is (re)built.
+
+On disk, a directory holds ``meta.json`` (format version, embedding space, entries, tags) and one
+``data-<sha>.npz`` (raw vectors + serialized FAISS index). ``save`` writes the data file first and
+then replaces ``meta.json`` atomically, so a crash mid-save leaves the previous index intact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from delta_router.embed import Embedding, EmbeddingSpace
+from delta_router.errors import (
+    DuplicateModelError,
+    IndexFormatError,
+    SpaceMismatchError,
+    UnknownModelError,
+)
+from delta_router.home import atomic_write_bytes, atomic_write_text, sha256_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+META_FILE = "meta.json"
+
+
+@dataclass
+class IndexEntry:
+    """One indexed model: its embedding record and free-form tags (domain, task, license...)."""
+
+    faiss_id: int
+    embedding: Embedding
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        return self.embedding.model_id
+
+
+@dataclass
+class SearchHit:
+    rank: int  # 1-based
+    model_id: str
+    score: float  # cosine similarity in [-1, 1]
+    entry: IndexEntry
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12))
+
+
+class ModelIndex:
+    """Add, remove, update and search finetune embeddings of one embedding space."""
+
+    def __init__(
+        self,
+        space: EmbeddingSpace | None = None,
+        kind: str = "flat",
+        hnsw_m: int = 32,
+        ivf_nlist: int | None = None,
+    ) -> None:
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+        self.space = space
+        self.kind, self.hnsw_m, self.ivf_nlist = kind, hnsw_m, ivf_nlist
+        self._entries: dict[str, IndexEntry] = {}
+        self._next_id = 0
+        self._faiss: faiss.Index | None = None  # built lazily from the entries
+
+    # ---- container protocol ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._entries
+
+    def get(self, model_id: str) -> IndexEntry:
+        try:
+            return self._entries[model_id]
+        except KeyError:
+            raise UnknownModelError(f"no model {model_id!r} in the index") from None
+
+    def list(self) -> list[IndexEntry]:
+        return sorted(self._entries.values(), key=lambda e: e.model_id)
+
+    # ---- mutation ------------------------------------------------------------------------------
+    def add(self, embedding: Embedding, tags: dict[str, str] | None = None, replace: bool = False):
+        """Add one embedding. Refuses another space, and an existing id unless ``replace``."""
+        self._check_space(embedding.space, f"model {embedding.model_id!r}")
+        if embedding.model_id in self._entries:
+            if not replace:
+                raise DuplicateModelError(
+                    f"model {embedding.model_id!r} is already in the index "
+                    "(use replace=True / --replace to overwrite it)"
+                )
+            old = self._entries[embedding.model_id]
+            tags = {**old.tags, **(tags or {})}
+            self.remove(embedding.model_id)
+        entry = IndexEntry(self._next_id, embedding, dict(tags or {}))
+        self._next_id += 1
+        self._entries[embedding.model_id] = entry
+        if self._faiss is not None:
+            self._faiss.add_with_ids(_normalised(embedding.vector), np.array([entry.faiss_id]))
+        return entry
+
+    def remove(self, model_id: str) -> IndexEntry:
+        entry = self.get(model_id)
+        del self._entries[model_id]
+        if self._faiss is not None:
+            if self.kind == "hnsw":
+                self._faiss = None  # HNSW cannot remove: rebuilt on the next search
+            else:
+                self._faiss.remove_ids(np.array([entry.faiss_id], dtype=np.int64))
+        return entry
+
+    def update(
+        self, model_id: str, embedding: Embedding | None = None, tags: dict[str, str] | None = None
+    ) -> IndexEntry:
+        """Replace the embedding and/or merge new tags (a tag set to ``""`` is deleted)."""
+        entry = self.get(model_id)
+        if embedding is not None:
+            if embedding.model_id != model_id:
+                raise ValueError(f"embedding is for {embedding.model_id!r}, not {model_id!r}")
+            entry = self.add(embedding, replace=True)
+        for key, value in (tags or {}).items():
+            if value == "":
+                entry.tags.pop(key, None)
+            else:
+                entry.tags[key] = value
+        return entry
+
+    def _check_space(self, space: EmbeddingSpace, what: str) -> None:
+        if self.space is None:
+            self.space = space
+        else:
+            self.space.check_same(space, "index", what)
+
+    # ---- search --------------------------------------------------------------------------------
+    def search(
+        self, query: Embedding | np.ndarray, k: int = 5, exclude: set[str] | None = None
+    ) -> list[SearchHit]:
+        """The ``k`` most similar models to ``query`` (an Embedding or a ``[dim]`` vector)."""
+        if isinstance(query, Embedding):
+            self._check_space(query.space, f"query {query.model_id!r}")
+            vector = query.vector
+        else:
+            vector = np.asarray(query, dtype=np.float32).reshape(-1)
+            if self.space is not None and vector.shape[0] != self.space.dim:
+                raise SpaceMismatchError(f"query has dimension {vector.shape[0]}, the index {self.space.dim}")
+        exclude = exclude or set()
+        if not self._entries or k <= 0:
+            return []
+        index = self._index()
+        want = min(k + len(exclude), len(self._entries))
+        scores, ids = index.search(_normalised(vector), want)
+        by_id = {e.faiss_id: e for e in self._entries.values()}
+        hits = []
+        for score, fid in zip(scores[0], ids[0], strict=True):
+            entry = by_id.get(int(fid))
+            if entry is None or entry.model_id in exclude:
+                continue
+            hits.append(SearchHit(len(hits) + 1, entry.model_id, float(score), entry))
+            if len(hits) == k:
+                break
+        return hits
+
+    def _index(self) -> faiss.Index:
+        if self._faiss is None:
+            self._faiss = self._build()
+        return self._faiss
+
+    def _build(self) -> faiss.Index:
+        entries = list(self._entries.values())
+        dim = self.space.dim if self.space else entries[0].embedding.vector.shape[0]
+        vectors = _normalised(np.stack([e.embedding.vector for e in entries]))
+        ids = np.array([e.faiss_id for e in entries], dtype=np.int64)
+        if self.kind == "flat":
+            inner = faiss.IndexFlatIP(dim)
+        elif self.kind == "hnsw":
+            inner = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        else:
+            nlist = max(1, min(self.ivf_nlist or int(4 * np.sqrt(len(entries))), len(entries)))
+            quantizer = faiss.IndexFlatIP(dim)
+            inner = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            inner.train(vectors)
+            inner.nprobe = min(nlist, 8)
+        index = faiss.IndexIDMap2(inner)  # faiss keeps `inner` alive (referenced_objects)
+        index.add_with_ids(vectors, ids)
+        return index
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write the index to ``directory`` atomically (see the module docstring)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        entries = self.list()
+        arrays = {"vectors": np.zeros((0, self.space.dim if self.space else 0), np.float32)}
+        if entries:
+            arrays["vectors"] = np.stack([e.embedding.vector for e in entries]).astype(np.float32)
+            arrays["faiss"] = faiss.serialize_index(self._index())
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        tmp_data = directory / "data.npz.pending"
+        atomic_write_bytes(tmp_data, buf.getvalue())
+        digest = sha256_file(tmp_data)
+        data_name = f"data-{digest[:16]}.npz"
+        tmp_data.replace(directory / data_name)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "params": {"hnsw_m": self.hnsw_m, "ivf_nlist": self.ivf_nlist},
+            "space": self.space.to_dict() if self.space else None,
+            "next_id": self._next_id,
+            "data_file": data_name,
+            "data_sha256": digest,
+            "entries": [
+                {"faiss_id": e.faiss_id, "tags": e.tags, "embedding": e.embedding.to_dict(False)}
+                for e in entries
+            ],
+        }
+        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
+        for stale in directory.glob("data-*.npz"):
+            if stale.name != data_name:
+                stale.unlink()
+        logger.info("saved %d models to %s", len(entries), directory)
+        return directory
+
+    @classmethod
+    def exists(cls, directory: str | Path) -> bool:
+        return (Path(directory) / META_FILE).is_file()
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ModelIndex:
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise IndexFormatError(f"{directory} is not a model index (no {META_FILE})")
+        try:
+            meta = json.loads(meta_path.read_text())
+            version = int(meta["format_version"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise IndexFormatError(f"{meta_path}: corrupt index metadata ({exc})") from exc
+        if version > FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{directory} was written by a newer delta-router (index format {version}; this "
+                f"version reads up to {FORMAT_VERSION}). Upgrade delta-router to read it."
+            )
+        data_path = directory / meta["data_file"]
+        if not data_path.is_file() or sha256_file(data_path) != meta["data_sha256"]:
+            raise IndexFormatError(f"{data_path}: missing or corrupt (checksum mismatch)")
+        space = EmbeddingSpace.from_dict(meta["space"]) if meta["space"] else None
+        index = cls(space, meta["kind"], **meta["params"])
+        index._next_id = meta["next_id"]
+        with np.load(data_path) as data:
+            vectors = data["vectors"]
+            for row, item in enumerate(meta["entries"]):
+                embedding = Embedding.from_dict(item["embedding"], vector=vectors[row].copy())
+                index._entries[embedding.model_id] = IndexEntry(item["faiss_id"], embedding, item["tags"])
+            if "faiss" in data:
+                index._faiss = faiss.deserialize_index(data["faiss"])
+        return index

@@ -1,0 +1,102 @@
+"""Probe prompts: the fixed, generic inputs on which hidden-state shifts are measured.
+
+The paper's probe set is five Alpaca-style templates with a generic task and input. The same
+template family renders training examples (``alpaca_prompt``), so probes and data agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from delta_router.errors import ProbeError
+
+ALPACA_TEMPLATE = "{preamble}\n\n### Instruction:\n{instruction} Input:{input}\n\n### Response:"
+
+PAPER_PREAMBLES: tuple[str, ...] = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.",
+    "The task described below requires a response that completes the request accurately.",
+    "Below is a description of a task. Provide a response that aligns with the requirements.",
+    "The following instruction outlines a task. Generate a response that meets the specified request.",
+    "You are given an instruction and input. Write a response that completes the task as requested.",
+)
+PAPER_TASK = "Please provide a response."
+PAPER_INPUT = "Input."
+
+
+def alpaca_prompt(instruction: str, input: str = "", preamble: str = PAPER_PREAMBLES[0]) -> str:
+    """Render one prompt in the probes' Alpaca template (no response text)."""
+    return ALPACA_TEMPLATE.format(preamble=preamble, instruction=instruction, input=input)
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """An ordered, named set of probe texts. ``fingerprint`` identifies the exact texts."""
+
+    name: str
+    texts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.texts:
+            raise ProbeError(f"probe set {self.name!r} is empty: give at least one probe text")
+        for i, text in enumerate(self.texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ProbeError(f"probe set {self.name!r}: probe {i} is empty or not a string")
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(list(self.texts)).encode()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @classmethod
+    def paper(cls) -> ProbeSet:
+        """The paper's 5 templates with task ``Please provide a response.`` and input ``Input.``."""
+        texts = tuple(alpaca_prompt(PAPER_TASK, PAPER_INPUT, p) for p in PAPER_PREAMBLES)
+        return cls("paper", texts)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ProbeSet:
+        """Load probes from ``.json`` (a list of strings) or ``.jsonl`` (``{"text": ...}`` lines)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ProbeError(f"probe file {path} does not exist")
+        if path.suffix == ".jsonl":
+            texts = []
+            for lineno, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    texts.append(row["text"] if isinstance(row, dict) else row)
+                except (json.JSONDecodeError, KeyError) as exc:
+                    raise ProbeError(
+                        f'{path}:{lineno}: expected a JSON object with a "text" field ({exc})'
+                    ) from exc
+        else:
+            try:
+                texts = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ProbeError(f"{path}: not valid JSON ({exc})") from exc
+            if not isinstance(texts, list):
+                raise ProbeError(f"{path}: expected a JSON list of probe strings")
+        return cls(path.stem, tuple(texts))
+
+    @classmethod
+    def resolve(cls, spec: str | Path | Sequence[str] | ProbeSet) -> ProbeSet:
+        """A built-in name (``"paper"``), a probe file path, a list of texts, or a ProbeSet."""
+        if isinstance(spec, ProbeSet):
+            return spec
+        if isinstance(spec, str) and spec in BUILTIN_PROBE_SETS:
+            return BUILTIN_PROBE_SETS[spec]()
+        if isinstance(spec, (str, Path)):
+            return cls.from_file(spec)
+        return cls("custom", tuple(spec))
+
+
+BUILTIN_PROBE_SETS = {"paper": ProbeSet.paper}

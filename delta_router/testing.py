@@ -1,0 +1,113 @@
+"""Builders for tests and benchmarks: a tiny random Llama base and random LoRA adapters.
+
+Nothing here touches a model hub: the tiny base gets a byte-level BPE tokenizer trained on the fly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from delta_router.probes import PAPER_PREAMBLES, alpaca_prompt
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_tiny_tokenizer(extra_text: list[str] | None = None, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on the probe templates (+ ``extra_text``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [alpaca_prompt("Please provide a response.", "Input.", p) for p in PAPER_PREAMBLES]
+    tok.train_from_iterator(corpus + list(extra_text or []), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def make_tiny_base(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+    """Save a random Llama (hidden 64, 2 layers by default) + tokenizer as an HF directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+class RandomAdapterFactory:
+    """Writes random LoRA adapters of one base, reusing a single PEFT model (fast for many).
+
+    ``init_lora_weights=False`` makes both factors random; PEFT's default B = 0 would be a no-op.
+    """
+
+    def __init__(
+        self, base_dir: str | Path, r: int = 8, alpha: int = 16, targets=LORA_TARGETS, **lora_options
+    ):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        self.base_dir = str(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32)
+        config = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            target_modules=list(targets),
+            init_lora_weights=False,
+            **lora_options,
+        )
+        self.model = get_peft_model(model, config)
+        self.model.peft_config["default"].base_model_name_or_path = self.base_dir
+
+    def randomize(self, seed: int, scale: float = 1.0) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        torch.manual_seed(seed)
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                # nn.Linear's own init for both factors: what init_lora_weights=False leaves
+                module.lora_A["default"].reset_parameters()
+                module.lora_B["default"].reset_parameters()
+                with torch.no_grad():
+                    module.lora_B["default"].weight.mul_(scale)
+
+    def make(self, out_dir: str | Path, seed: int, scale: float = 1.0) -> Path:
+        """A random adapter directory at ``out_dir``."""
+        self.randomize(seed, scale)
+        self.model.save_pretrained(str(out_dir))
+        return Path(out_dir)
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Merge a LoRA adapter into its base with PEFT and save a full model directory."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(out_dir))
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out_dir))
+    return Path(out_dir)

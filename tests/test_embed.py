@@ -1,0 +1,134 @@
+"""DeltaEmbedder behaviour on a tiny random Llama and random LoRA adapters."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from delta_router import DeltaEmbedder
+from delta_router.finetune import Finetune
+from delta_router.testing import RandomAdapterFactory, merge_adapter
+
+
+def test_delta_of_the_base_itself_is_exactly_zero(tiny_base, tmp_path, adapter_factory):
+    copy = shutil.copytree(tiny_base, tmp_path / "base-copy")  # a "full finetune" = the base
+    zero = tmp_path / "zero-adapter"
+    adapter_factory.make(zero, seed=0, scale=0.0)  # B = 0: a no-op LoRA
+    full, lora = DeltaEmbedder(tiny_base, progress=False).embed([copy, zero])
+    assert full.kind == "full" and lora.kind == "lora"
+    assert np.all(full.vector == 0)
+    assert np.all(lora.vector == 0)
+
+
+def test_embeddings_are_deterministic_and_distinct(tiny_base, adapters):
+    first = DeltaEmbedder(tiny_base, cache=False, progress=False).transform(adapters)
+    second = DeltaEmbedder(tiny_base, cache=False, progress=False).transform(adapters)
+    assert first.shape == (len(adapters), 64) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, second)
+    assert np.all(np.linalg.norm(first, axis=1) > 0)
+    assert not np.allclose(first[0], first[1])
+
+
+def test_folded_batch_equals_peft_reference_one_probe_at_a_time(tiny_base, adapters):
+    fast = DeltaEmbedder(tiny_base, method="fold", cache=False, progress=False).transform(adapters)
+    ref = DeltaEmbedder(tiny_base, method="reference", cache=False, progress=False)
+    slow = ref.transform(adapters)
+    np.testing.assert_allclose(fast, slow, atol=1e-5, rtol=0)
+    # the reference path unloads every adapter: the base answers as before
+    assert np.all(ref.transform([tiny_base]) == 0)
+
+
+def test_padding_side_does_not_change_results(tiny_base, adapters):
+    vectors = {}
+    for side in ("left", "right"):
+        embedder = DeltaEmbedder(tiny_base, cache=False, progress=False)
+        embedder.tokenizer.padding_side = side
+        mask = embedder.probe_batch["attention_mask"]
+        assert not bool(mask.all()), "probes must differ in length for this test to mean anything"
+        vectors[side] = embedder.transform(adapters)
+    np.testing.assert_allclose(vectors["left"], vectors["right"], atol=1e-5, rtol=0)
+
+
+def test_full_finetune_equals_its_merged_lora(tiny_base, adapters, tmp_path):
+    merged = merge_adapter(tiny_base, adapters[0], tmp_path / "merged")
+    lora, full = DeltaEmbedder(tiny_base, cache=False, progress=False).embed([adapters[0], merged])
+    assert full.kind == "full"
+    np.testing.assert_allclose(full.vector, lora.vector, atol=1e-5, rtol=0)
+
+
+def test_full_finetune_then_lora_restores_the_base(tiny_base, adapters, tmp_path):
+    merged = merge_adapter(tiny_base, adapters[1], tmp_path / "merged")
+    embedder = DeltaEmbedder(tiny_base, cache=False, progress=False)
+    before = embedder.embed_one(adapters[2]).vector
+    embedder.embed_one(merged)  # streams the full model into the live weights
+    after = embedder.embed_one(adapters[2]).vector
+    np.testing.assert_array_equal(before, after)
+
+
+def test_unchanged_adapter_is_served_from_the_cache(tiny_base, adapters, monkeypatch):
+    first = DeltaEmbedder(tiny_base, progress=False).embed_one(adapters[0], model_id="a")
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("cached embedding was recomputed")
+
+    monkeypatch.setattr(DeltaEmbedder, "finetune_activations", no_compute)
+    again = DeltaEmbedder(tiny_base, progress=False).embed_one(adapters[0], model_id="b")
+    np.testing.assert_array_equal(first.vector, again.vector)
+    assert again.model_id == "b" and again.content_hash == first.content_hash
+
+
+def test_changed_adapter_gets_a_new_embedding(tiny_base, adapters, adapter_factory, tmp_path):
+    path = shutil.copytree(adapters[0], tmp_path / "a")
+    embedder = DeltaEmbedder(tiny_base, progress=False)
+    before = embedder.embed_one(path)
+    adapter_factory.make(path, seed=99, scale=0.1)
+    after = DeltaEmbedder(tiny_base, progress=False).embed_one(path)
+    assert after.content_hash != before.content_hash
+    assert not np.allclose(after.vector, before.vector)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"layer": 1}, {"layer": 0}, {"pooling": "mean"}, {"normalize": "probe"}, {"probes": ["Hi."]}],
+)
+def test_options_change_the_space_and_the_vector(tiny_base, adapters, options):
+    default = DeltaEmbedder(tiny_base, cache=False, progress=False)
+    other = DeltaEmbedder(tiny_base, cache=False, progress=False, **options)
+    assert other.space != default.space and other.space.key != default.space.key
+    a, b = default.embed_one(adapters[0]).vector, other.embed_one(adapters[0]).vector
+    assert b.shape == a.shape
+    if options != {"layer": 0}:  # layer 0 is the token embedding: no LoRA has acted yet
+        assert not np.allclose(a, b)
+    else:
+        assert np.all(b == 0)
+
+
+def test_probe_normalisation_gives_unit_rows_before_the_mean(tiny_base, adapters):
+    embedder = DeltaEmbedder(tiny_base, normalize="probe", cache=False, progress=False)
+    vector = embedder.embed_one(adapters[0]).vector
+    assert np.linalg.norm(vector) <= 1.0 + 1e-6
+
+
+def test_dora_adapter_falls_back_to_the_peft_path(tiny_base, tmp_path):
+    dora = RandomAdapterFactory(tiny_base, targets=("q_proj", "v_proj"), use_dora=True)
+    path = dora.make(tmp_path / "dora", seed=3, scale=0.1)
+    embedder = DeltaEmbedder(tiny_base, cache=False, progress=False)
+    from delta_router.finetune import load_lora_factors
+
+    assert not load_lora_factors(Finetune.open(path), embedder.model, embedder.base).foldable
+    ref = DeltaEmbedder(tiny_base, method="reference", cache=False, progress=False)
+    np.testing.assert_allclose(embedder.embed_one(path).vector, ref.embed_one(path).vector, atol=1e-6, rtol=0)
+
+
+def test_bad_options_are_rejected(tiny_base):
+    for kwargs in ({"pooling": "max"}, {"normalize": "l1"}, {"method": "magic"}, {"layer": 7}):
+        with pytest.raises(ValueError):
+            DeltaEmbedder(tiny_base, **kwargs)
+
+
+def test_inference_does_not_track_gradients(tiny_base, adapters):
+    embedder = DeltaEmbedder(tiny_base, cache=False, progress=False)
+    embedder.embed_one(adapters[0])
+    assert all(p.grad is None and not p.requires_grad for p in embedder.model.parameters())
