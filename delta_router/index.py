@@ -4,8 +4,9 @@ Vectors are L2-normalised, so inner product = cosine similarity. Kinds:
 
 - ``flat`` (default): exact search, ``IndexIDMap2(IndexFlatIP)``.
 - ``hnsw``: approximate, for large zoos. FAISS HNSW cannot remove vectors, so a removal
-  rebuilds the graph from the stored vectors on the next search.
-- ``ivf``: approximate, trained on the vectors present when the index is (re)built.
+  rebuilds the graph from the stored vectors on the next search (costly for huge zoos).
+- ``ivf``: approximate, trained on the vectors present when the index is (re)built; a removal
+  also triggers a rebuild.
 
 On disk, a directory holds ``meta.json`` (format version, embedding space, entries, tags) and one
 ``data-<sha>.npz`` (raw vectors + serialized FAISS index). ``save`` writes the data file first and
@@ -124,10 +125,10 @@ class ModelIndex:
         entry = self.get(model_id)
         del self._entries[model_id]
         if self._faiss is not None:
-            if self.kind == "hnsw":
-                self._faiss = None  # HNSW cannot remove: rebuilt on the next search
-            else:
+            if self.kind == "flat":
                 self._faiss.remove_ids(np.array([entry.faiss_id], dtype=np.int64))
+            else:  # HNSW cannot remove; IVF renumbers unlike IndexIDMap2 expects: rebuild lazily
+                self._faiss = None
         return entry
 
     def update(

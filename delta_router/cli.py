@@ -1,0 +1,319 @@
+"""``delta-router`` command line: a thin layer over the Python API.
+
+Every command prints a rich table, or JSON with ``--json``. Errors on bad input print one
+``error:`` line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from delta_router.base import DEFAULT_BASE, EMBEDDED_BASES, fetch_embedded_base, resolve_base
+from delta_router.embed import METHODS, NORMALIZATIONS, POOLINGS, DeltaEmbedder, Embedding
+from delta_router.errors import DeltaRouterError, DuplicateModelError
+from delta_router.home import atomic_write_text, home
+from delta_router.index import INDEX_KINDS, ModelIndex
+from delta_router.probes import BUILTIN_PROBE_SETS
+
+console = Console()
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _emit(args: argparse.Namespace, payload, table: Table | None = None) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2, default=str))
+    elif table is not None:
+        console.print(table)
+
+
+def _tags(pairs: Sequence[str] | None) -> dict[str, str]:
+    tags = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DeltaRouterError(f"--tag expects KEY=VALUE, got {pair!r}")
+        tags[key] = value
+    return tags
+
+
+def _embedder(args: argparse.Namespace, index: ModelIndex | None = None) -> DeltaEmbedder:
+    """Embedder from the flags; flags left unset follow an existing index's embedding space."""
+    space = index.space if index is not None else None
+
+    def pick(flag: str, from_space, default):
+        value = getattr(args, flag)
+        if value is not None:
+            return value
+        return from_space if space is not None else default
+
+    probes = pick("probes", space.probe_set if space else None, "paper")
+    if space is not None and args.probes is None and probes not in BUILTIN_PROBE_SETS:
+        raise DeltaRouterError(
+            f"the index was built with the probe file {probes!r}: pass it again with --probes FILE"
+        )
+    embedder = DeltaEmbedder(
+        base=pick("base", space.base_name if space else None, DEFAULT_BASE),
+        probes=probes,
+        layer=pick("layer", space.layer if space else None, -1),
+        pooling=pick("pooling", space.pooling if space else None, "last"),
+        normalize=pick("normalize", space.normalize if space else None, "none"),
+        method=args.method,
+        progress=not args.json,
+    )
+    if space is not None:  # fail before any compute, not after
+        space.check_same(embedder.space, f"index {args.index}", "these embedding settings")
+    return embedder
+
+
+def _load_or_new_index(args: argparse.Namespace) -> ModelIndex:
+    if ModelIndex.exists(args.index):
+        return ModelIndex.load(args.index)
+    return ModelIndex(kind=getattr(args, "kind", "flat"))
+
+
+def _embedding_table(embeddings: list[Embedding], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("model id", "kind", "|delta|", "content hash", "path"):
+        table.add_column(col, overflow="fold")
+    for e in embeddings:
+        table.add_row(
+            e.model_id, e.kind, f"{float((e.vector**2).sum() ** 0.5):.4f}", e.content_hash[:12], e.path
+        )
+    return table
+
+
+def _check_unique_ids(embeddings: list[Embedding]) -> None:
+    ids = [e.model_id for e in embeddings]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise DuplicateModelError(f"several paths share the model id(s) {dupes}: give --id for each")
+
+
+# ---- commands --------------------------------------------------------------------------------
+def cmd_base_fetch(args: argparse.Namespace) -> None:
+    if args.base in EMBEDDED_BASES:
+        fetch_embedded_base(args.base, force=args.force)
+    cmd_base_info(args)
+
+
+def cmd_base_info(args: argparse.Namespace) -> None:
+    base = resolve_base(args.base)
+    fp = base.fingerprint
+    info = {"name": base.name, "path": str(base.path), "fingerprint": fp.id, **fp.to_dict()}
+    table = Table(title=f"base {base.name}", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    _emit(args, info, table)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    if args.index:
+        cmd_index_add(args)
+        return
+    embeddings = _embedder(args).embed(args.paths, args.id)
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps([e.to_dict() for e in embeddings]))
+    _emit(args, [e.to_dict(with_vector=args.out is None) for e in embeddings],
+          _embedding_table(embeddings, "Delta Activations"))  # fmt: skip
+
+
+def cmd_index_add(args: argparse.Namespace) -> None:
+    index = _load_or_new_index(args)
+    embedder = _embedder(args, index)
+    if args.id and len(args.id) != len(args.paths):
+        raise DeltaRouterError(f"{len(args.id)} --id values for {len(args.paths)} paths")
+    if not args.replace:  # refuse duplicates before spending any compute
+        from delta_router.finetune import Finetune
+
+        ids = args.id or [Finetune.open(p).model_id for p in args.paths]
+        for model_id in ids:
+            if model_id in index:
+                raise DuplicateModelError(
+                    f"model {model_id!r} is already in {args.index} (use --replace to overwrite)"
+                )
+    embeddings = embedder.embed(args.paths, args.id)
+    _check_unique_ids(embeddings)
+    tags = _tags(args.tag)
+    for embedding in embeddings:
+        index.add(embedding, tags=tags, replace=args.replace)
+    index.save(args.index)
+    _emit(args, {"index": str(args.index), "added": [e.model_id for e in embeddings],
+                 "size": len(index)},
+          _embedding_table(embeddings, f"added to {args.index} ({len(index)} models)"))  # fmt: skip
+
+
+def cmd_index_remove(args: argparse.Namespace) -> None:
+    index = ModelIndex.load(args.index)
+    for model_id in args.ids:
+        index.get(model_id)  # all ids must exist before anything is removed
+    for model_id in args.ids:
+        index.remove(model_id)
+    index.save(args.index)
+    _emit(args, {"removed": args.ids, "size": len(index)})
+    if not args.json:
+        console.print(f"removed {', '.join(args.ids)} ({len(index)} models left)")
+
+
+def cmd_index_tag(args: argparse.Namespace) -> None:
+    index = ModelIndex.load(args.index)
+    entry = index.update(args.model_id, tags=_tags(args.tag))
+    index.save(args.index)
+    _emit(args, {"model_id": args.model_id, "tags": entry.tags})
+    if not args.json:
+        console.print(f"{args.model_id}: {entry.tags}")
+
+
+def cmd_index_list(args: argparse.Namespace) -> None:
+    index = ModelIndex.load(args.index)
+    rows = [{"model_id": e.model_id, "kind": e.embedding.kind, "tags": e.tags,
+             "path": e.embedding.path, "created": e.embedding.created} for e in index.list()]  # fmt: skip
+    table = Table(title=f"{args.index}: {len(index)} models")
+    for col in ("model id", "kind", "tags", "path"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        tags = ", ".join(f"{k}={v}" for k, v in row["tags"].items())
+        table.add_row(row["model_id"], row["kind"], tags, row["path"])
+    _emit(args, rows, table)
+
+
+def cmd_index_search(args: argparse.Namespace) -> None:
+    index = ModelIndex.load(args.index)
+    if (args.query is None) == (args.id is None):
+        raise DeltaRouterError("give either a finetune PATH to embed or --id of an indexed model")
+    if args.id is not None:
+        query, exclude = index.get(args.id).embedding, {args.id}
+    else:
+        query, exclude = _embedder(args, index).embed_one(args.query), set()
+    hits = index.search(query, k=args.k, exclude=exclude)
+    rows = [{"rank": h.rank, "model_id": h.model_id, "score": h.score, "tags": h.entry.tags}
+            for h in hits]  # fmt: skip
+    table = Table(title=f"nearest to {args.id or args.query}")
+    for col in ("rank", "model id", "cosine", "tags"):
+        table.add_column(col)
+    for row in rows:
+        tags = ", ".join(f"{k}={v}" for k, v in row["tags"].items())
+        table.add_row(str(row["rank"]), row["model_id"], f"{row['score']:.4f}", tags)
+    _emit(args, rows, table)
+
+
+def cmd_index_info(args: argparse.Namespace) -> None:
+    index = ModelIndex.load(args.index)
+    info = {
+        "index": str(args.index),
+        "models": len(index),
+        "kind": index.kind,
+        "space": index.space.describe() if index.space else None,
+        "tags": sorted({k for e in index.list() for k in e.tags}),
+    }
+    table = Table(title=f"index {args.index}", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    _emit(args, info, table)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from delta_router.demo import run_demo
+
+    run_demo(json_output=args.json)
+
+
+# ---- parser ----------------------------------------------------------------------------------
+def _add_embedding_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("embedding (defaults: the paper's method, or the index's settings)")
+    g.add_argument("--base", help=f"embedded name ({', '.join(EMBEDDED_BASES)}), dir or HF id")
+    g.add_argument("--probes", help=f"built-in set ({', '.join(BUILTIN_PROBE_SETS)}) or .json/.jsonl")
+    g.add_argument("--layer", type=int, help="hidden_states index; -1 = final post-norm (default)")
+    g.add_argument("--pooling", choices=POOLINGS, help="token pooling (default: last)")
+    g.add_argument("--normalize", choices=NORMALIZATIONS, help="per-probe normalisation")
+    g.add_argument("--method", choices=METHODS, default="fold", help="compute path (default: fold)")
+
+
+def _add_index_write_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id", action="append", help="model id for each PATH (default: dir name)")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="tag (repeatable)")
+    p.add_argument("--replace", action="store_true", help="overwrite models already indexed")
+    p.add_argument("--kind", choices=INDEX_KINDS, default="flat", help="FAISS kind for a new index")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="delta-router", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    base = sub.add_parser("base", help="fetch or inspect base models").add_subparsers(
+        dest="action", required=True
+    )
+    for name, func, text in (("fetch", cmd_base_fetch, "fetch (and dequantise) a base once"),
+                             ("info", cmd_base_info, "show a base's fingerprint")):  # fmt: skip
+        p = base.add_parser(name, parents=[common], help=text)
+        p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+        if name == "fetch":
+            p.add_argument("--force", action="store_true", help="re-create the cached copy")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("embed", parents=[common], help="embed finetunes (LoRA or full)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--index", help="also add the embeddings to this index directory")
+    p.add_argument("--out", help="write the embeddings (with vectors) to this JSON file")
+    _add_index_write_options(p)
+    _add_embedding_options(p)
+    p.set_defaults(func=cmd_embed)
+
+    index = sub.add_parser("index", help="manage a model index").add_subparsers(dest="action", required=True)
+    p = index.add_parser("add", parents=[common], help="embed finetunes and add them")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    _add_index_write_options(p)
+    _add_embedding_options(p)
+    p.set_defaults(func=cmd_index_add)
+    p = index.add_parser("remove", parents=[common], help="remove models by id")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.set_defaults(func=cmd_index_remove)
+    p = index.add_parser("tag", parents=[common], help="set tags of a model (KEY= deletes)")
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--tag", action="append", required=True, metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_index_tag)
+    p = index.add_parser("list", parents=[common], help="list indexed models")
+    p.set_defaults(func=cmd_index_list)
+    p = index.add_parser("search", parents=[common], help="nearest models to a finetune or id")
+    p.add_argument("query", nargs="?", metavar="PATH", help="a finetune to embed and search with")
+    p.add_argument("--id", help="search with an indexed model instead")
+    p.add_argument("-k", type=int, default=5, help="number of results (default 5)")
+    _add_embedding_options(p)
+    p.set_defaults(func=cmd_index_search)
+    p = index.add_parser("info", parents=[common], help="size, kind and embedding space")
+    p.set_defaults(func=cmd_index_info)
+    for action in index.choices.values():
+        action.add_argument("--index", required=True, help="index directory")
+
+    p = sub.add_parser("demo", parents=[common], help="the end-to-end job on the default base")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger(__name__).info("cache home: %s", home())
+    try:
+        args.func(args)
+    except (DeltaRouterError, ValueError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

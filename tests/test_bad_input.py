@@ -1,0 +1,110 @@
+"""Bad input gets a clear error naming what is wrong, and nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from delta_router import DeltaEmbedder, ModelIndex, ProbeSet
+from delta_router.errors import IncompatibleBaseError, InvalidModelError, ProbeError
+from delta_router.testing import RandomAdapterFactory, make_tiny_base
+
+
+def test_adapter_of_another_base_names_adapter_and_both_bases(tiny_base, other_base, tmp_path):
+    foreign = RandomAdapterFactory(other_base).make(tmp_path / "foreign-adapter", seed=0)
+    embedder = DeltaEmbedder(tiny_base, progress=False)
+    with pytest.raises(IncompatibleBaseError) as err:
+        embedder.embed_one(foreign)
+    message = str(err.value)
+    assert "foreign-adapter" in message  # the adapter
+    assert str(other_base) in message  # the base it was trained on
+    assert embedder.base.fingerprint.id in message  # the base it was compared with
+
+
+def test_full_model_of_another_base_is_refused(tiny_base, other_base):
+    with pytest.raises(IncompatibleBaseError, match="hidden"):
+        DeltaEmbedder(tiny_base, progress=False).embed_one(other_base)
+
+
+def test_same_shapes_different_base_is_refused_by_the_index(tiny_base, tmp_path, adapters):
+    twin = make_tiny_base(tmp_path / "twin", seed=7)  # same shapes, other weights
+    twin_adapter = RandomAdapterFactory(twin).make(tmp_path / "twin-adapter", seed=0, scale=0.1)
+    index = ModelIndex()
+    index.add(DeltaEmbedder(tiny_base, progress=False).embed_one(adapters[0]))
+    from delta_router.errors import SpaceMismatchError
+
+    with pytest.raises(SpaceMismatchError, match="base"):
+        index.add(DeltaEmbedder(twin, progress=False).embed_one(twin_adapter))
+
+
+def test_path_that_is_not_a_model(tiny_base, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hello")
+    embedder = DeltaEmbedder(tiny_base, progress=False)
+    with pytest.raises(InvalidModelError, match="not a PEFT adapter"):
+        embedder.embed_one(tmp_path / "notes")
+    with pytest.raises(InvalidModelError, match="not a directory"):
+        embedder.embed_one(tmp_path / "missing")
+
+
+def test_corrupt_safetensors(tiny_base, adapters, tmp_path):
+    broken = shutil.copytree(adapters[0], tmp_path / "broken")
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(InvalidModelError, match="corrupt safetensors"):
+        DeltaEmbedder(tiny_base, progress=False).embed_one(broken)
+
+
+def test_corrupt_full_model_leaves_the_embedder_usable(tiny_base, adapters, tmp_path):
+    broken = shutil.copytree(tiny_base, tmp_path / "broken-full")
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:200])
+    embedder = DeltaEmbedder(tiny_base, cache=False, progress=False)
+    before = embedder.embed_one(adapters[0]).vector
+    with pytest.raises(InvalidModelError, match="corrupt"):
+        embedder.embed_one(broken)
+    assert (embedder.embed_one(adapters[0]).vector == before).all()  # base restored
+
+
+def test_adapter_without_safetensors_weights(tiny_base, adapters, tmp_path):
+    legacy = shutil.copytree(adapters[0], tmp_path / "legacy")
+    (legacy / "adapter_model.safetensors").unlink()
+    with pytest.raises(InvalidModelError, match="safe_serialization"):
+        DeltaEmbedder(tiny_base, progress=False).embed_one(legacy)
+
+
+def test_corrupt_adapter_config(tiny_base, adapters, tmp_path):
+    broken = shutil.copytree(adapters[0], tmp_path / "cfg")
+    (broken / "adapter_config.json").write_text("{oops")
+    with pytest.raises(InvalidModelError, match="corrupt JSON"):
+        DeltaEmbedder(tiny_base, progress=False).embed_one(broken)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.json", "[]", "empty"),
+        ("empty.jsonl", "\n\n", "empty"),
+        ("blank.json", json.dumps(["ok", "   "]), "probe 1 is empty"),
+        ("bad.jsonl", '{"text": "fine"}\n{"txt": "typo"}\n', "bad.jsonl:2"),
+        ("bad.json", "{not json", "not valid JSON"),
+        ("dict.json", '{"a": 1}', "JSON list"),
+    ],
+)
+def test_bad_probe_files(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ProbeError, match=message):
+        ProbeSet.from_file(path)
+
+
+def test_probe_file_round_trip(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    probes = ProbeSet.resolve(str(path))
+    assert probes.texts == ("one", "two") and probes.name == "mine"
+    assert probes.fingerprint != ProbeSet.paper().fingerprint
+    with pytest.raises(ProbeError, match="does not exist"):
+        ProbeSet.resolve(str(tmp_path / "nope.json"))

@@ -1,0 +1,86 @@
+"""The CLI end to end on the tiny base: embed, index add/list/search/tag/remove/info, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from delta_router.cli import main
+
+
+def run_json(capsys, *argv: str):
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_embed_index_search_flow(tiny_base, adapters, tmp_path, capsys):
+    idx = str(tmp_path / "idx")
+    out = run_json(capsys, "index", "add", *map(str, adapters[:3]), "--index", idx,
+                   "--base", str(tiny_base), "--tag", "domain=math")  # fmt: skip
+    assert out["size"] == 3
+    # later commands follow the index's base and probes without repeating them
+    out = run_json(capsys, "embed", str(adapters[3]), "--index", idx, "--tag", "domain=law")
+    assert out["added"] == ["adapter-3"] and out["size"] == 4
+
+    listed = run_json(capsys, "index", "list", "--index", idx)
+    assert {row["model_id"]: row["tags"]["domain"] for row in listed}["adapter-3"] == "law"
+
+    hits = run_json(capsys, "index", "search", str(adapters[1]), "--index", idx, "-k", "2")
+    assert hits[0]["model_id"] == "adapter-1" and hits[0]["score"] == pytest.approx(1, abs=1e-5)
+    hits = run_json(capsys, "index", "search", "--id", "adapter-1", "--index", idx, "-k", "9")
+    assert len(hits) == 3 and "adapter-1" not in [h["model_id"] for h in hits]
+
+    tagged = run_json(capsys, "index", "tag", "adapter-0", "--tag", "license=mit", "--index", idx)
+    assert tagged["tags"] == {"domain": "math", "license": "mit"}
+    assert run_json(capsys, "index", "remove", "adapter-2", "--index", idx)["size"] == 3
+    info = run_json(capsys, "index", "info", "--index", idx)
+    assert info["models"] == 3 and "paper" in info["space"]
+
+    assert main(["index", "list", "--index", idx]) == 0  # the rich table renders
+    assert "adapter-0" in capsys.readouterr().out
+
+
+def test_embed_without_index_writes_vectors(tiny_base, adapters, tmp_path, capsys):
+    out_file = tmp_path / "emb.json"
+    rows = run_json(capsys, "embed", str(adapters[0]), "--base", str(tiny_base), "--id", "x",
+                    "--out", str(out_file))  # fmt: skip
+    assert rows[0]["model_id"] == "x"
+    assert len(json.loads(out_file.read_text())[0]["vector"]) == 64
+
+
+def test_duplicate_ids_need_replace(tiny_base, adapters, tmp_path, capsys):
+    idx = str(tmp_path / "idx")
+    common = ["--index", idx, "--base", str(tiny_base)]
+    assert main(["index", "add", str(adapters[0]), *common]) == 0
+    assert main(["index", "add", str(adapters[0]), *common]) == 2
+    assert "--replace" in capsys.readouterr().err
+    assert main(["index", "add", str(adapters[0]), *common, "--replace"]) == 0
+    copy = shutil.copytree(adapters[1], tmp_path / "other" / "adapter-1")
+    assert main(["index", "add", str(adapters[1]), str(copy), *common]) == 2  # same dir name
+    assert "--id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["index", "list", "--index", "{tmp}/nothing"], "not a model index"),
+        (["index", "remove", "ghost", "--index", "{idx}"], "ghost"),
+        (["embed", "{tmp}", "--base", "{base}"], "not a PEFT adapter"),
+        (["index", "add", "{adapter}", "--index", "{idx}", "--layer", "1"], "different spaces"),
+        (["index", "search", "--index", "{idx}"], "either a finetune PATH"),
+        (["index", "tag", "adapter-0", "--tag", "oops", "--index", "{idx}"], "KEY=VALUE"),
+        (["base", "info", "--base", "no-such/model-anywhere"], "local Hugging Face cache"),
+    ],
+)
+def test_bad_input_is_one_clear_error_line(tiny_base, adapters, tmp_path, capsys, argv, message):
+    idx = tmp_path / "idx"
+    assert main(["index", "add", str(adapters[0]), "--index", str(idx), "--base", str(tiny_base)]) == 0
+    before = sorted(p.name for p in idx.iterdir())
+    capsys.readouterr()
+    fill = {"tmp": tmp_path, "idx": idx, "base": tiny_base, "adapter": adapters[1]}
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+    assert sorted(p.name for p in idx.iterdir()) == before  # nothing lost or half-written
