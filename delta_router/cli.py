@@ -100,7 +100,8 @@ def _check_unique_ids(embeddings: list[Embedding]) -> None:
 # ---- commands --------------------------------------------------------------------------------
 def cmd_base_fetch(args: argparse.Namespace) -> None:
     if args.base in EMBEDDED_BASES:
-        fetch_embedded_base(args.base, force=args.force)
+        with console.status(f"fetching and dequantising {args.base} (once, ~1 min)"):
+            fetch_embedded_base(args.base, force=args.force)
     cmd_base_info(args)
 
 
@@ -222,7 +223,31 @@ def cmd_index_info(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from delta_router.demo import run_demo
 
-    run_demo(json_output=args.json)
+    with console.status(f"resolving base {args.base} (a first fetch takes ~1 min)"):
+        base = resolve_base(args.base)
+    result = run_demo(base)
+    payload = {
+        "base": result.base,
+        "index": result.index_dir,
+        "seconds": result.seconds,
+        "top1_correct": result.top1_correct,
+        "queries": {fam: [(h.model_id, h.score) for h in hits]
+                    for fam, hits in result.queries.items()},
+    }  # fmt: skip
+    table = Table(title=f"held-out adapter -> nearest indexed adapters ({result.base})")
+    for col in ("query family", "rank", "model id", "cosine", "family"):
+        table.add_column(col)
+    for family, hits in result.queries.items():
+        for hit in hits:
+            ok = "" if hit.entry.tags["family"] == family else " (other)"
+            table.add_row(family if hit.rank == 1 else "", str(hit.rank), hit.model_id,
+                          f"{hit.score:.3f}", hit.entry.tags["family"] + ok)  # fmt: skip
+    _emit(args, payload, table)
+    if not args.json:
+        times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+        console.print(f"top-1 family correct: {result.top1_correct}/{len(result.queries)}  ({times})")
+        console.print(f"index saved at {result.index_dir}; try: delta-router index list --index "
+                      f"{result.index_dir}")  # fmt: skip
 
 
 # ---- parser ----------------------------------------------------------------------------------
@@ -233,7 +258,7 @@ def _add_embedding_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer", type=int, help="hidden_states index; -1 = final post-norm (default)")
     g.add_argument("--pooling", choices=POOLINGS, help="token pooling (default: last)")
     g.add_argument("--normalize", choices=NORMALIZATIONS, help="per-probe normalisation")
-    g.add_argument("--method", choices=METHODS, default="fold", help="compute path (default: fold)")
+    g.add_argument("--method", choices=METHODS, default="batched", help="compute path (default: batched)")
 
 
 def _add_index_write_options(p: argparse.ArgumentParser) -> None:
@@ -296,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--index", required=True, help="index directory")
 
     p = sub.add_parser("demo", parents=[common], help="the end-to-end job on the default base")
+    p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -5,24 +5,22 @@ final, post-norm one) at the last non-pad token, in fp32.
 
 How a finetune's activations are computed (``method``):
 
-- ``"fold"`` (default): the base stays loaded once. For a LoRA adapter, each target weight is
-  replaced for one forward by ``W + scale * B @ A`` (``torch.addmm`` into a reused scratch buffer,
-  passed with ``torch.func.functional_call``, so the base weights are never modified), and all
-  probes run in one padded batch through the transformer body only (no LM head).
-  A full finetune is streamed into the live model tensor by tensor (one model in memory), and the
-  base weights are streamed back before the next adapter.
+- ``"batched"`` (default): the base is loaded once and only the transformer body runs (no LM
+  head). LoRA adapters are applied without touching the base weights, by forward hooks that add
+  the low-rank update per group of rows (``delta_router.lora_batch``), so ``adapters_per_batch``
+  adapters x all probes run in one padded forward. A full finetune is streamed into the live
+  model tensor by tensor (one model in memory); the base is streamed back before the next adapter.
 - ``"reference"``: PEFT's ``PeftModel.from_pretrained`` per adapter, one probe per forward, then
   ``unload()``. Slower; the baseline of ``benchmarks/embed_throughput.py`` and the fallback for
-  adapters the fold cannot express (DoRA, modules_to_save, ...).
+  adapters that are more than low-rank updates (DoRA, modules_to_save, ...).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
@@ -30,20 +28,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from delta_router.base import DEFAULT_BASE, BaseFingerprint, BaseModel, resolve_base
 from delta_router.errors import IncompatibleBaseError, InvalidModelError, SpaceMismatchError
 from delta_router.finetune import Finetune, LoraFactors, iter_full_weights, load_lora_factors
 from delta_router.home import atomic_write_bytes, cache_dir
+from delta_router.lora_batch import lora_hooks
 from delta_router.probes import ProbeSet
 
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("last", "mean")
 NORMALIZATIONS = ("none", "probe")
-METHODS = ("fold", "reference")
+METHODS = ("batched", "reference")
 
 
 @dataclass(frozen=True)
@@ -123,12 +121,10 @@ def pooled_hidden_states(
     attention_mask: torch.Tensor,
     layer: int = -1,
     pooling: str = "last",
-    weights: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Hidden state ``hidden_states[layer]`` of the transformer body, pooled per row: ``[B, d]`` fp32.
 
     Position ids follow the attention mask, so left and right padding give the same result.
-    ``weights`` optionally overrides parameters (body-relative names) for this call only.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = dict(
@@ -138,7 +134,7 @@ def pooled_hidden_states(
         use_cache=False,
         output_hidden_states=layer != -1,
     )
-    out = functional_call(body, weights or {}, args=(), kwargs=kwargs)
+    out = body(**kwargs)
     hidden = (out.last_hidden_state if layer == -1 else out.hidden_states[layer]).float()
     if pooling == "last":
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -171,7 +167,8 @@ class DeltaEmbedder:
         layer: int = -1,
         pooling: str = "last",
         normalize: str = "none",
-        method: str = "fold",
+        method: str = "batched",
+        adapters_per_batch: int | None = None,
         device: str | torch.device = "cpu",
         cache: bool = True,
         progress: bool = True,
@@ -190,9 +187,10 @@ class DeltaEmbedder:
             raise ValueError(f"layer must be -1 or 0..{n_layers} for this base, got {layer}")
         self.layer, self.pooling, self.normalize, self.method = layer, pooling, normalize, method
         self.device = torch.device(device)
+        # adapters sharing one forward: 4 (20 probe rows) on CPU, GPUs want more (RESULTS.md)
+        self.adapters_per_batch = adapters_per_batch or (4 if self.device.type == "cpu" else 32)
         self.cache, self.progress = cache, progress
         self._live = "base"  # what the live model's weights are: "base", a content hash, "dirty"
-        self._scratch: dict[str, torch.Tensor] = {}
 
     # ---- spaces and caches -------------------------------------------------------------------
     @cached_property
@@ -233,12 +231,11 @@ class DeltaEmbedder:
         batch = self.tokenizer(list(self.probes.texts), padding=True, return_tensors="pt")
         return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
-    def _forward(self, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def _forward(self, groups: int = 1) -> torch.Tensor:
+        """Pooled activations of ``groups`` copies of the probe batch: ``[groups * P, d]``."""
+        batch = {k: v.repeat(groups, 1) for k, v in self.probe_batch.items()}
         with torch.inference_mode():
-            return pooled_hidden_states(
-                self.body, **self.probe_batch, layer=self.layer, pooling=self.pooling,
-                weights=weights,
-            )  # fmt: skip
+            return pooled_hidden_states(self.body, **batch, layer=self.layer, pooling=self.pooling)
 
     def _load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], label: str) -> None:
         """Copy named tensors into the live model in place (streaming; one tensor at a time)."""
@@ -281,35 +278,35 @@ class DeltaEmbedder:
             self.__dict__["_base_acts"] = acts
         return self.__dict__["_base_acts"]
 
-    def finetune_activations(self, finetune: Finetune) -> torch.Tensor:
-        """Pooled activations of ``finetune`` on the probes, ``[P, d]`` fp32."""
-        if finetune.kind == "full":
-            self._load_weights(iter_full_weights(finetune, self.base), str(finetune.path))
-            self._live = finetune.content_hash
-            return self._forward().cpu()
-        self._ensure_base()
-        lora = load_lora_factors(finetune, self.model, self.base)
-        if self.method == "fold" and lora.foldable:
-            with self._folded(lora) as weights:
-                return self._forward(weights).cpu()
-        if self.method == "fold":
-            logger.warning("%s: adapter features need PEFT; using the reference path", finetune.path)
-        return self._reference_activations(finetune)
+    def activations(self, finetunes: Sequence[Finetune]) -> list[torch.Tensor]:
+        """Pooled activations on the probes, ``[P, d]`` fp32 each, for a chunk of finetunes.
 
-    @contextlib.contextmanager
-    def _folded(self, lora: LoraFactors) -> Iterator[dict[str, torch.Tensor]]:
-        """Body-relative weight overrides ``W + scale * B @ A`` in reused scratch buffers."""
-        modules = dict(self.model.named_modules())
-        weights = {}
-        for name, (a, b, scale) in lora.factors.items():
-            w = modules[name].weight
-            scratch = self._scratch.get(name)
-            if scratch is None:
-                scratch = self._scratch[name] = torch.empty_like(w)
-            dev = w.device
-            torch.addmm(w, b.to(dev), a.to(dev), alpha=scale, out=scratch)
-            weights[name.removeprefix(self._body_prefix) + ".weight"] = scratch
-        yield weights
+        Plain LoRA adapters share one forward; full finetunes and adapters that need PEFT
+        (DoRA, ...) run one at a time.
+        """
+        out: dict[int, torch.Tensor] = {}
+        plain: list[tuple[int, LoraFactors]] = []
+        for i, ft in enumerate(finetunes):
+            if ft.kind == "full":
+                self._load_weights(iter_full_weights(ft, self.base), str(ft.path))
+                self._live = ft.content_hash
+                out[i] = self._forward().cpu()
+                continue
+            self._ensure_base()
+            lora = load_lora_factors(ft, self.model, self.base)
+            if self.method == "batched" and lora.plain:
+                plain.append((i, lora))
+                continue
+            if self.method == "batched":
+                logger.warning("%s: adapter needs PEFT itself; using the reference path", ft.path)
+            out[i] = self._reference_activations(ft)
+        if plain:
+            self._ensure_base()
+            with lora_hooks(self.model, [lora for _, lora in plain]):
+                rows = self._forward(groups=len(plain)).cpu()
+            for (i, _), acts in zip(plain, rows.split(len(self.probes)), strict=True):
+                out[i] = acts
+        return [out[i] for i in range(len(finetunes))]
 
     def _reference_activations(self, finetune: Finetune) -> torch.Tensor:
         """PEFT's path: attach the adapter, one probe per forward, unload."""
@@ -366,15 +363,20 @@ class DeltaEmbedder:
         todo.sort(key=lambda i: finetunes[i].kind == "full")
         if todo:
             base_acts = self.base_activations()
-            bar = tqdm(todo, desc="embedding", unit="model", disable=not self.progress)
-            for i in bar:
-                ft = finetunes[i]
-                bar.set_postfix_str(ft.model_id)
-                vector = delta_vector(self.finetune_activations(ft), base_acts, self.normalize)
-                cached = self._cache_file(ft.content_hash)
-                if self.cache:
-                    atomic_write_bytes(cached, _npy_bytes(vector))
-                results[i] = self._record(ft, vector, cached if self.cache else None)
+            size = self.adapters_per_batch
+            with tqdm(total=len(todo), desc="embedding", unit="model",
+                      disable=not self.progress) as bar:  # fmt: skip
+                for start in range(0, len(todo), size):
+                    chunk = todo[start : start + size]
+                    acts = self.activations([finetunes[i] for i in chunk])
+                    for i, ft_acts in zip(chunk, acts, strict=True):
+                        ft = finetunes[i]
+                        vector = delta_vector(ft_acts, base_acts, self.normalize)
+                        cached = self._cache_file(ft.content_hash)
+                        if self.cache:
+                            atomic_write_bytes(cached, _npy_bytes(vector))
+                        results[i] = self._record(ft, vector, cached if self.cache else None)
+                    bar.update(len(chunk))
         return [results[i] for i in range(len(finetunes))]
 
     def transform(self, sources: Sequence[str | Path | Finetune]) -> np.ndarray:

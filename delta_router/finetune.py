@@ -86,12 +86,13 @@ class LoraFactors:
     """Low-rank updates of one adapter: ``delta W[name] = scale * B @ A``.
 
     ``factors[name] = (A [r, in], B [out, r], scale)``; names are module names of the causal LM.
-    ``foldable`` is False when the adapter uses features the weight fold cannot express
-    (DoRA, modules_to_save, per-module alpha, biases, embedding LoRA, fan_in_fan_out).
+    ``plain`` is False when the adapter uses more than low-rank updates of Linear layers
+    (DoRA, modules_to_save, per-module alpha, biases, embedding LoRA, fan_in_fan_out); such
+    adapters need PEFT itself.
     """
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    foldable: bool
+    plain: bool
 
 
 def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseModel) -> LoraFactors:
@@ -106,7 +107,7 @@ def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseMode
     except Exception as exc:  # safetensors raises its own error type for corrupt headers
         raise InvalidModelError(f"{weights_file}: corrupt safetensors file ({exc})") from exc
 
-    foldable = not (
+    plain = not (
         cfg.get("use_dora") or cfg.get("modules_to_save") or cfg.get("alpha_pattern")
         or cfg.get("fan_in_fan_out")
     )  # fmt: skip
@@ -120,7 +121,7 @@ def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseMode
                 pairs.setdefault(module_name, {})[part] = tensor
                 break
         else:
-            foldable = False  # biases, DoRA magnitudes, embedding LoRA, saved modules
+            plain = False  # biases, DoRA magnitudes, embedding LoRA, saved modules
     if not pairs:
         raise InvalidModelError(f"{weights_file}: no lora_A/lora_B tensors found")
 
@@ -136,7 +137,7 @@ def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseMode
         if module is None or weight is None or weight.dim() != 2:
             _incompatible(finetune, base, f"the base has no linear module {module_name!r}")
         if not isinstance(module, torch.nn.Linear):
-            foldable = False
+            plain = False
         out_features, in_features = weight.shape
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features:
             _incompatible(
@@ -148,7 +149,7 @@ def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseMode
         rank = a.shape[0]
         scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
         factors[module_name] = (a, b, scale)
-    return LoraFactors(factors, foldable)
+    return LoraFactors(factors, plain)
 
 
 def iter_full_weights(finetune: Finetune, base: BaseModel) -> Iterator[tuple[str, torch.Tensor]]:

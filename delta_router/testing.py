@@ -83,22 +83,46 @@ class RandomAdapterFactory:
         self.model.peft_config["default"].base_model_name_or_path = self.base_dir
 
     def randomize(self, seed: int, scale: float = 1.0) -> None:
-        from peft.tuners.lora import LoraLayer
-
+        """Fresh random factors (nn.Linear's init, what ``init_lora_weights=False`` leaves)."""
         torch.manual_seed(seed)
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer):
-                # nn.Linear's own init for both factors: what init_lora_weights=False leaves
-                module.lora_A["default"].reset_parameters()
-                module.lora_B["default"].reset_parameters()
-                with torch.no_grad():
-                    module.lora_B["default"].weight.mul_(scale)
+        for module in self._lora_layers():
+            module.lora_A["default"].reset_parameters()
+            module.lora_B["default"].reset_parameters()
+            with torch.no_grad():
+                module.lora_B["default"].weight.mul_(scale)
 
-    def make(self, out_dir: str | Path, seed: int, scale: float = 1.0) -> Path:
-        """A random adapter directory at ``out_dir``."""
-        self.randomize(seed, scale)
+    def make(
+        self,
+        out_dir: str | Path,
+        seed: int,
+        scale: float = 1.0,
+        family: int | None = None,
+        spread: float = 0.5,
+    ) -> Path:
+        """A random adapter directory at ``out_dir``.
+
+        With ``family``, the factors are those of adapter ``family`` plus ``spread`` times this
+        seed's own: adapters of one family are related, as finetunes of one domain would be.
+        """
+        if family is None:
+            self.randomize(seed, scale)
+        else:
+            self.randomize(family, scale)
+            shared = [p.detach().clone() for p in self._lora_params()]
+            self.randomize(seed, scale)
+            with torch.no_grad():
+                for param, base in zip(self._lora_params(), shared, strict=True):
+                    param.mul_(spread).add_(base)
         self.model.save_pretrained(str(out_dir))
         return Path(out_dir)
+
+    def _lora_layers(self):
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+
+    def _lora_params(self) -> list[torch.Tensor]:
+        return [p for n, p in self.model.named_parameters() if "lora_" in n]
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:

@@ -84,3 +84,13 @@ def test_bad_input_is_one_clear_error_line(tiny_base, adapters, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "Traceback" not in err
     assert sorted(p.name for p in idx.iterdir()) == before  # nothing lost or half-written
+
+
+def test_demo_runs_end_to_end_and_finds_each_family(tiny_base, capsys):
+    result = run_json(capsys, "demo", "--base", str(tiny_base))
+    assert result["top1_correct"] == 3
+    assert set(result["queries"]) == {"alpha", "beta", "gamma"}
+    for family, hits in result["queries"].items():
+        assert hits[0][0].startswith(family)
+    again = run_json(capsys, "demo", "--base", str(tiny_base))  # cached adapters and embeddings
+    assert again["queries"] == result["queries"]

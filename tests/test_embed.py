@@ -31,8 +31,8 @@ def test_embeddings_are_deterministic_and_distinct(tiny_base, adapters):
     assert not np.allclose(first[0], first[1])
 
 
-def test_folded_batch_equals_peft_reference_one_probe_at_a_time(tiny_base, adapters):
-    fast = DeltaEmbedder(tiny_base, method="fold", cache=False, progress=False).transform(adapters)
+def test_batched_adapters_equal_peft_reference_one_probe_at_a_time(tiny_base, adapters):
+    fast = DeltaEmbedder(tiny_base, cache=False, progress=False).transform(adapters)
     ref = DeltaEmbedder(tiny_base, method="reference", cache=False, progress=False)
     slow = ref.transform(adapters)
     np.testing.assert_allclose(fast, slow, atol=1e-5, rtol=0)
@@ -73,7 +73,7 @@ def test_unchanged_adapter_is_served_from_the_cache(tiny_base, adapters, monkeyp
     def no_compute(*args, **kwargs):
         raise AssertionError("cached embedding was recomputed")
 
-    monkeypatch.setattr(DeltaEmbedder, "finetune_activations", no_compute)
+    monkeypatch.setattr(DeltaEmbedder, "activations", no_compute)
     again = DeltaEmbedder(tiny_base, progress=False).embed_one(adapters[0], model_id="b")
     np.testing.assert_array_equal(first.vector, again.vector)
     assert again.model_id == "b" and again.content_hash == first.content_hash
@@ -117,7 +117,7 @@ def test_dora_adapter_falls_back_to_the_peft_path(tiny_base, tmp_path):
     embedder = DeltaEmbedder(tiny_base, cache=False, progress=False)
     from delta_router.finetune import load_lora_factors
 
-    assert not load_lora_factors(Finetune.open(path), embedder.model, embedder.base).foldable
+    assert not load_lora_factors(Finetune.open(path), embedder.model, embedder.base).plain
     ref = DeltaEmbedder(tiny_base, method="reference", cache=False, progress=False)
     np.testing.assert_allclose(embedder.embed_one(path).vector, ref.embed_one(path).vector, atol=1e-6, rtol=0)
 
@@ -132,3 +132,14 @@ def test_inference_does_not_track_gradients(tiny_base, adapters):
     embedder = DeltaEmbedder(tiny_base, cache=False, progress=False)
     embedder.embed_one(adapters[0])
     assert all(p.grad is None and not p.requires_grad for p in embedder.model.parameters())
+
+
+def test_mixed_adapters_in_one_batch_equal_one_at_a_time(tiny_base, adapters, tmp_path):
+    """Different ranks and target sets, a full model and a no-op share one chunk."""
+    small = RandomAdapterFactory(tiny_base, r=2, targets=("q_proj", "v_proj"))
+    odd = small.make(tmp_path / "r2-qv", seed=5, scale=0.3)
+    merged = merge_adapter(tiny_base, adapters[3], tmp_path / "merged")
+    sources = [adapters[0], odd, merged, adapters[1], adapters[2]]
+    together = DeltaEmbedder(tiny_base, adapters_per_batch=5, cache=False, progress=False)
+    alone = DeltaEmbedder(tiny_base, adapters_per_batch=1, cache=False, progress=False)
+    np.testing.assert_allclose(together.transform(sources), alone.transform(sources), atol=1e-5, rtol=0)
