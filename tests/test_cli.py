@@ -86,11 +86,20 @@ def test_bad_input_is_one_clear_error_line(tiny_base, adapters, tmp_path, capsys
     assert sorted(p.name for p in idx.iterdir()) == before  # nothing lost or half-written
 
 
-def test_demo_runs_end_to_end_and_finds_each_family(tiny_base, capsys):
+def test_demo_builds_a_zoo_and_finds_each_domain(tiny_base, capsys, monkeypatch):
+    from test_zoo import WORDS, synthetic_domain
+
+    from delta_router import zoo
+    from delta_router.train import TrainConfig
+
+    tiny = zoo.ZooSpec("small", tuple(WORDS), parts=2, train_size=24,
+                       train=TrainConfig(max_steps=5, batch_size=8, learning_rate=1e-2))  # fmt: skip
+    monkeypatch.setitem(zoo.ZOO_SPECS, "small", tiny)
+    monkeypatch.setattr(zoo, "load_domain", lambda name, seed: synthetic_domain(name, seed=seed))
     result = run_json(capsys, "demo", "--base", str(tiny_base))
-    assert result["top1_correct"] == 3
-    assert set(result["queries"]) == {"alpha", "beta", "gamma"}
-    for family, hits in result["queries"].items():
-        assert hits[0][0].startswith(family)
-    again = run_json(capsys, "demo", "--base", str(tiny_base))  # cached adapters and embeddings
+    assert len(result["queries"]) == 4 and result["top1_correct"] == 4
+    for query, hits in result["queries"].items():
+        assert hits[0][0].split("-")[0] == query.split("-")[0]
+    assert set(result["learned"]) == {"fruit-0", "fruit-1", "digits-0", "digits-1"}
+    again = run_json(capsys, "demo", "--base", str(tiny_base))  # everything cached
     assert again["queries"] == result["queries"]

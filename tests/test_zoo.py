@@ -1,0 +1,101 @@
+"""A tiny zoo (tiny model, two synthetic domains with distinct token distributions) and its report."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from delta_router.clustering import nearest_neighbours, silhouette
+from delta_router.data import DomainSplits, Record
+from delta_router.train import TrainConfig
+from delta_router.zoo import ROBUSTNESS_VARIANTS, Zoo, ZooSpec
+from delta_router.zoo_report import build_report
+
+WORDS = {
+    "fruit": ["apple", "banana", "cherry", "mango", "pear", "plum"],
+    "digits": ["17", "42", "93", "5", "808", "61"],
+}
+
+
+def synthetic_domain(name: str, n: int = 120, seed: int = 0) -> DomainSplits:
+    """Records whose inputs and outputs draw on one vocabulary; multiple choice among 2 words."""
+    rng = random.Random(f"{name}-{seed}")
+    words = WORDS[name]
+    records = []
+    for _ in range(n):
+        text = " ".join(rng.choices(words, k=4))
+        gold, other = rng.sample(words, 2)
+        answer = rng.randrange(2)
+        choices = (gold, other) if answer == 0 else (other, gold)
+        records.append(Record(f"Name a {name} item.", text, f"{gold} {gold}", choices, answer))
+    third = (n - 30) // 3
+    train = [records[30 + i * third : 30 + (i + 1) * third] for i in range(3)]
+    return DomainSplits(name, train, records[20:30], records[:20], {"domain": name})
+
+
+@pytest.fixture()
+def tiny_zoo(tiny_base, tmp_path) -> Zoo:
+    spec = ZooSpec(
+        "tiny",
+        ("fruit", "digits"),
+        parts=3,
+        mixtures=(("fruit", "digits"),),
+        robustness_domains=("fruit",),
+        train_size=24,
+        train=TrainConfig(max_steps=5, batch_size=8, micro_batch_size=8, learning_rate=1e-2),
+    )
+    splits = {name: synthetic_domain(name) for name in WORDS}
+    return Zoo(spec, tiny_base, root=tmp_path / "zoo", progress=False, splits=splits)
+
+
+def test_spec_lists_domain_mixture_and_robustness_members(tiny_zoo):
+    members = tiny_zoo.spec.members()
+    kinds = [m.kind for m in members]
+    assert kinds.count("domain") == 6 and kinds.count("mixture") == 1
+    assert kinds.count("robustness") == len(ROBUSTNESS_VARIANTS)
+    configs = {m.variant: tiny_zoo.spec.train_config(m) for m in members if m.kind == "robustness"}
+    assert configs["r4"].rank == 4 and configs["half-data"].num_examples == 12
+    assert configs["lr-double"].learning_rate == pytest.approx(2e-2)
+    mixture = next(m for m in members if m.kind == "mixture")
+    data = tiny_zoo.training_records(mixture)
+    assert len(data) == 24 and {r.instruction for r in data} == {"Name a fruit item.", "Name a digits item."}
+
+
+def test_tiny_zoo_clusters_by_domain_and_is_cached(tiny_zoo, monkeypatch):
+    index = tiny_zoo.build()
+    assert len(index) == len(tiny_zoo.spec.members())
+    entries = [e for e in index.list() if e.tags["kind"] == "domain"]
+    vectors = np.stack([e.embedding.vector for e in entries])
+    assert silhouette(vectors, [e.tags["domain"] for e in entries]) > 0.5
+
+    from delta_router.train import LoraTrainer
+
+    monkeypatch.setattr(LoraTrainer, "_step", lambda *a: pytest.fail("a second build retrained"))
+    again = tiny_zoo.build()
+    assert [e.model_id for e in again.list()] == [e.model_id for e in index.list()]
+
+
+def test_report_writes_markdown_json_and_png(tiny_zoo):
+    tiny_zoo.build()
+    report = build_report(tiny_zoo, eval_size=8, progress=False)
+    out = tiny_zoo.root / "report"
+    assert (out / "tsne.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["silhouette_domain"] == pytest.approx(report.silhouette_domain)
+    assert set(saved["member_scores"]) == {f"{d}-{p}" for d in WORDS for p in range(3)}
+    assert set(report.base_scores) == set(WORDS) and report.base_scores["fruit"].acc is not None
+    assert "Silhouette" in (out / "report.md").read_text()
+
+
+def test_silhouette_and_neighbours_on_separated_clusters():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(2, 16))
+    vectors = np.concatenate([c + 0.05 * rng.normal(size=(4, 16)) for c in centers])
+    labels = ["a"] * 4 + ["b"] * 4
+    assert silhouette(vectors, labels) > 0.8
+    assert silhouette(vectors, ["a", "b"] * 4) < 0.1
+    neighbours = nearest_neighbours(vectors, [f"m{i}" for i in range(8)], labels)
+    assert all(n.same_label and n.item != n.neighbour for n in neighbours)
