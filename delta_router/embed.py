@@ -192,6 +192,20 @@ class DeltaEmbedder:
         self.cache, self.progress = cache, progress
         self._live = "base"  # what the live model's weights are: "base", a content hash, "dirty"
 
+    @classmethod
+    def for_space(cls, space: EmbeddingSpace, **options) -> DeltaEmbedder:
+        """An embedder whose vectors land in ``space`` (e.g. an index's); refuses if they cannot."""
+        embedder = cls(
+            base=space.base_name,
+            probes=space.probe_set,
+            layer=space.layer,
+            pooling=space.pooling,
+            normalize=space.normalize,
+            **options,
+        )
+        space.check_same(embedder.space, "the index", "this embedder")
+        return embedder
+
     # ---- spaces and caches -------------------------------------------------------------------
     @cached_property
     def space(self) -> EmbeddingSpace:
@@ -277,6 +291,24 @@ class DeltaEmbedder:
                     atomic_write_bytes(path, _npy_bytes(acts.numpy()))
             self.__dict__["_base_acts"] = acts
         return self.__dict__["_base_acts"]
+
+    def text_activations(self, texts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+        """The base's pooled activations on arbitrary texts (same layer/pooling): ``[N, d]`` fp32."""
+        self._ensure_base()
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(list(texts[start : start + batch_size]), padding=True, return_tensors="pt")
+            with torch.inference_mode():
+                rows.append(
+                    pooled_hidden_states(
+                        self.body,
+                        batch["input_ids"].to(self.device),
+                        batch["attention_mask"].to(self.device),
+                        self.layer,
+                        self.pooling,
+                    ).cpu()
+                )
+        return torch.cat(rows)
 
     def activations(self, finetunes: Sequence[Finetune]) -> list[torch.Tensor]:
         """Pooled activations on the probes, ``[P, d]`` fp32 each, for a chunk of finetunes.

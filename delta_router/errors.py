@@ -46,3 +46,7 @@ class UnknownModelError(DeltaRouterError, KeyError):
 
 class DataError(DeltaRouterError):
     """A dataset cannot be fetched, parsed or split."""
+
+
+class MergeError(DeltaRouterError):
+    """A merge recipe is unknown or invalid, or mergekit failed."""

@@ -5,13 +5,13 @@ Nothing here touches a model hub: the tiny base gets a byte-level BPE tokenizer 
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
 
 from delta_router.probes import PAPER_PREAMBLES, alpaca_prompt
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from delta_router.train import LORA_TARGETS
 
 
 def make_tiny_tokenizer(extra_text: list[str] | None = None, vocab_size: int = 400):
@@ -135,3 +135,30 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     merged.save_pretrained(str(out_dir))
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+SYNTHETIC_WORDS = {
+    "fruit": ("apple", "banana", "cherry", "mango", "pear", "plum"),
+    "digits": ("17", "42", "93", "5", "808", "61"),
+}
+
+
+def synthetic_domain(name: str, n: int = 120, seed: int = 0):
+    """``DomainSplits`` of a synthetic domain whose texts draw on one vocabulary (``SYNTHETIC_WORDS``).
+
+    Multiple choice between two of its words; 20 test, 10 few-shot, 3 training thirds of 30.
+    """
+    from delta_router.data import DomainSplits, Record
+
+    rng = random.Random(f"{name}-{seed}")
+    words = SYNTHETIC_WORDS[name]
+    records = []
+    for _ in range(n):
+        text = " ".join(rng.choices(words, k=4))
+        gold, other = rng.sample(words, 2)
+        answer = rng.randrange(2)
+        choices = (gold, other) if answer == 0 else (other, gold)
+        records.append(Record(f"Name a {name} item.", text, f"{gold} {gold}", choices, answer))
+    third = (n - 30) // 3
+    train = [records[30 + i * third : 30 + (i + 1) * third] for i in range(3)]
+    return DomainSplits(name, train, records[20:30], records[:20], {"domain": name, "seed": seed})

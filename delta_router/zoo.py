@@ -93,13 +93,14 @@ class ZooSpec:
 
 # Sized for a 2-core CPU (benchmarks/RESULTS.md): 128-token examples, 6 steps of 16 (full, ~40 min)
 # or 4 steps (small, for `make demo`: the two small data wheels plus the base, ~8 min).
+ZOO_TRAIN_CONFIG = TrainConfig(max_steps=6, max_length=128)
 ZOO_SPECS: dict[str, ZooSpec] = {
     "full": ZooSpec(
         "full",
         ("commonsense", "math", "biomedical", "legal", "code", "science", "sentiment"),
         mixtures=(("math", "code"), ("biomedical", "science"), ("legal", "sentiment")),
         robustness_domains=("sentiment",),
-        train=TrainConfig(max_steps=6, max_length=128),
+        train=ZOO_TRAIN_CONFIG,
     ),
     "small": ZooSpec(
         "small",

@@ -87,9 +87,9 @@ def test_bad_input_is_one_clear_error_line(tiny_base, adapters, tmp_path, capsys
 
 
 def test_demo_builds_a_zoo_and_finds_each_domain(tiny_base, capsys, monkeypatch):
-    from test_zoo import WORDS, synthetic_domain
-
     from delta_router import zoo
+    from delta_router.testing import SYNTHETIC_WORDS as WORDS
+    from delta_router.testing import synthetic_domain
     from delta_router.train import TrainConfig
 
     tiny = zoo.ZooSpec("small", tuple(WORDS), parts=2, train_size=24,

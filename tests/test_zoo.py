@@ -3,37 +3,16 @@
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
 
 from delta_router.clustering import nearest_neighbours, silhouette
-from delta_router.data import DomainSplits, Record
+from delta_router.testing import SYNTHETIC_WORDS as WORDS
+from delta_router.testing import synthetic_domain
 from delta_router.train import TrainConfig
 from delta_router.zoo import ROBUSTNESS_VARIANTS, Zoo, ZooSpec
 from delta_router.zoo_report import build_report
-
-WORDS = {
-    "fruit": ["apple", "banana", "cherry", "mango", "pear", "plum"],
-    "digits": ["17", "42", "93", "5", "808", "61"],
-}
-
-
-def synthetic_domain(name: str, n: int = 120, seed: int = 0) -> DomainSplits:
-    """Records whose inputs and outputs draw on one vocabulary; multiple choice among 2 words."""
-    rng = random.Random(f"{name}-{seed}")
-    words = WORDS[name]
-    records = []
-    for _ in range(n):
-        text = " ".join(rng.choices(words, k=4))
-        gold, other = rng.sample(words, 2)
-        answer = rng.randrange(2)
-        choices = (gold, other) if answer == 0 else (other, gold)
-        records.append(Record(f"Name a {name} item.", text, f"{gold} {gold}", choices, answer))
-    third = (n - 30) // 3
-    train = [records[30 + i * third : 30 + (i + 1) * third] for i in range(3)]
-    return DomainSplits(name, train, records[20:30], records[:20], {"domain": name})
 
 
 @pytest.fixture()

@@ -1,0 +1,192 @@
+"""``Merger``: merge selected finetunes into one model with mergekit, from a YAML recipe.
+
+A recipe (``merge_recipes/<name>.yaml``, or any YAML path) is a mergekit configuration without
+its model list: ``per_model`` holds the parameters every selected model gets (``"{weight}"`` is
+replaced by its weight) and ``"{base}"`` by the base model's directory. LoRA candidates are first
+materialised once into full models under ``$DELTA_ROUTER_HOME/materialized/<content hash>`` (one
+base-sized copy per adapter, ~0.5 GB for SmolLM2 in fp32; written atomically), then everything is
+plain mergekit. The output directory (written to a temp dir and renamed) is a loadable HF model
+with ``delta_router.json`` (provenance) and mergekit's model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from delta_router.base import DEFAULT_BASE, BaseModel, resolve_base
+from delta_router.errors import MergeError
+from delta_router.finetune import Finetune
+from delta_router.home import atomic_directory, atomic_write_text, cache_dir
+
+logger = logging.getLogger(__name__)
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "merge_recipes"
+PROVENANCE_FILE = "delta_router.json"
+WEIGHTINGS = ("uniform", "score")
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    """A mergekit configuration template (see module docstring)."""
+
+    name: str
+    template: dict
+    source: str
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> MergeRecipe:
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = RECIPE_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(available_recipes())
+            raise MergeError(f"no merge recipe {name_or_path!r}: give a YAML path or one of {known}")
+        try:
+            template = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise MergeError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(template, dict) or "merge_method" not in template:
+            raise MergeError(f"{path}: a recipe is a YAML mapping with at least merge_method")
+        return cls(path.stem, template, str(path))
+
+    @property
+    def method(self) -> str:
+        return self.template["merge_method"]
+
+    def render(self, base_dir: str | Path, models: Sequence[tuple[str | Path, float]]) -> dict:
+        """The mergekit configuration for ``models`` (path, weight) on ``base_dir``."""
+        per_model = self.template.get("per_model", {})
+
+        def fill(value, weight=None):
+            if value == "{base}":
+                return str(base_dir)
+            if value == "{weight}":
+                return weight
+            if isinstance(value, dict):
+                return {k: fill(v, weight) for k, v in value.items()}
+            return value
+
+        config = {k: fill(v) for k, v in self.template.items() if k != "per_model"}
+        config["models"] = [
+            {"model": str(path), "parameters": fill(per_model, float(weight))} for path, weight in models
+        ]
+        return config
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def materialize(finetune: Finetune, base: BaseModel) -> Path:
+    """A full-model directory of ``finetune``: itself if full, else base + LoRA merged (cached)."""
+    if finetune.kind == "full":
+        return finetune.path
+    target = cache_dir("materialized") / f"{finetune.content_hash[:24]}-{base.fingerprint.id}"
+    if (target / "config.json").exists():
+        return target
+    from peft import PeftModel
+
+    logger.info("materialising %s into a full model (once)", finetune.path)
+    model = PeftModel.from_pretrained(base.load_model(), str(finetune.path)).merge_and_unload()
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        base.load_tokenizer().save_pretrained(tmp)
+    return target
+
+
+class Merger:
+    """Merges finetunes of one base: ``Merger(base, "ties").merge(paths, out_dir, scores=...)``."""
+
+    def __init__(
+        self,
+        base: str | Path | BaseModel = DEFAULT_BASE,
+        recipe: str | Path | MergeRecipe = "ties",
+        weighting: str = "uniform",
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.base = resolve_base(base)
+        self.recipe = recipe if isinstance(recipe, MergeRecipe) else MergeRecipe.load(recipe)
+        self.weighting, self.seed, self.progress = weighting, seed, progress
+
+    def weights(self, scores: Sequence[float]) -> list[float]:
+        """Uniform 1/k, or proportional to the (positive part of the) similarity scores."""
+        if self.weighting == "uniform" or not any(s > 0 for s in scores):
+            return [1.0 / len(scores)] * len(scores)
+        positive = [max(float(s), 0.0) for s in scores]
+        return [s / sum(positive) for s in positive]
+
+    def merge(
+        self,
+        sources: Sequence[str | Path | Finetune],
+        out_dir: str | Path,
+        scores: Sequence[float] | None = None,
+        provenance: dict | None = None,
+        force: bool = False,
+    ) -> Path:
+        """Merge ``sources`` (LoRA or full finetunes of the base) into a model at ``out_dir``."""
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import run_merge
+        from mergekit.options import MergeOptions
+
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not force:
+            raise FileExistsError(f"{out_dir} already exists: choose another --out or pass --force")
+        if not sources:
+            raise MergeError("nothing to merge")
+        finetunes = [s if isinstance(s, Finetune) else Finetune.open(s) for s in sources]
+        weights = self.weights(scores if scores is not None else [1.0] * len(finetunes))
+        clock = time.perf_counter()
+        paths = [materialize(ft, self.base) for ft in finetunes]
+        materialize_s = time.perf_counter() - clock
+        config_dict = self.recipe.render(self.base.path, list(zip(paths, weights, strict=True)))
+        try:
+            config = MergeConfiguration.model_validate(config_dict)
+        except Exception as exc:  # pydantic's ValidationError: mergekit's own message
+            raise MergeError(f"recipe {self.recipe.source} is not a valid mergekit config:\n{exc}") from exc
+        options = MergeOptions(random_seed=self.seed, quiet=not self.progress, copy_tokenizer=True)
+        clock = time.perf_counter()
+        with atomic_directory(out_dir, overwrite=force) as tmp:
+            try:
+                run_merge(config, str(tmp), options)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise MergeError(f"mergekit failed with recipe {self.recipe.name}: {exc}") from exc
+            record = {
+                "created": datetime.now(timezone.utc).isoformat(),
+                "base": {"name": self.base.name, "fingerprint": self.base.fingerprint.id},
+                "recipe": {"name": self.recipe.name, "source": self.recipe.source, "config": config_dict},
+                "weighting": self.weighting,
+                "seed": self.seed,
+                "models": [
+                    {
+                        "model_id": ft.model_id,
+                        "path": str(ft.path),
+                        "content_hash": ft.content_hash,
+                        "weight": w,
+                        "score": None if scores is None else float(s),
+                    }
+                    for ft, w, s in zip(finetunes, weights, scores or [None] * len(finetunes), strict=True)
+                ],  # fmt: skip
+                "seconds": {"materialize": materialize_s, "merge": time.perf_counter() - clock},
+                "versions": _versions(),
+                **(provenance or {}),
+            }
+            atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(record, indent=2, default=str))
+        logger.info("merged %d models with %s into %s", len(finetunes), self.recipe.name, out_dir)
+        return out_dir
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {pkg: version(pkg) for pkg in ("delta-router", "mergekit", "torch", "transformers", "peft")}

@@ -1,0 +1,154 @@
+"""``TaskSelector``: "here are 20 examples of my task" -> the closest finetunes in an index.
+
+Methods (``SELECTION_METHODS``):
+
+- ``"finetune"`` (the paper's): briefly LoRA-finetune the base on the examples (seeded, cached by
+  the examples' hash), embed that finetune with the index's ``DeltaEmbedder`` settings, search.
+- ``"activations"`` (training-free): the base's pooled activation on the examples (prompt +
+  answer) minus its activation on the probes, ``[d]``, searched in the same index. No training;
+  one forward over the examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from delta_router.data import Record, load_records
+from delta_router.embed import DeltaEmbedder
+from delta_router.errors import DataError
+from delta_router.home import cache_dir
+from delta_router.index import ModelIndex, SearchHit
+from delta_router.sequences import ANSWER_SEPARATOR
+from delta_router.train import LoraTrainer, TrainConfig, records_hash
+from delta_router.zoo import ZOO_TRAIN_CONFIG
+
+logger = logging.getLogger(__name__)
+
+SELECTION_METHODS = ("finetune", "activations")
+MIN_EXAMPLES = 5
+
+
+@dataclass
+class Selection:
+    """Ranked candidates for one task; ``hits[i].score`` is the cosine similarity."""
+
+    method: str
+    examples_sha256: str
+    num_examples: int
+    hits: list[SearchHit]
+    query: np.ndarray  # [d] float32, the task's vector in the index's space
+    seconds: dict[str, float] = field(default_factory=dict)
+    task_adapter: str | None = None  # the few-shot finetune ("finetune" method)
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [h.model_id for h in self.hits]
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "examples_sha256": self.examples_sha256,
+            "num_examples": self.num_examples,
+            "task_adapter": self.task_adapter,
+            "candidates": [
+                {
+                    "rank": h.rank,
+                    "model_id": h.model_id,
+                    "score": h.score,
+                    "tags": h.entry.tags,
+                    "path": h.entry.embedding.path,
+                }
+                for h in self.hits
+            ],  # fmt: skip
+            "seconds": self.seconds,
+        }
+
+
+def read_examples(examples: str | Path | Sequence[Record | dict]) -> list[Record]:
+    """Examples from a JSONL/CSV file, or a list of Records / dicts (``instruction/input/output`` or
+    ``prompt/completion``); at least ``MIN_EXAMPLES``, none with an empty output."""
+    if isinstance(examples, (str, Path)):
+        records = load_records(examples)
+    else:
+        records = []
+        for i, row in enumerate(examples, 1):
+            if isinstance(row, Record):
+                records.append(row)
+            elif isinstance(row, dict) and "prompt" in row:
+                records.append(Record(str(row["prompt"]), "", str(row.get("completion", ""))))
+            elif isinstance(row, dict):
+                fields = (str(row.get(key, "")) for key in ("instruction", "input", "output"))
+                records.append(Record(*fields))
+            else:
+                raise DataError(f"example {i}: expected a Record or a dict, got {type(row).__name__}")
+        for i, record in enumerate(records, 1):
+            if not record.output.strip():
+                raise DataError(f"example {i} has an empty output")
+    if len(records) < MIN_EXAMPLES:
+        raise DataError(f"got {len(records)} examples; at least {MIN_EXAMPLES} are needed (20 is typical)")
+    return records
+
+
+class TaskSelector:
+    """Selects finetunes for a task: ``TaskSelector(index).select(examples, k=3)``.
+
+    The few-shot finetune uses the full zoo's recipe by default (``ZOO_TRAIN_CONFIG``), so the
+    task's vector is comparable with the zoo's; ~1 min on 2 CPU cores.
+    """
+
+    def __init__(
+        self,
+        index: ModelIndex,
+        method: str = "finetune",
+        train_config: TrainConfig = ZOO_TRAIN_CONFIG,
+        embedder: DeltaEmbedder | None = None,
+        progress: bool = True,
+    ):
+        if method not in SELECTION_METHODS:
+            raise ValueError(f"method must be one of {SELECTION_METHODS}, got {method!r}")
+        if index.space is None or len(index) == 0:
+            raise DataError("the index is empty: add finetunes before selecting from it")
+        self.index, self.method, self.train_config, self.progress = index, method, train_config, progress
+        self.embedder = embedder or DeltaEmbedder.for_space(index.space, progress=progress)
+        index.space.check_same(self.embedder.space, "the index", "the selector's embedder")
+
+    def select(self, examples: str | Path | Sequence[Record | dict], k: int = 3) -> Selection:
+        records = read_examples(examples)
+        if k > len(self.index):
+            raise DataError(f"k={k} but the index holds only {len(self.index)} models")
+        digest = records_hash(records)
+        clock = time.perf_counter()
+        adapter = None
+        if self.method == "finetune":
+            adapter = self._task_finetune(records, digest)
+            seconds = {"finetune": time.perf_counter() - clock}
+            clock = time.perf_counter()
+            query = self.embedder.embed_one(adapter, f"task-{digest[:12]}").vector
+            seconds["embed"] = time.perf_counter() - clock
+        else:
+            texts = [r.prompt() + ANSWER_SEPARATOR + r.output for r in records]
+            acts = self.embedder.text_activations(texts).mean(0)
+            query = (acts - self.embedder.base_activations().mean(0)).numpy().astype(np.float32)
+            seconds = {"activations": time.perf_counter() - clock}
+        clock = time.perf_counter()
+        hits = self.index.search(query, k=k)
+        seconds["search"] = time.perf_counter() - clock
+        logger.info("selected %s (%s)", [h.model_id for h in hits], self.method)
+        return Selection(self.method, digest, len(records), hits, query, seconds, adapter and str(adapter))
+
+    def _task_finetune(self, records: list[Record], digest: str) -> Path:
+        """The few-shot LoRA of the examples, cached by examples + recipe + base."""
+        config_hash = hashlib.sha256(json.dumps(self.train_config.to_dict()).encode()).hexdigest()[:8]
+        out = cache_dir("tasks") / f"{digest[:16]}-{config_hash}-{self.embedder.base.fingerprint.id}"
+        LoraTrainer(self.embedder.base, self.train_config, progress=self.progress).fit(
+            records, out, data={"source": "few-shot examples"}
+        )
+        return out
