@@ -220,6 +220,50 @@ def cmd_index_info(args: argparse.Namespace) -> None:
     _emit(args, info, table)
 
 
+def _selection_table(selection, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("rank", "model id", "cosine", "tags"):
+        table.add_column(col)
+    for hit in selection.hits:
+        tags = ", ".join(f"{k}={v}" for k, v in hit.entry.tags.items())
+        table.add_row(str(hit.rank), hit.model_id, f"{hit.score:.4f}", tags)
+    return table
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from delta_router.selector import TaskSelector
+
+    index = ModelIndex.load(args.index)
+    selector = TaskSelector(index, method=args.method, progress=not args.json)
+    selection = selector.select(args.examples, k=args.k)
+    title = f"closest finetunes to {args.examples} ({selection.method}, {selection.num_examples} examples)"
+    _emit(args, selection.to_dict(), _selection_table(selection, title))
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from delta_router.pipeline import build_merged_model
+
+    result = build_merged_model(
+        args.examples, ModelIndex.load(args.index), args.out, k=args.k, recipe=args.recipe,
+        method=args.method, weighting=args.weighting, eval_examples=args.eval, seed=args.seed,
+        force=args.force, progress=not args.json,
+    )  # fmt: skip
+    if args.json:
+        _emit(args, result.to_dict())
+        return
+    console.print(_selection_table(result.selection, f"selected for {args.examples}"))
+    console.print(f"merged with {args.recipe} ({args.weighting} weights) into {result.out_dir}")
+    if result.scores:
+        table = Table(title=f"held-out scores on {args.eval}")
+        for col in ("model", "n", "acc", "nll / token"):
+            table.add_column(col)
+        for name, score in result.scores.items():
+            acc = "-" if score.acc is None else f"{score.acc:.3f}"
+            table.add_row(name, str(score.n), acc, f"{score.nll:.4f}")
+        console.print(table)
+    console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from delta_router.demo import run_demo
 
@@ -451,6 +495,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
         p.set_defaults(func=func)
     zoo.choices["report"].add_argument("--eval-size", type=int, default=64, help="test records per domain")
+
+    from delta_router.merge import WEIGHTINGS, available_recipes
+    from delta_router.selector import SELECTION_METHODS
+
+    for name, func, text in (("select", cmd_select, "rank indexed finetunes for examples of a task"),
+                             ("build", cmd_build, "select the top-k for a task and merge them")):  # fmt: skip
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--examples", required=True, help="JSONL/CSV of the task's examples (>= 5, ~20)")
+        p.add_argument("--index", required=True, help="index directory")
+        p.add_argument("-k", "--k", type=int, default=3, help="number of finetunes (default 3)")
+        p.add_argument("--method", choices=SELECTION_METHODS, default="finetune",
+                       help="finetune: the paper's few-shot LoRA (default); activations: none")  # fmt: skip
+        p.set_defaults(func=func)
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--recipe", default="ties",
+                   help=f"merge recipe: {', '.join(available_recipes())} or a YAML path")  # fmt: skip
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="merge weights")
+    p.add_argument("--eval", metavar="FILE", help="held-out examples: score merged vs best single vs random")
+    p.add_argument("--seed", type=int, default=0, help="merge / random-baseline seed")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
 
     p = sub.add_parser("demo", parents=[common], help="the end-to-end job on the default base")
     p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")

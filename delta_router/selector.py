@@ -108,7 +108,7 @@ class TaskSelector:
         self,
         index: ModelIndex,
         method: str = "finetune",
-        train_config: TrainConfig = ZOO_TRAIN_CONFIG,
+        train_config: TrainConfig | None = None,
         embedder: DeltaEmbedder | None = None,
         progress: bool = True,
     ):
@@ -116,7 +116,8 @@ class TaskSelector:
             raise ValueError(f"method must be one of {SELECTION_METHODS}, got {method!r}")
         if index.space is None or len(index) == 0:
             raise DataError("the index is empty: add finetunes before selecting from it")
-        self.index, self.method, self.train_config, self.progress = index, method, train_config, progress
+        self.index, self.method, self.progress = index, method, progress
+        self.train_config = train_config or ZOO_TRAIN_CONFIG
         self.embedder = embedder or DeltaEmbedder.for_space(index.space, progress=progress)
         index.space.check_same(self.embedder.space, "the index", "the selector's embedder")
 

@@ -65,3 +65,33 @@ def test_bad_selector_input_is_refused(zoo_index, tmp_path):
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"}\n{oops\n')
     with pytest.raises(DataError, match=":3"):
         selector.select(bad)
+
+
+def test_build_command_selects_merges_and_scores(zoo_index, tiny_base, tmp_path, capsys, monkeypatch):
+    """The headline flow on the tiny model: 20 examples -> that domain's models -> merged model."""
+    from transformers import AutoModelForCausalLM
+
+    from delta_router import selector
+    from delta_router.cli import main
+    from delta_router.merge import PROVENANCE_FILE
+
+    monkeypatch.setattr(selector, "ZOO_TRAIN_CONFIG", FEW_SHOT)
+    index_dir = tmp_path / "index"
+    zoo_index.save(index_dir)
+    rows = [r.to_dict() for r in examples("digits", 30)]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
+    (tmp_path / "held-out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[20:]))
+    argv = ["build", "--examples", str(tmp_path / "task.jsonl"), "--index", str(index_dir), "--k", "2",
+            "--recipe", "ties", "--out", str(tmp_path / "merged"),
+            "--eval", str(tmp_path / "held-out.jsonl")]  # fmt: skip
+    assert main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    chosen = [c["model_id"] for c in result["selection"]["candidates"]]
+    assert all(c.startswith("digits-") for c in chosen)
+    provenance = json.loads((tmp_path / "merged" / PROVENANCE_FILE).read_text())
+    assert [m["model_id"] for m in provenance["models"]] == chosen
+    assert provenance["selection"]["examples_sha256"] == result["selection"]["examples_sha256"]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert {"merged", "best single", "random-2 merge", "base"} == set(result["scores"])
+    assert main(argv) == 2  # the output exists: refused without --force
+    assert "already exists" in capsys.readouterr().err

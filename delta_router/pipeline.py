@@ -1,0 +1,111 @@
+"""The headline flow: examples of a task -> selected finetunes -> one merged model (-> scores).
+
+``build_merged_model`` is what ``delta-router build`` runs: ``TaskSelector.select`` then
+``Merger.merge`` with the selection's provenance; with held-out examples it also scores the merged
+model against the best single candidate and a merge of k random candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from delta_router.base import BaseModel
+from delta_router.data import Record
+from delta_router.finetune import Finetune
+from delta_router.home import cache_dir
+from delta_router.index import ModelIndex
+from delta_router.merge import Merger, materialize
+from delta_router.scoring import Score, score_records
+from delta_router.selector import Selection, TaskSelector, read_examples
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    selection: Selection
+    seconds: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, Score] = field(default_factory=dict)  # "merged", "best single", "random-k merge"
+
+    def to_dict(self) -> dict:
+        return {
+            "out_dir": str(self.out_dir),
+            "selection": self.selection.to_dict(),
+            "seconds": self.seconds,
+            "scores": {name: score.to_dict() for name, score in self.scores.items()},
+        }
+
+
+def build_merged_model(
+    examples,
+    index: ModelIndex,
+    out_dir: str | Path,
+    k: int = 3,
+    recipe: str | Path = "ties",
+    method: str = "finetune",
+    weighting: str = "uniform",
+    eval_examples=None,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+) -> BuildResult:
+    """Select the top-``k`` finetunes for ``examples`` and merge them into ``out_dir``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:  # before minutes of compute, not after
+        raise FileExistsError(f"{out_dir} already exists: choose another --out or pass --force")
+    held_out = read_examples(eval_examples) if eval_examples is not None else None
+    clock = time.perf_counter()
+    selector = TaskSelector(index, method=method, progress=progress)
+    selection = selector.select(examples, k=k)
+    seconds = {f"select: {name}": s for name, s in selection.seconds.items()}
+    seconds["select"] = time.perf_counter() - clock
+
+    base = selector.embedder.base
+    merger = Merger(base, recipe, weighting=weighting, seed=seed, progress=progress)
+    clock = time.perf_counter()
+    paths = [h.entry.embedding.path for h in selection.hits]
+    provenance = {"selection": selection.to_dict()}
+    merger.merge(paths, out_dir, scores=[h.score for h in selection.hits], provenance=provenance, force=force)
+    seconds["merge"] = time.perf_counter() - clock
+    result = BuildResult(out_dir, selection, seconds)
+    if held_out is not None:
+        clock = time.perf_counter()
+        result.scores = compare_on_examples(held_out, out_dir, selection, index, merger, base, seed)
+        seconds["eval"] = time.perf_counter() - clock
+    return result
+
+
+def compare_on_examples(
+    records: list[Record],
+    merged_dir: Path,
+    selection: Selection,
+    index: ModelIndex,
+    merger: Merger,
+    base: BaseModel,
+    seed: int = 0,
+) -> dict[str, Score]:
+    """Scores on ``records`` of the merged model, the top-1 candidate alone, a random-k merge, the base."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = base.load_tokenizer()
+    k = len(selection.hits)
+    rng = random.Random(seed)
+    random_ids = rng.sample([e.model_id for e in index.list()], k)
+    top1 = materialize(Finetune.open(selection.hits[0].entry.embedding.path), base)
+    with tempfile.TemporaryDirectory(dir=cache_dir("tmp")) as tmp:
+        random_dir = Path(tmp) / "random-merge"
+        merger.merge([index.get(i).embedding.path for i in random_ids], random_dir)
+        models = {"merged": merged_dir, "best single": top1, f"random-{k} merge": random_dir}
+        models["base"] = base.path
+        scores = {}
+        for name, path in models.items():
+            model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+            scores[name] = score_records(model, tokenizer, records)
+            logger.info("%s: %s", name, scores[name])
+    return scores
