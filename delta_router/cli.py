@@ -246,13 +246,13 @@ def cmd_build(args: argparse.Namespace) -> None:
     result = build_merged_model(
         args.examples, ModelIndex.load(args.index), args.out, k=args.k, recipe=args.recipe,
         method=args.method, weighting=args.weighting, eval_examples=args.eval, seed=args.seed,
-        force=args.force, progress=not args.json,
+        output=args.output, force=args.force, progress=not args.json,
     )  # fmt: skip
     if args.json:
         _emit(args, result.to_dict())
         return
     console.print(_selection_table(result.selection, f"selected for {args.examples}"))
-    console.print(f"merged with {args.recipe} ({args.weighting} weights) into {result.out_dir}")
+    console.print(f"merged ({args.output}) with {args.recipe}, {args.weighting} weights: {result.out_dir}")
     if result.scores:
         table = Table(title=f"held-out scores on {args.eval}")
         for col in ("model", "n", "acc", "nll / token"):
@@ -512,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="ties",
                    help=f"merge recipe: {', '.join(available_recipes())} or a YAML path")  # fmt: skip
     p.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="merge weights")
+    p.add_argument("--output", choices=("model", "adapter"), default="model",
+                   help="model: full model via mergekit (default); adapter: one LoRA via PEFT")  # fmt: skip
     p.add_argument("--eval", metavar="FILE", help="held-out examples: score merged vs best single vs random")
     p.add_argument("--seed", type=int, default=0, help="merge / random-baseline seed")
     p.add_argument("--force", action="store_true", help="overwrite --out")

@@ -29,6 +29,9 @@ from delta_router.home import atomic_directory, atomic_write_text, cache_dir
 logger = logging.getLogger(__name__)
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "merge_recipes"
+# Recipes with a PEFT ``add_weighted_adapter`` counterpart (output stays a small LoRA adapter).
+# "cat" stacks the weighted factors, so the merged delta is exactly sum_i w_i B_i A_i.
+PEFT_COMBINATIONS = {"linear": "cat", "task_arithmetic": "cat", "ties": "ties", "dare_ties": "dare_ties"}
 PROVENANCE_FILE = "delta_router.json"
 WEIGHTINGS = ("uniform", "score")
 
@@ -79,6 +82,14 @@ class MergeRecipe:
             {"model": str(path), "parameters": fill(per_model, float(weight))} for path, weight in models
         ]
         return config
+
+
+def refuse_existing(out_dir: str | Path, force: bool) -> Path:
+    """``out_dir`` as a Path; FileExistsError if it exists and ``force`` is not set."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"{out_dir} already exists: choose another --out or pass --force")
+    return out_dir
 
 
 def available_recipes() -> list[str]:
@@ -139,9 +150,7 @@ class Merger:
         from mergekit.merge import run_merge
         from mergekit.options import MergeOptions
 
-        out_dir = Path(out_dir)
-        if out_dir.exists() and not force:
-            raise FileExistsError(f"{out_dir} already exists: choose another --out or pass --force")
+        out_dir = refuse_existing(out_dir, force)
         if not sources:
             raise MergeError("nothing to merge")
         finetunes = [s if isinstance(s, Finetune) else Finetune.open(s) for s in sources]
@@ -161,29 +170,71 @@ class Merger:
                 run_merge(config, str(tmp), options)
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise MergeError(f"mergekit failed with recipe {self.recipe.name}: {exc}") from exc
-            record = {
-                "created": datetime.now(timezone.utc).isoformat(),
-                "base": {"name": self.base.name, "fingerprint": self.base.fingerprint.id},
-                "recipe": {"name": self.recipe.name, "source": self.recipe.source, "config": config_dict},
-                "weighting": self.weighting,
-                "seed": self.seed,
-                "models": [
-                    {
-                        "model_id": ft.model_id,
-                        "path": str(ft.path),
-                        "content_hash": ft.content_hash,
-                        "weight": w,
-                        "score": None if scores is None else float(s),
-                    }
-                    for ft, w, s in zip(finetunes, weights, scores or [None] * len(finetunes), strict=True)
-                ],  # fmt: skip
-                "seconds": {"materialize": materialize_s, "merge": time.perf_counter() - clock},
-                "versions": _versions(),
-                **(provenance or {}),
-            }
-            atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(record, indent=2, default=str))
+            seconds = {"materialize": materialize_s, "merge": time.perf_counter() - clock}
+            extra = {"output": "model", "mergekit_config": config_dict, "seconds": seconds}
+            _write_provenance(tmp, self, finetunes, weights, scores, {**extra, **(provenance or {})})
         logger.info("merged %d models with %s into %s", len(finetunes), self.recipe.name, out_dir)
         return out_dir
+
+    def merge_adapters(
+        self,
+        sources: Sequence[str | Path | Finetune],
+        out_dir: str | Path,
+        scores: Sequence[float] | None = None,
+        provenance: dict | None = None,
+        force: bool = False,
+    ) -> Path:
+        """PEFT-native merge of LoRA adapters into one adapter (``add_weighted_adapter``)."""
+        from peft import PeftModel
+
+        out_dir = refuse_existing(out_dir, force)
+        combination = PEFT_COMBINATIONS.get(self.recipe.method)
+        if combination is None:
+            raise MergeError(
+                f"recipe {self.recipe.name} ({self.recipe.method}) has no PEFT adapter counterpart; "
+                f"use one of {sorted(PEFT_COMBINATIONS)} or merge into a full model"
+            )
+        finetunes = [s if isinstance(s, Finetune) else Finetune.open(s) for s in sources]
+        if any(ft.kind != "lora" for ft in finetunes):
+            raise MergeError("an adapter merge needs LoRA adapters only; merge full models with merge()")
+        weights = self.weights(scores if scores is not None else [1.0] * len(finetunes))
+        names = [f"m{i}" for i in range(len(finetunes))]
+        base_model = self.base.load_model()
+        model = PeftModel.from_pretrained(base_model, str(finetunes[0].path), adapter_name=names[0])
+        for name, ft in zip(names[1:], finetunes[1:], strict=True):
+            model.load_adapter(str(ft.path), adapter_name=name)
+        density = self.recipe.template.get("per_model", {}).get("density")
+        model.add_weighted_adapter(names, weights, "default", combination_type=combination, density=density)
+        for name in names:
+            model.delete_adapter(name)
+        with atomic_directory(out_dir, overwrite=force) as tmp:
+            model.save_pretrained(str(tmp), selected_adapters=["default"])
+            extra = {"output": "adapter", "peft_combination": combination, "density": density}
+            _write_provenance(tmp, self, finetunes, weights, scores, {**extra, **(provenance or {})})
+        return out_dir
+
+
+def _write_provenance(directory: Path, merger: Merger, finetunes, weights, scores, extra: dict) -> None:
+    record = {
+        "created": datetime.now(timezone.utc).isoformat(),
+        "base": {"name": merger.base.name, "fingerprint": merger.base.fingerprint.id},
+        "recipe": {"name": merger.recipe.name, "source": merger.recipe.source},
+        "weighting": merger.weighting,
+        "seed": merger.seed,
+        "models": [
+            {
+                "model_id": ft.model_id,
+                "path": str(ft.path),
+                "content_hash": ft.content_hash,
+                "weight": w,
+                "score": None if s is None else float(s),
+            }
+            for ft, w, s in zip(finetunes, weights, scores or [None] * len(finetunes), strict=True)
+        ],  # fmt: skip
+        "versions": _versions(),
+        **extra,
+    }
+    atomic_write_text(directory / PROVENANCE_FILE, json.dumps(record, indent=2, default=str))
 
 
 def _versions() -> dict:

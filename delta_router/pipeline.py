@@ -11,6 +11,7 @@ import logging
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from delta_router.data import Record
 from delta_router.finetune import Finetune
 from delta_router.home import cache_dir
 from delta_router.index import ModelIndex
-from delta_router.merge import Merger, materialize
+from delta_router.merge import Merger, materialize, refuse_existing
 from delta_router.scoring import Score, score_records
 from delta_router.selector import Selection, TaskSelector, read_examples
 
 logger = logging.getLogger(__name__)
+
+OUTPUTS = ("model", "adapter")
 
 
 @dataclass
@@ -52,13 +55,18 @@ def build_merged_model(
     weighting: str = "uniform",
     eval_examples=None,
     seed: int = 0,
+    output: str = "model",
     force: bool = False,
     progress: bool = True,
 ) -> BuildResult:
-    """Select the top-``k`` finetunes for ``examples`` and merge them into ``out_dir``."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:  # before minutes of compute, not after
-        raise FileExistsError(f"{out_dir} already exists: choose another --out or pass --force")
+    """Select the top-``k`` finetunes for ``examples`` and merge them into ``out_dir``.
+
+    ``output="model"`` merges full models with mergekit; ``"adapter"`` merges LoRA adapters with
+    PEFT into one small adapter (recipes linear, task_arithmetic, ties, dare_ties).
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    out_dir = refuse_existing(out_dir, force)  # before minutes of compute, not after
     held_out = read_examples(eval_examples) if eval_examples is not None else None
     clock = time.perf_counter()
     selector = TaskSelector(index, method=method, progress=progress)
@@ -71,12 +79,13 @@ def build_merged_model(
     clock = time.perf_counter()
     paths = [h.entry.embedding.path for h in selection.hits]
     provenance = {"selection": selection.to_dict()}
-    merger.merge(paths, out_dir, scores=[h.score for h in selection.hits], provenance=provenance, force=force)
+    merge = merger.merge if output == "model" else merger.merge_adapters
+    merge(paths, out_dir, scores=[h.score for h in selection.hits], provenance=provenance, force=force)
     seconds["merge"] = time.perf_counter() - clock
     result = BuildResult(out_dir, selection, seconds)
     if held_out is not None:
         clock = time.perf_counter()
-        result.scores = compare_on_examples(held_out, out_dir, selection, index, merger, base, seed)
+        result.scores = compare_on_examples(held_out, out_dir, selection, index, merge, base, seed)
         seconds["eval"] = time.perf_counter() - clock
     return result
 
@@ -86,26 +95,28 @@ def compare_on_examples(
     merged_dir: Path,
     selection: Selection,
     index: ModelIndex,
-    merger: Merger,
+    merge: Callable[..., Path],
     base: BaseModel,
     seed: int = 0,
 ) -> dict[str, Score]:
-    """Scores on ``records`` of the merged model, the top-1 candidate alone, a random-k merge, the base."""
+    """Scores on ``records`` of the merged model, the top-1 candidate alone, a random-k merge (made
+    with the same ``merge``), and the base."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = base.load_tokenizer()
     k = len(selection.hits)
     rng = random.Random(seed)
     random_ids = rng.sample([e.model_id for e in index.list()], k)
-    top1 = materialize(Finetune.open(selection.hits[0].entry.embedding.path), base)
+    top1 = selection.hits[0].entry.embedding.path
     with tempfile.TemporaryDirectory(dir=cache_dir("tmp")) as tmp:
         random_dir = Path(tmp) / "random-merge"
-        merger.merge([index.get(i).embedding.path for i in random_ids], random_dir)
+        merge([index.get(i).embedding.path for i in random_ids], random_dir)
         models = {"merged": merged_dir, "best single": top1, f"random-{k} merge": random_dir}
         models["base"] = base.path
         scores = {}
         for name, path in models.items():
-            model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+            full = materialize(Finetune.open(path), base)
+            model = AutoModelForCausalLM.from_pretrained(str(full)).eval()
             scores[name] = score_records(model, tokenizer, records)
             logger.info("%s: %s", name, scores[name])
     return scores

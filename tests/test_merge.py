@@ -62,3 +62,23 @@ def test_bad_recipes_and_existing_output_are_refused(tiny_base, adapters, tmp_pa
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="--force"):
         Merger(tiny_base, "linear", progress=False).merge(adapters[:2], tmp_path / "exists")
+
+
+def test_adapter_merge_stays_small_and_equals_the_linear_full_merge(tiny_base, adapters, tmp_path):
+    from peft import PeftModel
+
+    merger = Merger(tiny_base, "linear", weighting="score", progress=False)
+    scores = [0.8, 0.2]
+    full = merger.merge(adapters[:2], tmp_path / "full", scores=scores)
+    small = merger.merge_adapters(adapters[:2], tmp_path / "adapter", scores=scores)
+    assert Finetune.open(small).kind == "lora"
+    assert json.loads((small / PROVENANCE_FILE).read_text())["peft_combination"] == "cat"
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    via_adapter = PeftModel.from_pretrained(base, str(small)).merge_and_unload().state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(full).state_dict().items():
+        torch.testing.assert_close(via_adapter[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_adapter_merge_refuses_recipes_without_a_peft_counterpart(tiny_base, adapters, tmp_path):
+    with pytest.raises(MergeError, match="no PEFT adapter counterpart"):
+        Merger(tiny_base, "della", progress=False).merge_adapters(adapters[:2], tmp_path / "x")

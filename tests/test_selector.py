@@ -95,3 +95,8 @@ def test_build_command_selects_merges_and_scores(zoo_index, tiny_base, tmp_path,
     assert {"merged", "best single", "random-2 merge", "base"} == set(result["scores"])
     assert main(argv) == 2  # the output exists: refused without --force
     assert "already exists" in capsys.readouterr().err
+
+    adapter_argv = [*argv[:-2], "--output", "adapter", "--out", str(tmp_path / "adapter"), "--json"]
+    assert main(adapter_argv) == 0
+    assert json.loads(capsys.readouterr().out)["selection"]["candidates"][0]["model_id"] == chosen[0]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
