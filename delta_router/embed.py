@@ -295,6 +295,10 @@ class DeltaEmbedder:
     def text_activations(self, texts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
         """The base's pooled activations on arbitrary texts (same layer/pooling): ``[N, d]`` fp32."""
         self._ensure_base()
+        return self._pooled(texts, batch_size)
+
+    def _pooled(self, texts: Sequence[str], batch_size: int) -> torch.Tensor:
+        """Pooled activations of the live model on ``texts``, ``batch_size`` per forward: ``[N, d]``."""
         rows = []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(list(texts[start : start + batch_size]), padding=True, return_tensors="pt")
@@ -347,20 +351,7 @@ class DeltaEmbedder:
         peft_model = PeftModel.from_pretrained(self.model, str(finetune.path))
         try:
             peft_model.eval()
-            rows = []
-            for text in self.probes.texts:
-                one = self.tokenizer([text], return_tensors="pt")
-                with torch.inference_mode():
-                    rows.append(
-                        pooled_hidden_states(
-                            self.body,
-                            one["input_ids"].to(self.device),
-                            one["attention_mask"].to(self.device),
-                            self.layer,
-                            self.pooling,
-                        )  # fmt: skip
-                    )
-            return torch.cat(rows).cpu()
+            return self._pooled(self.probes.texts, batch_size=1)
         finally:
             peft_model.unload()
 

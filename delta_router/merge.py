@@ -137,6 +137,12 @@ class Merger:
         positive = [max(float(s), 0.0) for s in scores]
         return [s / sum(positive) for s in positive]
 
+    def _open(self, sources, scores) -> tuple[list[Finetune], list[float]]:
+        if not sources:
+            raise MergeError("nothing to merge")
+        finetunes = [s if isinstance(s, Finetune) else Finetune.open(s) for s in sources]
+        return finetunes, self.weights(scores if scores is not None else [1.0] * len(finetunes))
+
     def merge(
         self,
         sources: Sequence[str | Path | Finetune],
@@ -151,10 +157,7 @@ class Merger:
         from mergekit.options import MergeOptions
 
         out_dir = refuse_existing(out_dir, force)
-        if not sources:
-            raise MergeError("nothing to merge")
-        finetunes = [s if isinstance(s, Finetune) else Finetune.open(s) for s in sources]
-        weights = self.weights(scores if scores is not None else [1.0] * len(finetunes))
+        finetunes, weights = self._open(sources, scores)
         clock = time.perf_counter()
         paths = [materialize(ft, self.base) for ft in finetunes]
         materialize_s = time.perf_counter() - clock
@@ -194,10 +197,9 @@ class Merger:
                 f"recipe {self.recipe.name} ({self.recipe.method}) has no PEFT adapter counterpart; "
                 f"use one of {sorted(PEFT_COMBINATIONS)} or merge into a full model"
             )
-        finetunes = [s if isinstance(s, Finetune) else Finetune.open(s) for s in sources]
+        finetunes, weights = self._open(sources, scores)
         if any(ft.kind != "lora" for ft in finetunes):
             raise MergeError("an adapter merge needs LoRA adapters only; merge full models with merge()")
-        weights = self.weights(scores if scores is not None else [1.0] * len(finetunes))
         names = [f"m{i}" for i in range(len(finetunes))]
         base_model = self.base.load_model()
         model = PeftModel.from_pretrained(base_model, str(finetunes[0].path), adapter_name=names[0])
