@@ -340,6 +340,9 @@ def _training_records(args: argparse.Namespace):
         splits = load_domain(args.data, seed=args.data_seed)
         records = splits.fewshot if args.split == "fewshot" else splits.train[args.part]
         return records, {"domain": args.data, "split": args.split, "part": args.part, "seed": args.data_seed}
+    if not Path(args.data).exists():
+        known = ", ".join(DOMAINS)
+        raise DeltaRouterError(f"--data {args.data!r} is neither a built-in domain ({known}) nor a file")
     mapping = _tags(args.column) or None
     return load_records(args.data, mapping), {"file": str(Path(args.data).resolve()), "mapping": mapping}
 

@@ -103,3 +103,15 @@ def test_demo_builds_a_zoo_and_finds_each_domain(tiny_base, capsys, monkeypatch)
     assert set(result["learned"]) == {"fruit-0", "fruit-1", "digits-0", "digits-1"}
     again = run_json(capsys, "demo", "--base", str(tiny_base))  # everything cached
     assert again["queries"] == result["queries"]
+
+
+def test_train_on_a_user_file_and_refuse_unknown_data(tiny_base, tmp_path, capsys):
+    rows = [{"question": f"q{i}", "answer": "yes"} for i in range(8)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run_json(capsys, "train", "--data", str(data), "--column", "instruction=question",
+                   "--column", "output=answer", "--out", str(tmp_path / "ad"), "--base", str(tiny_base),
+                   "--max-steps", "2")  # fmt: skip
+    assert out["steps"] == 2 and (tmp_path / "ad" / "training.json").exists()
+    assert main(["train", "--data", "nosuch", "--out", str(tmp_path / "x"), "--base", str(tiny_base)]) == 2
+    assert "neither a built-in domain" in capsys.readouterr().err and not (tmp_path / "x").exists()
