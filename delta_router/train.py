@@ -199,7 +199,7 @@ class LoraTrainer:
             data=data,
             steps=steps,
             examples_seen=steps * cfg.batch_size,
-            final_loss=sum(losses[-5:]) / len(losses[-5:]),
+            final_loss=_tail_mean(losses),
             losses=losses,
             wall_time_s=round(time.perf_counter() - started, 2),
             versions=_versions(),
@@ -284,6 +284,12 @@ class LoraTrainer:
         scheduler.load_state_dict(state["scheduler"])
         logger.info("%s: resuming at step %d", path, len(state["losses"]))
         return state
+
+
+def _tail_mean(losses: list[float]) -> float:
+    """Mean loss of the last quarter of the steps (at least one step)."""
+    tail = losses[-max(1, len(losses) // 4) :]
+    return sum(tail) / len(tail)
 
 
 def _versions() -> dict:
