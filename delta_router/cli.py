@@ -391,6 +391,80 @@ def cmd_zoo_report(args: argparse.Namespace) -> None:
     console.print(f"written to {report.out_dir} (report.md, report.json, tsne.png)")
 
 
+def _router_examples(args: argparse.Namespace) -> dict[str, list[str]]:
+    from delta_router.data import load_records
+    from delta_router.route import query_text
+
+    examples = {}
+    for pair in args.examples or []:
+        model_id, sep, path = pair.partition("=")
+        if not sep:
+            raise DeltaRouterError(f"--examples expects MODEL_ID=FILE, got {pair!r}")
+        examples[model_id] = [query_text(r) for r in load_records(path)[: args.per_model]]
+    return examples
+
+
+def cmd_route_fit(args: argparse.Namespace) -> None:
+    from delta_router.route import QueryEncoder, Router
+    from delta_router.zoo import Zoo
+
+    index = ModelIndex.load(args.index)
+    base = resolve_base(index.space.base_name)
+    encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
+    if args.zoo:
+        router = Router.fit_zoo(Zoo(args.zoo, base, progress=False), encoder, args.per_model)
+    elif args.examples:
+        router = Router.fit(encoder, base.fingerprint, _router_examples(args), base_name=base.name)
+    else:
+        raise DeltaRouterError("give the models' examples: --zoo SPEC or --examples MODEL_ID=FILE ...")
+    unknown = [m for m in router.model_ids if m not in index]
+    if unknown:
+        raise DeltaRouterError(f"not in the index {args.index}: {', '.join(unknown)}")
+    router.save(args.out)
+    _emit(args, {"router": args.out, "models": router.model_ids}, _ids_table(router.model_ids, args.out))
+
+
+def _ids_table(ids: Sequence[str], where: str) -> Table:
+    table = Table(title=f"router at {where}: {len(ids)} models")
+    table.add_column("model id")
+    for model_id in ids:
+        table.add_row(model_id)
+    return table
+
+
+def cmd_route_query(args: argparse.Namespace) -> None:
+    from delta_router.route import QueryEncoder, Router
+
+    router = Router.load(args.router, top_k=args.top_k, threshold=args.threshold)
+    base = resolve_base(router.base_name)
+    router.check_base(base.fingerprint, f"base {router.base_name}")
+    encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=router.pooling)
+    decisions = router.route(encoder, args.queries)
+    table = Table(title="routing")
+    for col in ("query", "served by", "weights", "best cosine"):
+        table.add_column(col)
+    for query, d in zip(args.queries, decisions, strict=True):
+        table.add_row(query[:60], d.target, ", ".join(f"{w:.2f}" for w in d.weights), f"{d.score:.3f}")
+    _emit(args, [d.to_dict() | {"query": q} for q, d in zip(args.queries, decisions, strict=True)], table)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from delta_router.route import Router
+    from delta_router.serving import build_app
+
+    router = Router.load(args.router, top_k=args.top_k, threshold=args.threshold) if args.router else None
+    app = build_app(
+        ModelIndex.load(args.index), router, args.backend, args.max_loaded, args.max_batch,
+        args.max_tokens, args.device,
+    )  # fmt: skip
+    console.print(
+        f"serving {args.index} on http://{args.host}:{args.port}/v1 (router: {args.router or 'none'})"
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+
+
 # ---- parser ----------------------------------------------------------------------------------
 def _add_embedding_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedding (defaults: the paper's method, or the index's settings)")
@@ -520,6 +594,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", metavar="FILE", help="held-out examples: score merged vs best single vs random")
     p.add_argument("--seed", type=int, default=0, help="merge / random-baseline seed")
     p.add_argument("--force", action="store_true", help="overwrite --out")
+
+    route = sub.add_parser("route", help="route queries to the best finetune").add_subparsers(
+        dest="action", required=True
+    )
+    p = route.add_parser("fit", parents=[common], help="task profiles of an index's models")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--out", required=True, help="router directory to write")
+    p.add_argument("--zoo", help="profile a zoo's members from their training data (e.g. full)")
+    p.add_argument("--examples", action="append", metavar="MODEL_ID=FILE", help="examples of a model's task")
+    p.add_argument("--per-model", type=int, default=32, help="examples per model (default 32)")
+    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling (default: mean)")
+    p.set_defaults(func=cmd_route_fit)
+    p = route.add_parser("query", parents=[common], help="where would these queries go?")
+    p.add_argument("queries", nargs="+", metavar="TEXT")
+    p.add_argument("--router", required=True, help="router directory")
+    p = sub.add_parser("serve", help="OpenAI-compatible server over an index's adapters")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--router", help='router directory (enables model "auto")')
+    p.add_argument("--backend", choices=("peft", "vllm"), default="peft", help="generation backend")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu", help="torch device of the peft backend")
+    p.add_argument("--max-loaded", type=int, default=8, help="adapters kept loaded (LRU)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests per batched forward")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens accepted")
+    p.set_defaults(func=cmd_serve)
+    for p in (route.choices["query"], sub.choices["serve"]):
+        p.add_argument("--top-k", type=int, default=1, help="adapters per query (weighted mix if > 1)")
+        p.add_argument("--threshold", type=float, help="best cosine below this -> the base model")
+    route.choices["query"].set_defaults(func=cmd_route_query)
 
     p = sub.add_parser("demo", parents=[common], help="the end-to-end job on the default base")
     p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")

@@ -1,0 +1,175 @@
+"""Routing accuracy and downstream accuracy of routed answers on the real zoo.
+
+Candidates: the zoo's single-domain finetunes (21 for ``full``). Queries: held-out test records of
+every domain (no finetune saw them). A routing decision is correct when the chosen adapter has the
+query's domain; the oracle is always correct, so "% of oracle" is the accuracy itself.
+
+Methods, in one run:
+- ``router (mean)`` / ``router (last)``: ``Router`` profiles from 32 training prompts per model,
+  query = one base forward, mean / last-token pooling;
+- ``arrow``: PEFT's Arrow (per-token routing over the same adapters, top_k=3); its decision for a
+  query is the adapter with the largest routing weight summed over tokens and layers;
+- ``random``: a uniformly random adapter (expected accuracy 1 / #domains).
+
+Downstream (``--downstream N`` test records per domain): multiple-choice accuracy (or answer NLL for
+math/code) of the base, a random adapter, the router's top-1 adapter, Arrow, and the oracle
+(the domain's part-0 adapter).
+
+    python benchmarks/route_accuracy.py                 # full zoo, 40 queries/domain, 8 downstream
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import time
+from collections import defaultdict
+from datetime import date
+
+import numpy as np
+import torch
+
+from delta_router import Zoo
+from delta_router.route import QueryEncoder, Router, query_text
+from delta_router.scoring import score_records
+
+
+class ArrowVotes:
+    """Sums Arrow's per-token routing weights per adapter over all layers (forward hooks)."""
+
+    def __init__(self, model, n_experts: int):
+        from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+        self.totals = torch.zeros(n_experts)
+        self.handles = [
+            m.register_forward_hook(self._hook, with_kwargs=True)
+            for m in model.modules()
+            if isinstance(m, ArrowLoraLinearLayer)
+        ]
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        x = args[0] if args else kwargs["x"]
+        tok = x.reshape(-1, x.shape[-1]).to(module.prototypes.dtype)
+        sim = (tok @ module.prototypes.T).abs()
+        top, idx = torch.topk(sim, module.top_k, dim=1)
+        full = torch.full_like(sim, float("-inf")).scatter(1, idx, top)
+        self.totals += torch.softmax(full / module.temperature, dim=1).sum(0).float().cpu()
+
+    def take(self) -> int:
+        winner = int(self.totals.argmax())
+        self.totals.zero_()
+        return winner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", default="full")
+    parser.add_argument("--queries", type=int, default=40, help="test records per domain to route")
+    parser.add_argument("--downstream", type=int, default=8, help="test records per domain to score")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+
+    zoo = Zoo(args.zoo, progress=False)
+    members = [m for m in zoo.spec.members() if m.kind == "domain"]
+    paths = {m.id: str(zoo.adapter_dir(m)) for m in members}
+    domain_of = {m.id: m.label for m in members}
+    tests = {d: zoo.splits(d).test for d in zoo.spec.domains}
+    queries = [(d, r) for d in zoo.spec.domains for r in tests[d][: args.queries]]
+    texts = [query_text(r) for _, r in queries]
+    print(f"# route_accuracy  {date.today()}  {platform.machine()}  {torch.get_num_threads()} threads")
+    print(f"zoo {args.zoo}: {len(members)} single-domain adapters, {len(queries)} held-out queries\n")
+
+    model, tokenizer = zoo.base.load_model(), zoo.base.load_tokenizer()
+    decisions: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
+    routers = {}
+    for pooling in ("mean", "last"):
+        encoder = QueryEncoder.for_model(model, tokenizer, pooling=pooling)
+        clock = time.perf_counter()
+        routers[pooling] = Router.fit_zoo(zoo, encoder)
+        fit_s = time.perf_counter() - clock
+        clock = time.perf_counter()
+        routed = routers[pooling].route(encoder, texts)
+        seconds[f"router ({pooling})"] = (time.perf_counter() - clock) / len(texts)
+        decisions[f"router ({pooling})"] = [d.adapters[0] for d in routed]
+        print(f"router ({pooling}): profiles in {fit_s:.1f}s")
+
+    from peft import ArrowConfig, create_arrow_model
+
+    ids = [m.id for m in members]
+    arrow = create_arrow_model(
+        zoo.base.load_model(), [paths[i] for i in ids], ArrowConfig(top_k=3, router_temperature=1.0)
+    ).eval()
+    votes = ArrowVotes(arrow, len(ids))
+    arrow_choice = []
+    clock = time.perf_counter()
+    for text in texts:
+        batch = tokenizer(text, truncation=True, max_length=256, return_tensors="pt")
+        with torch.inference_mode():
+            arrow.get_base_model().get_decoder()(**batch)
+        arrow_choice.append(ids[votes.take()])
+    seconds["arrow"] = (time.perf_counter() - clock) / len(texts)
+    decisions["arrow"] = arrow_choice
+    decisions["random"] = [rng.choice(ids) for _ in texts]
+
+    print("\n| method | " + " | ".join(zoo.spec.domains) + " | all | s/query |")
+    print("|---|" + "---|" * (len(zoo.spec.domains) + 2))
+    accuracy = {}
+    for method, chosen in decisions.items():
+        right = defaultdict(list)
+        for (domain, _), model_id in zip(queries, chosen, strict=True):
+            right[domain].append(domain_of[model_id] == domain)
+        accuracy[method] = float(np.mean([c for per in right.values() for c in per]))
+        cells = [f"{np.mean(right[d]):.0%}" for d in zoo.spec.domains]
+        cost = seconds.get(method, 0.0)
+        print(f"| {method} | " + " | ".join(cells) + f" | **{accuracy[method]:.1%}** | {cost:.3f} |")
+    print(f"\noracle = 100%; router (mean) = {accuracy['router (mean)']:.1%} of oracle")
+
+    if args.downstream <= 0:
+        return
+    # ---- downstream: score each domain's records with the adapter each method picks ----------
+    from peft import PeftModel
+
+    served = PeftModel.from_pretrained(model, paths[ids[0]], adapter_name=ids[0]).eval()
+    for model_id in ids[1:]:
+        served.load_adapter(paths[model_id], adapter_name=model_id)
+    encoder = QueryEncoder.for_model(served, tokenizer, pooling="mean")
+
+    def score_with(adapter: str | None, records) -> float:
+        """Sum over ``records`` of the per-record score with ``adapter`` (None = the base)."""
+        if adapter is None:
+            with served.disable_adapter():
+                return score_records(served, tokenizer, records, max_length=256).main * len(records)
+        served.set_adapter(adapter)
+        return score_records(served, tokenizer, records, max_length=256).main * len(records)
+
+    print(f"\n| domain (metric, n={args.downstream}) | base | random | router | arrow | oracle |")
+    print("|---|---|---|---|---|---|")
+    clock = time.perf_counter()
+    for domain in zoo.spec.domains:
+        records = tests[domain][: args.downstream]
+        with served.disable_adapter():
+            routed = routers["mean"].route(encoder, [query_text(r) for r in records])
+        picks = {
+            "base": [None] * len(records),
+            "random": [rng.choice(ids) for _ in records],
+            "router": [d.adapters[0] for d in routed],
+            "oracle": [f"{domain}-0"] * len(records),
+        }
+        totals = defaultdict(float)
+        for method, adapters in picks.items():
+            groups = defaultdict(list)
+            for record, adapter in zip(records, adapters, strict=True):
+                groups[adapter].append(record)
+            totals[method] = sum(score_with(adapter, group) for adapter, group in groups.items())
+        totals["arrow"] = score_records(arrow, tokenizer, records, max_length=256).main * len(records)
+        metric = "acc" if records[0].choices else "-nll"
+        cells = [f"{totals[m] / len(records):.3f}" for m in ("base", "random", "router", "arrow", "oracle")]
+        print(f"| {domain} ({metric}) | " + " | ".join(cells) + " |", flush=True)
+    print(f"\ndownstream scoring: {time.perf_counter() - clock:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""``Router``: send each query to the finetune whose task it looks like, at inference time.
+
+Each model in an index gets a *task profile*: the base model's pooled activation on a few of its
+task's prompts, centred on the mean over all profiles (the training-free query space of the
+selector's ``"activations"`` method). A query is encoded the same way by **one base forward** and
+routed to the profile with the highest cosine similarity: top-1, or top-k with softmax weights, with
+a fallback to the base model below a confidence threshold.
+
+Why not measure each adapter's own activation shift on the query? It costs one forward per
+candidate per query (29 adapters ~ 2.5 s on 2 CPU cores for a 60-token query), more than the
+generation it routes; the profile costs one base forward (``benchmarks/route_accuracy.py``).
+
+Profiles come from examples per model: a zoo's training data (``Router.fit_zoo``) or the user's
+files (``delta-router route fit --examples MODEL=FILE``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from delta_router.base import BaseFingerprint
+from delta_router.data import Record
+from delta_router.embed import pooled_hidden_states
+from delta_router.errors import DataError, IncompatibleBaseError
+from delta_router.home import atomic_directory
+
+logger = logging.getLogger(__name__)
+
+ROUTER_FORMAT = 1
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+def query_text(record: Record) -> str:
+    """What the router reads of a record: the task text, without the Alpaca template."""
+    return f"{record.instruction}\n\n{record.input}".strip()
+
+
+class QueryEncoder:
+    """The base's pooled hidden state of raw texts: ``__call__(texts) -> [N, d]`` fp32.
+
+    ``body`` is the transformer without its LM head (``model.base_model``); texts are cut to
+    ``max_length`` tokens (routing needs the gist, not the whole prompt).
+    """
+
+    def __init__(
+        self,
+        body: torch.nn.Module,
+        tokenizer,
+        layer: int = -1,
+        pooling: str = "mean",
+        max_length: int = 256,
+        batch_size: int = 16,
+    ):
+        self.body, self.tokenizer = body, tokenizer
+        self.layer, self.pooling, self.max_length, self.batch_size = layer, pooling, max_length, batch_size
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        rows = []
+        device = next(self.body.parameters()).device
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            with torch.inference_mode():
+                pooled = pooled_hidden_states(
+                    self.body,
+                    batch["input_ids"].to(device),
+                    batch["attention_mask"].to(device),
+                    self.layer,
+                    self.pooling,
+                )
+            rows.append(pooled.float().cpu())
+        return torch.cat(rows)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, tokenizer, **options) -> QueryEncoder:
+        """An encoder over a causal LM's body (works for a PEFT-wrapped LM too)."""
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        return cls(model.base_model, tokenizer, **options)
+
+
+@dataclass
+class RouteDecision:
+    """Where one query goes: ``adapters`` with ``weights`` (summing to 1); empty = the base model."""
+
+    adapters: list[str]
+    weights: list[float]
+    score: float  # cosine similarity of the best profile
+    scores: dict[str, float] = field(default_factory=dict)  # the top candidates' similarities
+
+    @property
+    def target(self) -> str:
+        """One name for what serves the query: an adapter id, ``a+b`` for a mix, or the base."""
+        return "+".join(self.adapters) if self.adapters else BASE_ADAPTER
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"target": self.target}
+
+
+class Router:
+    """Profiles ``[M, d]`` (unit rows) of ``model_ids`` in the centred query space of one base."""
+
+    def __init__(
+        self,
+        model_ids: Sequence[str],
+        profiles: np.ndarray,
+        center: np.ndarray,
+        base: BaseFingerprint,
+        layer: int = -1,
+        pooling: str = "mean",
+        top_k: int = 1,
+        threshold: float | None = None,
+        temperature: float = 0.05,
+        base_name: str = "",
+    ):
+        if len(model_ids) != len(profiles) or not len(model_ids):
+            raise DataError(f"{len(model_ids)} model ids for {len(profiles)} profiles")
+        self.model_ids, self.profiles, self.center = list(model_ids), profiles.astype(np.float32), center
+        self.base, self.layer, self.pooling = base, layer, pooling
+        self.top_k, self.threshold, self.temperature = top_k, threshold, temperature
+        self.base_name = base_name  # how to load the base again (embedded name, dir or HF id)
+
+    # ---- fitting -------------------------------------------------------------------------------
+    @classmethod
+    def fit(
+        cls,
+        encoder: QueryEncoder,
+        base: BaseFingerprint,
+        examples: Mapping[str, Sequence[str]],
+        **options,
+    ) -> Router:
+        """Profiles from a few query texts per model id (``{model_id: [text, ...]}``)."""
+        empty = [m for m, texts in examples.items() if not texts]
+        if empty or not examples:
+            raise DataError(f"every model needs profile examples; none for {empty or 'any model'}")
+        means = np.stack([encoder(list(texts)).mean(0).numpy() for texts in examples.values()])
+        center = means.mean(0)
+        profiles = _unit(means - center)
+        logger.info("router fitted on %d models", len(profiles))
+        return cls(list(examples), profiles, center, base, encoder.layer, encoder.pooling, **options)
+
+    @classmethod
+    def fit_zoo(cls, zoo, encoder: QueryEncoder, per_model: int = 32, kinds=("domain",), **options) -> Router:
+        """Profiles from each zoo member's own training prompts (members of ``kinds`` only)."""
+        members = [m for m in zoo.spec.members() if m.kind in kinds]
+        examples = {m.id: [query_text(r) for r in zoo.training_records(m)[:per_model]] for m in members}
+        return cls.fit(encoder, zoo.base.fingerprint, examples, base_name=zoo.base.name, **options)
+
+    # ---- routing -------------------------------------------------------------------------------
+    def similarities(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Cosine similarity of encoded queries ``[Q, d]`` to every profile: ``[Q, M]``."""
+        queries = _unit(np.asarray(features, dtype=np.float32) - self.center)
+        return queries @ self.profiles.T
+
+    def decide(self, features: torch.Tensor | np.ndarray) -> list[RouteDecision]:
+        """One decision per encoded query ``[Q, d]``."""
+        decisions = []
+        for row in self.similarities(features):
+            order = np.argsort(-row, kind="stable")[: self.top_k]
+            top = {self.model_ids[i]: float(row[i]) for i in order}
+            best = float(row[order[0]])
+            if self.threshold is not None and best < self.threshold:
+                decisions.append(RouteDecision([], [], best, top))
+                continue
+            logits = row[order] / self.temperature
+            weights = np.exp(logits - logits.max())
+            weights /= weights.sum()
+            decisions.append(RouteDecision(list(top), [float(w) for w in weights], best, top))
+        return decisions
+
+    def route(self, encoder: QueryEncoder, texts: Sequence[str]) -> list[RouteDecision]:
+        """Encode ``texts`` with the base (one batched forward) and decide."""
+        self.check_encoder(encoder)
+        return self.decide(encoder(list(texts)))
+
+    def check_encoder(self, encoder: QueryEncoder) -> None:
+        if (encoder.layer, encoder.pooling) != (self.layer, self.pooling):
+            raise DataError(
+                f"router profiles use layer {self.layer} / {self.pooling} pooling, the encoder "
+                f"layer {encoder.layer} / {encoder.pooling}"
+            )
+
+    def check_base(self, base: BaseFingerprint, what: str = "the server's base") -> None:
+        if base.id != self.base.id:
+            raise IncompatibleBaseError(
+                f"this router was fitted on base {self.base.id} (hidden {self.base.hidden_size}); "
+                f"{what} is {base.id} (hidden {base.hidden_size})"
+            )
+
+    def restricted(self, keep: Callable[[str], bool]) -> Router:
+        """A router over the models for which ``keep(model_id)`` holds (same profiles and centre)."""
+        rows = [i for i, m in enumerate(self.model_ids) if keep(m)]
+        if not rows:
+            raise DataError("no model left to route to")
+        return Router(
+            [self.model_ids[i] for i in rows], self.profiles[rows], self.center, self.base,
+            self.layer, self.pooling, self.top_k, self.threshold, self.temperature, self.base_name,
+        )  # fmt: skip
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """``router.json`` + ``profiles.npy``, written to a temp dir and renamed."""
+        meta = {
+            "format": ROUTER_FORMAT,
+            "model_ids": self.model_ids,
+            "base": self.base.to_dict(),
+            "base_name": self.base_name,
+            "layer": self.layer,
+            "pooling": self.pooling,
+            "top_k": self.top_k,
+            "threshold": self.threshold,
+            "temperature": self.temperature,
+        }
+        with atomic_directory(Path(directory), overwrite=True) as tmp:
+            np.save(tmp / "profiles.npy", np.vstack([self.profiles, self.center[None]]))
+            (tmp / "router.json").write_text(json.dumps(meta, indent=2))
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, **overrides) -> Router:
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "router.json").read_text())
+            matrix = np.load(directory / "profiles.npy")
+        except (OSError, ValueError) as err:
+            raise DataError(f"{directory} is not a saved router ({err})") from err
+        if meta.get("format") != ROUTER_FORMAT:
+            raise DataError(
+                f"{directory}: router format {meta.get('format')}, this version reads {ROUTER_FORMAT}"
+            )
+        options = {k: meta[k] for k in ("top_k", "threshold", "temperature", "base_name")} | overrides
+        base = BaseFingerprint.from_dict(meta["base"])
+        return cls(
+            meta["model_ids"], matrix[:-1], matrix[-1], base, meta["layer"], meta["pooling"], **options
+        )
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
+    return (matrix / np.maximum(norms, 1e-12)).astype(np.float32)

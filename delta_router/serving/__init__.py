@@ -1,0 +1,49 @@
+"""Serving a zoo over HTTP: ``build_app(index, router)`` -> an OpenAI-compatible FastAPI app.
+
+``backends`` generate (PEFT in-process, or vLLM), ``scheduler`` batches concurrent requests and
+routes them, ``app`` is the HTTP layer. ``delta-router serve`` runs it with uvicorn.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from delta_router.base import resolve_base
+from delta_router.errors import DataError
+from delta_router.index import ModelIndex
+from delta_router.route import Router
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(
+    index: ModelIndex,
+    router: Router | None = None,
+    backend: str = "peft",
+    max_loaded: int = 8,
+    max_batch: int = 8,
+    max_tokens: int = 512,
+    device: str = "cpu",
+):
+    """The app serving every LoRA adapter of ``index`` (full finetunes are skipped, with a warning)."""
+    from delta_router.serving.app import create_app
+    from delta_router.serving.backends import BACKENDS
+    from delta_router.serving.scheduler import BatchScheduler
+
+    if index.space is None or not len(index):
+        raise DataError("the index is empty: nothing to serve")
+    base = resolve_base(index.space.base_name)
+    adapters = {e.model_id: e.embedding.path for e in index.list() if e.embedding.kind == "lora"}
+    skipped = [e.model_id for e in index.list() if e.embedding.kind != "lora"]
+    if skipped:
+        logger.warning("full finetunes are not served (one base, many adapters): %s", ", ".join(skipped))
+    if router is not None:
+        router.check_base(base.fingerprint, "the index's base")
+        missing = [m for m in router.model_ids if m not in adapters]
+        if missing:
+            raise DataError(f"the router routes to models the index does not serve: {', '.join(missing)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    options = {"device": device} if backend == "peft" else {}
+    engine = BACKENDS[backend](base, adapters, max_loaded=max_loaded, **options)
+    return create_app(BatchScheduler(engine, router, max_batch=max_batch), max_tokens_limit=max_tokens)

@@ -1,0 +1,259 @@
+"""OpenAI-compatible HTTP API over a ``BatchScheduler``: ``create_app(scheduler) -> FastAPI``.
+
+``/v1/completions``, ``/v1/chat/completions`` (``stream: true`` -> server-sent events),
+``/v1/models``, ``/health``. ``model: "auto"`` routes, an adapter id pins it, ``"base"`` is the
+base model. Every response names what served it (``model``, ``x_delta_router.adapter`` and the
+``X-Delta-Router-Adapter`` header). Bad requests get OpenAI-style JSON errors with a 4xx status.
+
+Differences from OpenAI: ``temperature`` defaults to 0 (greedy, deterministic); ``n`` is 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, field_validator
+
+from delta_router.probes import PAPER_PREAMBLES, alpaca_prompt
+from delta_router.route import BASE_ADAPTER
+from delta_router.serving.backends import GenerationRequest, GenerationResult
+from delta_router.serving.scheduler import AUTO, BatchScheduler, Job, run_job
+
+BASE_MODEL_NAME = "base"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+# ---- request bodies -----------------------------------------------------------------------------
+class SamplingFields(BaseModel):
+    model: str = AUTO
+    max_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionBody(SamplingFields):
+    prompt: str | list[str] = Field(min_length=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def one_prompt(cls, value):
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("exactly one prompt per request is supported")
+            value = value[0]
+        if not value.strip():
+            raise ValueError("prompt is empty")
+        return value
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    @field_validator("messages")
+    @classmethod
+    def has_user_turn(cls, value):
+        if not any(m.role == "user" and m.content.strip() for m in value):
+            raise ValueError("messages need at least one non-empty user message")
+        return value
+
+
+def chat_prompt(messages: list[ChatMessage]) -> tuple[str, str]:
+    """(prompt, routing text): the Alpaca template the zoo's adapters were trained on.
+
+    The system message replaces the preamble, the last user message is the instruction, and
+    earlier turns become the input.
+    """
+    system = next((m.content for m in messages if m.role == "system"), PAPER_PREAMBLES[0])
+    turns = [m for m in messages if m.role != "system"]
+    last_user = max(i for i, m in enumerate(turns) if m.role == "user")
+    history = "\n".join(f"{m.role.capitalize()}: {m.content}" for m in turns[:last_user])
+    instruction = turns[last_user].content
+    return alpaca_prompt(instruction, history, system), instruction
+
+
+# ---- the app ------------------------------------------------------------------------------------
+def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512) -> FastAPI:
+    """The API; starts the scheduler's worker with the app and stops it on shutdown."""
+    backend = scheduler.backend
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="delta-router", version="1", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, err: ApiError):
+        return error_response(err.status, err.message, err.param, err.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where)
+
+    def served_names() -> list[str]:
+        return ([AUTO] if scheduler.router else []) + [BASE_MODEL_NAME, *backend.model_ids()]
+
+    @app.get("/health")
+    def health() -> dict:
+        return {
+            "status": "ok",
+            "backend": backend.name,
+            "adapters": len(backend.model_ids()),
+            "router": scheduler.router is not None,
+            "queued": scheduler.pending,
+            **scheduler.stats,
+        }
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        now = int(time.time())
+        data = [
+            {"id": m, "object": "model", "created": now, "owned_by": "delta-router"} for m in served_names()
+        ]
+        return {"object": "list", "data": data}
+
+    def make_job(body: SamplingFields, prompt: str, route_text: str) -> Job:
+        if body.model not in served_names():
+            raise ApiError(
+                404, f"model {body.model!r} does not exist; see /v1/models", "model", "model_not_found"
+            )
+        if body.max_tokens > max_tokens_limit:
+            raise ApiError(
+                400,
+                f"max_tokens {body.max_tokens} exceeds this server's limit {max_tokens_limit}",
+                "max_tokens",
+            )
+        prompt_tokens = backend.count_tokens(prompt)
+        if prompt_tokens + body.max_tokens > backend.max_context:
+            raise ApiError(
+                400,
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({body.max_tokens}) exceeds the context "
+                f"length {backend.max_context}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        adapter = BASE_ADAPTER if body.model == BASE_MODEL_NAME else body.model
+        request = GenerationRequest(
+            prompt, adapter, body.max_tokens, body.temperature, body.top_p, body.seed, body.stops()
+        )
+        return Job(request, route_text, asyncio.get_running_loop())
+
+    def served_by(job: Job) -> dict:
+        adapter = job.decision.target if job.decision is not None else job.request.adapter
+        info = {"adapter": BASE_MODEL_NAME if adapter == BASE_ADAPTER else adapter}
+        if job.decision is not None:
+            info["routing"] = job.decision.to_dict()
+        return info
+
+    def usage(result: GenerationResult) -> dict:
+        total = result.prompt_tokens + result.completion_tokens
+        return {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": total,
+        }
+
+    async def finish(job: Job) -> GenerationResult:
+        try:
+            return await run_job(scheduler, job)
+        except Exception as err:  # noqa: BLE001 - the worker's error, reported to this client
+            raise ApiError(500, f"generation failed: {err}") from err
+
+    def respond(payload: dict, job: Job) -> JSONResponse:
+        return JSONResponse(payload, headers={"X-Delta-Router-Adapter": served_by(job)["adapter"]})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        if body.stream:
+            raise ApiError(400, "streaming is supported on /v1/chat/completions only", "stream")
+        job = make_job(body, body.prompt, body.prompt)
+        result = await finish(job)
+        info = served_by(job)
+        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+        payload = {
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": info["adapter"], "choices": [choice], "usage": usage(result), "x_delta_router": info,
+        }  # fmt: skip
+        return respond(payload, job)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody):
+        prompt, route_text = chat_prompt(body.messages)
+        job = make_job(body, prompt, route_text)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return StreamingResponse(stream_chat(job, ident, created), media_type="text/event-stream")
+        result = await finish(job)
+        info = served_by(job)
+        message = {"role": "assistant", "content": result.text}
+        payload = {
+            "id": ident, "object": "chat.completion", "created": created, "model": info["adapter"],
+            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+            "usage": usage(result), "x_delta_router": info,
+        }  # fmt: skip
+        return respond(payload, job)
+
+    async def stream_chat(job: Job, ident: str, created: int):
+        def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
+            payload = {
+                "id": ident, "object": "chat.completion.chunk", "created": created,
+                "model": served_by(job)["adapter"],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra,
+            }  # fmt: skip
+            return f"data: {json.dumps(payload)}\n\n"
+
+        scheduler.submit(job)
+        started = False
+        while True:
+            kind, payload = await job.events.get()
+            if not started and kind != "error":  # routed by now: the first chunk names the adapter
+                yield chunk({"role": "assistant", "content": ""}, x_delta_router=served_by(job))
+                started = True
+            if kind == "text":
+                yield chunk({"content": payload})
+            elif kind == "done":
+                yield chunk({}, payload.finish_reason, usage=usage(payload))
+                break
+            else:
+                error = {"error": {"message": f"generation failed: {payload}", "type": "server_error"}}
+                yield f"data: {json.dumps(error)}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+
+    return app

@@ -1,0 +1,350 @@
+"""Generation backends: one batch of requests, each with its own adapter, in one forward per step.
+
+- ``PeftBackend`` (default, in-process): the base once, adapters loaded lazily into one
+  ``PeftModel`` (LRU-limited), mixed-adapter batches via PEFT's per-row ``adapter_names``,
+  weighted top-k mixes as exact ``cat`` combinations (``add_weighted_adapter``).
+- ``VllmBackend`` (GPU, ``pip install 'delta-router[vllm]'``): vLLM's multi-LoRA engine, one
+  ``LoRARequest`` per routed request; routing still encodes queries with the HF base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from delta_router.base import BaseModel
+from delta_router.errors import IncompatibleBaseError, InvalidModelError
+from delta_router.route import BASE_ADAPTER, QueryEncoder, RouteDecision
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete with ``adapter`` (an adapter id, a mix name, or ``BASE_ADAPTER``)."""
+
+    prompt: str
+    adapter: str = BASE_ADAPTER
+    max_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy (deterministic)
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    on_text: Callable[[str], None] | None = field(default=None, repr=False)  # streamed text deltas
+
+    @property
+    def sampling_key(self) -> tuple:
+        """Requests with equal keys can share one ``generate`` call."""
+        if self.temperature <= 0:
+            return ("greedy",)
+        return ("sample", self.temperature, self.top_p, self.seed)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+class RowDecoder:
+    """Turns the token stream of a batch into per-row text, stop handling and streamed deltas.
+
+    A ``transformers`` streamer: ``put`` first receives the prompts ``[B, T]``, then one token per
+    row ``[B]`` each step. Used for streamed and unstreamed requests alike.
+    """
+
+    def __init__(self, tokenizer, requests: Sequence[GenerationRequest], eos_ids: set[int]):
+        self.tokenizer, self.requests, self.eos_ids = tokenizer, requests, eos_ids
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.texts = [""] * len(requests)
+        self.finish: list[str | None] = [None] * len(requests)
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.requests), -1)[:, -1].tolist()):
+            self.push(row, token)
+
+    def end(self) -> None:
+        for row, reason in enumerate(self.finish):
+            if reason is None:
+                self.finish[row] = "length"
+
+    def push(self, row: int, token: int) -> None:
+        if self.finish[row] is not None:
+            return
+        request = self.requests[row]
+        if token in self.eos_ids:
+            self.finish[row] = "stop"
+            return
+        self.tokens[row].append(token)
+        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in request.stop if s) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.finish[row] = text[:cut], "stop"
+        elif len(self.tokens[row]) >= request.max_tokens:
+            self.finish[row] = "length"
+        elif text.endswith("\ufffd"):
+            return  # half a multi-byte character: wait for the rest
+        if request.on_text and len(text) > len(self.texts[row]):
+            request.on_text(text[len(self.texts[row]) :])
+        self.texts[row] = text
+
+    def results(self, prompt_tokens: Sequence[int]) -> list[GenerationResult]:
+        return [
+            GenerationResult(text, n, len(tokens), reason or "length")
+            for text, n, tokens, reason in zip(
+                self.texts, prompt_tokens, self.tokens, self.finish, strict=True
+            )
+        ]
+
+
+class PeftBackend:
+    """In-process generation with a lazily loaded, LRU-limited set of LoRA adapters."""
+
+    name = "peft"
+
+    def __init__(
+        self,
+        base: BaseModel,
+        adapters: Mapping[str, str | Path],
+        max_loaded: int = 8,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_context: int | None = None,
+    ):
+        if max_loaded < 1:
+            raise ValueError("max_loaded must be at least 1")
+        self.base, self.adapters = base, {k: Path(v) for k, v in adapters.items()}
+        self.max_loaded, self.device = max_loaded, torch.device(device)
+        self.model = base.load_model(dtype, self.device).requires_grad_(False)
+        self.tokenizer = base.load_tokenizer()
+        self.tokenizer.padding_side = "left"
+        # the HTTP thread counts tokens while the worker encodes: fast tokenizers are not thread-safe
+        self._counter = base.load_tokenizer()
+        limit = self.model.config.max_position_embeddings
+        self.max_context = min(max_context or limit, limit)
+        self.peft = None  # the PeftModel, created with the first adapter
+        self.loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recent first
+        self.mixes: dict[str, tuple[list[str], list[float]]] = {}
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
+
+    # ---- what the server asks ------------------------------------------------------------------
+    def model_ids(self) -> list[str]:
+        return list(self.adapters)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._counter(text)["input_ids"])
+
+    def encoder(self, **options) -> QueryEncoder:
+        return QueryEncoder.for_model(self.model, self.tokenizer, **options)
+
+    def base_only(self) -> AbstractContextManager:
+        """Context in which the model is the plain base (for routing forwards)."""
+        return self.peft.disable_adapter() if self.peft is not None else nullcontext()
+
+    def target(self, decision: RouteDecision) -> str:
+        """The adapter name that serves ``decision``: one adapter, a weighted mix, or the base."""
+        if len(decision.adapters) <= 1:
+            return decision.adapters[0] if decision.adapters else BASE_ADAPTER
+        spec = ",".join(f"{a}={w:.2f}" for a, w in zip(decision.adapters, decision.weights, strict=True))
+        name = "mix_" + hashlib.sha1(spec.encode()).hexdigest()[:12]  # module names allow no dots
+        self.mixes.setdefault(name, (list(decision.adapters), list(decision.weights)))
+        return name
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def _ensure_loaded(self, names: set[str]) -> None:
+        """Load what ``names`` need; evict least recently used adapters not in ``names``."""
+        wanted = set(names) - {BASE_ADAPTER}
+        for name in wanted:
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                continue
+            if name in self.mixes:
+                parts, weights = self.mixes[name]
+                for part in parts:
+                    if part not in self.loaded:
+                        self._load(part)
+                self.peft.add_weighted_adapter(parts, weights, name, combination_type="cat")
+            else:
+                self._load(name)
+            self.loaded[name] = None
+        while len(self.loaded) > max(self.max_loaded, len(wanted)):
+            victim = next(n for n in self.loaded if n not in wanted)
+            with warnings.catch_warnings():  # "adapter X was active": the next batch sets its own
+                warnings.simplefilter("ignore", UserWarning)
+                self.peft.delete_adapter(victim)
+            del self.loaded[victim]
+            logger.info("evicted adapter %s", victim)
+
+    def _load(self, name: str) -> None:
+        from peft import PeftModel
+
+        if name not in self.adapters:
+            raise InvalidModelError(f"unknown adapter {name!r}")
+        path = str(self.adapters[name])
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                self.peft.eval()
+            else:
+                self.peft.load_adapter(path, adapter_name=name)
+        except RuntimeError as err:  # size mismatch: an adapter of another base
+            raise IncompatibleBaseError(
+                f"adapter {name} ({path}) does not fit base {self.base.describe()}: {err}"
+            ) from err
+        self.loaded[name] = None
+        logger.info("loaded adapter %s", name)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Complete a batch (same ``sampling_key``) with per-row adapters, in one ``generate`` call."""
+        first = requests[0]
+        if any(r.sampling_key != first.sampling_key for r in requests):
+            raise ValueError("one generate call needs one sampling configuration")
+        names = [r.adapter for r in requests]
+        self._ensure_loaded(set(names))
+        batch = self.tokenizer([r.prompt for r in requests], padding=True, return_tensors="pt").to(
+            self.device
+        )
+        decoder = RowDecoder(self.tokenizer, requests, self.eos_ids)
+        options = dict(
+            max_new_tokens=max(r.max_tokens for r in requests),
+            streamer=decoder,
+            pad_token_id=self.tokenizer.pad_token_id,
+            do_sample=first.temperature > 0,
+        )
+        if first.temperature > 0:
+            options |= dict(temperature=first.temperature, top_p=first.top_p)
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+        else:
+            options |= dict(temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            if self.peft is None:
+                self.model.generate(**batch, **options)
+            else:
+                self.peft.generate(**batch, adapter_names=names, **options)
+        decoder.end()
+        return decoder.results(batch["attention_mask"].sum(-1).tolist())
+
+
+class VllmBackend:
+    """vLLM multi-LoRA generation (GPU). Queries are still routed with an HF copy of the base.
+
+    Top-1 routing only: vLLM serves one LoRA per request, so weighted mixes fall back to their
+    highest-weighted adapter.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self, base: BaseModel, adapters: Mapping[str, str | Path], max_loaded: int = 8, **engine_options
+    ):
+        self.base, self.adapters = base, {k: Path(v) for k, v in adapters.items()}
+        self.max_loaded, self.engine_options = max_loaded, engine_options
+        self._hf = None
+
+    def model_ids(self) -> list[str]:
+        return list(self.adapters)
+
+    def lora_request(self, adapter: str):
+        """``LoRARequest`` for an adapter id; ``None`` for the base. Ids are stable across restarts."""
+        if adapter == BASE_ADAPTER:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        lora_id = zlib.crc32(adapter.encode()) % (2**31 - 1) + 1  # vLLM wants a positive int
+        return LoRARequest(adapter, lora_id, str(self.adapters[adapter]))
+
+    @staticmethod
+    def sampling_params(request: GenerationRequest):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=list(request.stop) or None,
+        )
+
+    def target(self, decision: RouteDecision) -> str:
+        if not decision.adapters:
+            return BASE_ADAPTER
+        return max(zip(decision.weights, decision.adapters, strict=True))[1]
+
+    @property
+    def engine(self):
+        if "_engine" not in self.__dict__:
+            from vllm import LLM
+
+            rank = max(_lora_rank(p) for p in self.adapters.values()) if self.adapters else 8
+            self.__dict__["_engine"] = LLM(
+                str(self.base.path), enable_lora=True, max_loras=self.max_loaded, max_lora_rank=rank,
+                **self.engine_options,
+            )  # fmt: skip
+        return self.__dict__["_engine"]
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        outputs = self.engine.generate(
+            [r.prompt for r in requests],
+            [self.sampling_params(r) for r in requests],
+            lora_request=[self.lora_request(r.adapter) for r in requests],
+            use_tqdm=False,
+        )
+        results = []
+        for request, output in zip(requests, outputs, strict=True):
+            completion = output.outputs[0]
+            if request.on_text and completion.text:
+                request.on_text(completion.text)
+            reason = "length" if completion.finish_reason == "length" else "stop"
+            results.append(
+                GenerationResult(
+                    completion.text, len(output.prompt_token_ids), len(completion.token_ids), reason
+                )
+            )
+        return results
+
+    # routing and limits use an HF copy of the base (CPU by default)
+    @property
+    def hf(self) -> PeftBackend:
+        if self._hf is None:
+            self._hf = PeftBackend(self.base, {}, max_loaded=1)
+        return self._hf
+
+    @property
+    def max_context(self) -> int:
+        return self.hf.max_context
+
+    def count_tokens(self, text: str) -> int:
+        return self.hf.count_tokens(text)
+
+    def encoder(self, **options) -> QueryEncoder:
+        return self.hf.encoder(**options)
+
+    def base_only(self) -> AbstractContextManager:
+        return nullcontext()
+
+
+def _lora_rank(path: Path) -> int:
+    import json
+
+    return int(json.loads((path / "adapter_config.json").read_text()).get("r", 8))
+
+
+BACKENDS = {"peft": PeftBackend, "vllm": VllmBackend}

@@ -1,0 +1,133 @@
+"""``BatchScheduler``: collects concurrent requests, routes them, and runs them as mixed batches.
+
+One worker thread owns the model. It takes the first waiting job, gathers more for up to
+``max_wait_s`` (at most ``max_batch``), routes the ``"auto"`` ones with one base forward, then
+runs one ``generate`` per sampling configuration with per-row adapters. Results and streamed
+text go back to each job's asyncio queue; an error fails that batch's jobs, never the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from delta_router.route import RouteDecision, Router
+from delta_router.serving.backends import GenerationRequest, GenerationResult
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+@dataclass
+class Job:
+    """One request in flight. ``route_text`` is what the router reads when ``adapter == AUTO``."""
+
+    request: GenerationRequest
+    route_text: str
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(
+        default_factory=asyncio.Queue
+    )  # ("text", str) / ("done", ..) / ("error", ..)
+    decision: RouteDecision | None = None
+
+    def emit(self, kind: str, payload) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+class BatchScheduler:
+    def __init__(self, backend, router: Router | None = None, max_batch: int = 8, max_wait_s: float = 0.01):
+        self.backend, self.router = backend, router
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.encoder = backend.encoder(layer=router.layer, pooling=router.pooling) if router else None
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.stats = {"batches": 0, "requests": 0, "errors": 0}
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="delta-router-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, job: Job) -> None:
+        job.request.on_text = lambda text: job.emit("text", text)
+        self._queue.put(job)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    # ---- the worker ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._queue.put(None)
+                    break
+                batch.append(job)
+            self._process(batch)
+
+    def _process(self, batch: list[Job]) -> None:
+        try:
+            self._route([job for job in batch if job.request.adapter == AUTO])
+        except Exception as err:  # noqa: BLE001 - report to the clients, keep serving
+            self._fail(batch, err)
+            return
+        groups: dict[tuple, list[Job]] = defaultdict(list)
+        for job in batch:
+            groups[job.request.sampling_key].append(job)
+        for jobs in groups.values():
+            try:
+                results = self.backend.generate([job.request for job in jobs])
+            except Exception as err:  # noqa: BLE001
+                self._fail(jobs, err)
+                continue
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(jobs)
+            for job, result in zip(jobs, results, strict=True):
+                job.emit("done", result)
+
+    def _route(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        if self.router is None:
+            raise RuntimeError('model "auto" needs a router (serve --router DIR)')
+        with self.backend.base_only():
+            decisions = self.router.route(self.encoder, [job.route_text for job in jobs])
+        for job, decision in zip(jobs, decisions, strict=True):
+            job.decision = decision
+            job.request.adapter = self.backend.target(decision)
+
+    def _fail(self, jobs: list[Job], err: Exception) -> None:
+        logger.exception("batch of %d failed", len(jobs), exc_info=err)
+        self.stats["errors"] += len(jobs)
+        for job in jobs:
+            job.emit("error", err)
+
+
+async def run_job(scheduler: BatchScheduler, job: Job) -> GenerationResult:
+    """Submit and wait for the result (text deltas are dropped)."""
+    scheduler.submit(job)
+    while True:
+        kind, payload = await job.events.get()
+        if kind == "done":
+            return payload
+        if kind == "error":
+            raise payload

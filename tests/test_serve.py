@@ -1,0 +1,220 @@
+"""Serving: mixed-adapter batches, the LRU, weighted mixes, the HTTP API, the vLLM request builder."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+from fastapi.testclient import TestClient
+
+from delta_router.base import resolve_base
+from delta_router.route import BASE_ADAPTER, RouteDecision, Router, query_text
+from delta_router.serving.app import create_app
+from delta_router.serving.backends import GenerationRequest, PeftBackend, VllmBackend
+from delta_router.serving.scheduler import BatchScheduler
+from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
+
+PROMPT = "Below is an instruction.\n\n### Instruction:\nName a fruit item. apple pear\n\n### Response:"
+
+
+@pytest.fixture(scope="module")
+def served_adapters(adapter_factory, tmp_path_factory) -> dict:
+    """One strong random adapter per synthetic domain (ids ``fruit``, ``digits``)."""
+    root = tmp_path_factory.mktemp("served")
+    return {
+        name: adapter_factory.make(root / name, seed=10 + i, scale=2.0)
+        for i, name in enumerate(SYNTHETIC_WORDS)
+    }
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_base, served_adapters) -> PeftBackend:
+    return PeftBackend(resolve_base(tiny_base), served_adapters, max_loaded=1)
+
+
+@pytest.fixture(scope="module")
+def router(tiny_base, backend) -> Router:
+    examples = {n: [query_text(r) for r in synthetic_domain(n).train[0]] for n in SYNTHETIC_WORDS}
+    return Router.fit(backend.encoder(), resolve_base(tiny_base).fingerprint, examples)
+
+
+@pytest.fixture(scope="module")
+def client(backend, router):
+    with TestClient(create_app(BatchScheduler(backend, router, max_wait_s=0.005), max_tokens_limit=64)) as c:
+        yield c
+
+
+def test_mixed_batch_equals_one_request_at_a_time(backend):
+    requests = [GenerationRequest(PROMPT, a, max_tokens=8) for a in ("fruit", "digits", BASE_ADAPTER)]
+    requests.append(
+        GenerationRequest("A much longer prompt, padded on the left of the others: " * 2, "fruit", 5)
+    )
+    together = backend.generate(requests)
+    alone = [backend.generate([r])[0] for r in requests]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert len({r.text for r in together[:3]}) == 3  # the adapters really change the output
+    assert together[3].completion_tokens <= 5
+    assert len(backend.loaded) <= 2  # LRU: max_loaded=1, or the batch's own adapters
+
+
+def test_weighted_mix_and_stop_strings(backend):
+    decision = RouteDecision(["fruit", "digits"], [0.7, 0.3], 0.9)
+    name = backend.target(decision)
+    assert name.startswith("mix_") and backend.target(decision) == name
+    [result] = backend.generate([GenerationRequest(PROMPT, name, max_tokens=6)])
+    assert result.completion_tokens >= 1
+    full = backend.generate([GenerationRequest(PROMPT, "fruit", max_tokens=8)])[0].text
+    stop = full[2:4]
+    cut = backend.generate([GenerationRequest(PROMPT, "fruit", max_tokens=8, stop=[stop])])[0]
+    assert stop not in cut.text and full.startswith(cut.text) and cut.finish_reason == "stop"
+
+
+def test_models_and_health(client):
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids[:2] == ["auto", "base"] and set(SYNTHETIC_WORDS) <= set(ids)
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_completion_routes_auto_and_pins_named_adapters(client):
+    digits = query_text(synthetic_domain("digits", seed=7).test[0])
+    routed = client.post("/v1/completions", json={"model": "auto", "prompt": digits, "max_tokens": 4})
+    assert routed.status_code == 200, routed.text
+    body = routed.json()
+    assert body["model"] == "digits" and routed.headers["x-delta-router-adapter"] == "digits"
+    assert body["x_delta_router"]["routing"]["adapters"] == ["digits"]
+    assert body["usage"]["completion_tokens"] <= 4
+    pinned = client.post("/v1/completions", json={"model": "fruit", "prompt": digits, "max_tokens": 4}).json()
+    assert pinned["model"] == "fruit" and "routing" not in pinned["x_delta_router"]
+
+
+def test_chat_stream_matches_the_plain_answer(client):
+    request = {
+        "model": "fruit",
+        "messages": [{"role": "user", "content": "Name a fruit item."}],
+        "max_tokens": 6,
+    }
+    plain = client.post("/v1/chat/completions", json=request).json()
+    with client.stream("POST", "/v1/chat/completions", json=request | {"stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[0]["x_delta_router"]["adapter"] == "fruit"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_concurrent_requests_are_batched(client):
+    import concurrent.futures
+
+    before = client.get("/health").json()
+    payload = {"model": "auto", "max_tokens": 3}
+    prompts = [query_text(r) for n in SYNTHETIC_WORDS for r in synthetic_domain(n, seed=9).test[:4]]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(
+            pool.map(lambda p: client.post("/v1/completions", json=payload | {"prompt": p}), prompts)
+        )
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    after = client.get("/health").json()
+    assert after["requests"] - before["requests"] == len(prompts)
+    assert after["batches"] - before["batches"] < len(prompts)  # some requests shared a forward
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ("{not json", 400, "not valid JSON"),
+        ({"model": "nope", "prompt": "hi"}, 404, "does not exist"),
+        ({"prompt": "hi", "max_tokens": 65}, 400, "limit"),
+        ({"prompt": "word " * 600, "max_tokens": 8}, 400, "context length"),
+        ({"prompt": "   "}, 400, "prompt is empty"),
+        ({"max_tokens": 4}, 400, "prompt"),
+        ({"prompt": ["a", "b"]}, 400, "one prompt"),
+        ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ],
+)
+def test_bad_completion_requests_get_openai_errors(client, body, status, needle):
+    data = {"content": body} if isinstance(body, str) else {"json": body}
+    response = client.post("/v1/completions", headers={"content-type": "application/json"}, **data)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+    assert client.get("/health").status_code == 200  # still serving
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [[], [{"role": "user", "content": ""}], [{"role": "system", "content": "x"}], [{"role": "bot"}]],
+)
+def test_bad_chat_requests_get_openai_errors(client, messages):
+    response = client.post("/v1/chat/completions", json={"messages": messages})
+    assert response.status_code == 400 and "messages" in response.json()["error"]["message"]
+
+
+def test_vllm_requests_are_built_without_vllm_installed(monkeypatch, tiny_base, served_adapters):
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kw: ("params", kw)
+    lora = types.ModuleType("vllm.lora.request")
+    lora.LoRARequest = lambda name, ident, path: (name, ident, path)
+    for name, module in {
+        "vllm": fake,
+        "vllm.lora": types.ModuleType("vllm.lora"),
+        "vllm.lora.request": lora,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    backend = VllmBackend(resolve_base(tiny_base), served_adapters)
+    name, ident, path = backend.lora_request("fruit")
+    assert name == "fruit" and ident > 0 and path == str(served_adapters["fruit"])
+    assert backend.lora_request("fruit") == (name, ident, path) and backend.lora_request(BASE_ADAPTER) is None
+    _, params = backend.sampling_params(GenerationRequest("p", "fruit", max_tokens=7, stop=["\n"]))
+    assert params["max_tokens"] == 7 and params["stop"] == ["\n"] and params["temperature"] == 0.0
+    assert backend.target(RouteDecision(["fruit", "digits"], [0.3, 0.7], 0.5)) == "digits"
+
+
+def test_cli_route_fit_query_then_serve_the_index(tiny_base, adapters, tmp_path, capsys):
+    from delta_router.cli import main
+    from delta_router.data import write_records
+    from delta_router.index import ModelIndex
+    from delta_router.serving import build_app
+
+    def run_json(*argv: str):
+        assert main([*argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    idx, router_dir = str(tmp_path / "idx"), str(tmp_path / "router")
+    run_json("index", "add", str(adapters[0]), str(adapters[1]), "--index", idx, "--base", str(tiny_base),
+             "--id", "fruit", "--id", "digits")  # fmt: skip
+    examples = []
+    for name in SYNTHETIC_WORDS:
+        write_records(tmp_path / f"{name}.jsonl", synthetic_domain(name).train[0])
+        examples += ["--examples", f"{name}={tmp_path / f'{name}.jsonl'}"]
+    fitted = run_json("route", "fit", "--index", idx, "--out", router_dir, *examples)
+    assert sorted(fitted["models"]) == sorted(SYNTHETIC_WORDS)
+    digits = query_text(synthetic_domain("digits", seed=7).test[0])
+    [decision] = run_json("route", "query", digits, "--router", router_dir)
+    assert decision["target"] == "digits"
+
+    with TestClient(build_app(ModelIndex.load(idx), Router.load(router_dir), max_loaded=2)) as client:
+        reply = client.post("/v1/completions", json={"prompt": digits, "max_tokens": 2})
+        assert reply.status_code == 200 and reply.json()["model"] == "digits"
+
+    assert main(["route", "fit", "--index", idx, "--out", router_dir]) == 2
+    assert "--examples" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "route",
+                "fit",
+                "--index",
+                idx,
+                "--out",
+                router_dir,
+                "--examples",
+                f"law={tmp_path / 'fruit.jsonl'}",
+            ]
+        )
+        == 2
+    )
+    assert "not in the index" in capsys.readouterr().err
