@@ -465,6 +465,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from delta_router.data import load_domain, load_records
+    from delta_router.evaluation import LmEvaluator, load_for_eval, task_name, write_tasks
+
+    held_out = {d: load_domain(d).test[: args.size] for d in args.domains or []}
+    if args.examples:
+        held_out["user"] = load_records(args.examples)
+    if not held_out:
+        raise DeltaRouterError("nothing to evaluate on: give DOMAIN names with --domain, or --examples FILE")
+    evaluator = LmEvaluator(write_tasks(held_out), batch_size=args.batch_size, limit=args.limit)
+    tasks = [t for t in evaluator.tasks if args.generate or not t.endswith("_gen")]
+    base = resolve_base(args.base)
+    results = {}
+    for model in args.models:
+        loaded, tokenizer = load_for_eval(model, base)
+        results[model] = evaluator.evaluate(loaded, tokenizer, tasks)
+        del loaded
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps(results, indent=2))
+    table = Table(title=f"lm-eval on held-out splits (limit {args.limit or 'none'})")
+    table.add_column("model")
+    columns = [(t, m) for t in tasks for m in results[args.models[0]][t]]
+    for task, metric in columns:
+        table.add_column(f"{task.removeprefix(task_name(''))} {metric}")
+    for model, per_task in results.items():
+        table.add_row(Path(model).name, *(f"{per_task[t][m]:.3f}" for t, m in columns))
+    _emit(args, results, table)
+
+
 # ---- parser ----------------------------------------------------------------------------------
 def _add_embedding_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedding (defaults: the paper's method, or the index's settings)")
@@ -624,6 +653,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=1, help="adapters per query (weighted mix if > 1)")
         p.add_argument("--threshold", type=float, help="best cosine below this -> the base model")
     route.choices["query"].set_defaults(func=cmd_route_query)
+
+    p = sub.add_parser("eval", parents=[common], help="score models with lm-eval on held-out splits")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="'base', a LoRA adapter dir or a model dir")
+    p.add_argument("--domain", dest="domains", action="append", metavar="DOMAIN", help="built-in domain")
+    p.add_argument("--examples", help="your own held-out JSONL/CSV (task 'user')")
+    p.add_argument("--size", type=int, default=300, help="test records per domain (default: all 300)")
+    p.add_argument("--limit", type=int, help="lm-eval document limit per task")
+    p.add_argument("--generate", action="store_true", help="also run generative tasks (slow on CPU)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+    p.add_argument("--out", help="write the results JSON here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", parents=[common], help="the end-to-end job on the default base")
     p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")

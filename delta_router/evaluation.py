@@ -1,0 +1,171 @@
+"""lm-eval integration: task configs for held-out splits, and in-process evaluation of any model.
+
+``write_tasks`` turns held-out records into lm-eval task YAMLs that read local JSONL (absolute
+paths, offline), one per domain:
+
+- multiple-choice records -> ``output_type: multiple_choice`` (``acc``, ``acc_norm``), scored by
+  loglikelihood exactly like ``delta_router.scoring`` (same prompt, same answer separator);
+- free-form records -> ``loglikelihood`` of the reference answer (``perplexity``) and, where the
+  domain's final answer can be extracted (``ANSWER_PATTERNS``: GSM8K's "So the answer is N."), a
+  generative ``<task>_gen`` scored by exact match on the extracted number. Generation is slow on a
+  CPU: give it a ``limit``.
+
+``LmEvaluator`` runs lm-eval's ``HFLM`` over an already loaded model or ``PeftModel``, so the base,
+a single adapter and a merged model are scored the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import yaml
+
+from delta_router.base import BaseModel
+from delta_router.data import Record
+from delta_router.errors import DataError
+from delta_router.finetune import Finetune
+from delta_router.home import atomic_write_text, cache_dir, sha256_files
+from delta_router.sequences import ANSWER_SEPARATOR
+
+logger = logging.getLogger(__name__)
+
+TASK_PREFIX = "dr_"
+ANSWER_PATTERNS = {"math": r"answer is\s*\$?(-?[\d,]*\.?\d+)"}
+GENERATION_STOPS = ["\n\n", "###"]
+
+
+def task_name(domain: str) -> str:
+    return TASK_PREFIX + re.sub(r"\W", "_", domain)
+
+
+def write_tasks(held_out: Mapping[str, Sequence[Record]], out_dir: str | Path | None = None) -> Path:
+    """Write ``<task>.jsonl`` + ``<task>.yaml`` per domain; returns the directory (lm-eval's include path).
+
+    The default directory is keyed by the records' content, so a rerun reuses it.
+    """
+    rows = {domain: [_row(r, domain) for r in records] for domain, records in held_out.items()}
+    if out_dir is None:
+        digest = json.dumps(rows, sort_keys=True).encode()
+        out_dir = cache_dir("evals", "tasks", hashlib.sha256(digest).hexdigest()[:16])
+    out_dir = Path(out_dir)
+    datasets_cache = cache_dir("evals", "hf-datasets")
+    for domain, domain_rows in rows.items():
+        if not domain_rows:
+            raise DataError(f"no held-out records for {domain!r}")
+        name = task_name(domain)
+        data = out_dir / f"{name}.jsonl"
+        atomic_write_text(data, "".join(json.dumps(row) + "\n" for row in domain_rows))
+        common = {
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(datasets_cache)},
+            "test_split": "test",
+            "doc_to_text": "{{prompt}}",
+            "target_delimiter": ANSWER_SEPARATOR,
+            "metadata": {"version": 1, "data_sha256": sha256_files([data])},
+        }
+        mean = {"aggregation": "mean", "higher_is_better": True}
+        if all("choices" in row for row in domain_rows):
+            config = common | {
+                "task": name,
+                "output_type": "multiple_choice",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "answer",
+                "metric_list": [{"metric": "acc"} | mean, {"metric": "acc_norm"} | mean],
+            }
+            _write_yaml(out_dir / f"{name}.yaml", config)
+            continue
+        _write_yaml(
+            out_dir / f"{name}.yaml",
+            common | {"task": name, "output_type": "loglikelihood", "doc_to_target": "{{output}}",
+                      "metric_list": [{"metric": "perplexity", "aggregation": "perplexity",
+                                       "higher_is_better": False}]},
+        )  # fmt: skip
+        if all("final_answer" in row for row in domain_rows):
+            _write_yaml(
+                out_dir / f"{name}_gen.yaml",
+                common | {
+                    "task": f"{name}_gen", "output_type": "generate_until",
+                    "doc_to_target": "{{final_answer}}",
+                    "generation_kwargs": {"until": GENERATION_STOPS, "max_gen_toks": 160, "do_sample": False},
+                    "filter_list": [{"name": "final", "filter": [
+                        {"function": "regex", "regex_pattern": ANSWER_PATTERNS[domain], "group_select": -1},
+                        {"function": "take_first"}]}],
+                    "metric_list": [{"metric": "exact_match", "ignore_punctuation": True} | mean],
+                },
+            )  # fmt: skip
+    return out_dir
+
+
+def _row(record: Record, domain: str) -> dict:
+    row = {"prompt": record.prompt(), "output": record.output}
+    if record.choices is not None:
+        row |= {"choices": list(record.choices), "answer": record.answer}
+    elif domain in ANSWER_PATTERNS:
+        found = re.findall(ANSWER_PATTERNS[domain], record.output)
+        if found:
+            row["final_answer"] = found[-1]
+    return row
+
+
+def _write_yaml(path: Path, config: dict) -> None:
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+
+
+class LmEvaluator:
+    """Scores loaded models on the tasks of one include path: ``evaluate(model, tokenizer, tasks)``.
+
+    ``limit`` caps the documents per task (``None`` = all); results are ``{task: {metric: value}}``.
+    """
+
+    def __init__(self, tasks_dir: str | Path, batch_size: int = 16, limit: int | None = None):
+        from lm_eval.tasks import TaskManager
+
+        self.tasks_dir, self.batch_size, self.limit = Path(tasks_dir), batch_size, limit
+        self.manager = TaskManager(include_path=str(self.tasks_dir), include_defaults=False)
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(p.stem for p in self.tasks_dir.glob(f"{TASK_PREFIX}*.yaml"))
+
+    def evaluate(self, model, tokenizer, tasks: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        tasks = list(tasks or self.tasks)
+        unknown = sorted(set(tasks) - set(self.tasks))
+        if unknown:
+            raise DataError(f"unknown eval tasks {unknown}; available: {', '.join(self.tasks)}")
+        device = str(next(model.parameters()).device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=self.batch_size)
+        out = simple_evaluate(
+            model=lm, tasks=tasks, task_manager=self.manager, limit=self.limit,
+            log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+        )  # fmt: skip
+        results = {}
+        for task, metrics in out["results"].items():
+            results[task] = {
+                key.split(",")[0]: float(value)
+                for key, value in metrics.items()
+                if "," in key and "_stderr" not in key and isinstance(value, (int, float))
+            }
+        return results
+
+
+def load_for_eval(model: str | Path, base: BaseModel):
+    """``"base"``, a LoRA adapter directory or a full model directory -> (model, tokenizer), fp32 eval."""
+    tokenizer = base.load_tokenizer()
+    if str(model) == "base":
+        return base.load_model(), tokenizer
+    finetune = Finetune.open(model)
+    if finetune.kind == "lora":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base.load_model(), str(finetune.path)).eval(), tokenizer
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(finetune.path), dtype="float32").eval(), tokenizer

@@ -1,0 +1,68 @@
+"""lm-eval integration on the tiny base: local task YAMLs load offline and agree with our scorer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from delta_router.base import resolve_base
+from delta_router.cli import main
+from delta_router.data import Record, write_records
+from delta_router.evaluation import LmEvaluator, load_for_eval, write_tasks
+from delta_router.scoring import score_records
+from delta_router.testing import synthetic_domain
+
+
+def word_problems(n: int = 6) -> list[Record]:
+    solution = "{i} + {i} = {s}. So the answer is {s}."
+    return [
+        Record("Solve the math word problem.", f"What is {i} + {i}?", solution.format(i=i, s=2 * i))
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    held_out = {"fruit": synthetic_domain("fruit").test, "math": word_problems()}
+    return write_tasks(held_out, tmp_path_factory.mktemp("tasks"))
+
+
+def test_task_configs_are_local_and_load_offline(tasks_dir):
+    evaluator = LmEvaluator(tasks_dir)
+    assert evaluator.tasks == ["dr_fruit", "dr_math", "dr_math_gen"]
+    config = yaml.safe_load((tasks_dir / "dr_fruit.yaml").read_text())
+    assert config["output_type"] == "multiple_choice"
+    assert config["dataset_kwargs"]["data_files"]["test"] == str(tasks_dir / "dr_fruit.jsonl")
+    rows = [json.loads(line) for line in (tasks_dir / "dr_math.jsonl").read_text().splitlines()]
+    assert rows[3]["final_answer"] == "6"
+
+
+def test_lm_eval_accuracy_equals_our_loglikelihood_scorer(tasks_dir, tiny_base):
+    model, tokenizer = load_for_eval("base", resolve_base(tiny_base))
+    results = LmEvaluator(tasks_dir, batch_size=8).evaluate(model, tokenizer, ["dr_fruit", "dr_math"])
+    ours = score_records(model, tokenizer, synthetic_domain("fruit").test)
+    assert results["dr_fruit"]["acc"] == pytest.approx(ours.acc)
+    assert results["dr_fruit"]["acc_norm"] == pytest.approx(ours.acc_norm)
+    assert results["dr_math"]["perplexity"] > 1.0
+
+
+def test_generative_task_runs_with_a_limit(tasks_dir, tiny_base):
+    model, tokenizer = load_for_eval("base", resolve_base(tiny_base))
+    results = LmEvaluator(tasks_dir, limit=2).evaluate(model, tokenizer, ["dr_math_gen"])
+    assert 0.0 <= results["dr_math_gen"]["exact_match"] <= 1.0
+
+
+def test_cli_eval_scores_base_and_adapter_on_user_examples(tiny_base, adapters, tmp_path, capsys):
+    examples = tmp_path / "held_out.jsonl"
+    write_records(examples, synthetic_domain("digits").test[:8])
+    out = tmp_path / "results.json"
+    argv = ["eval", "base", str(adapters[0]), "--examples", str(examples), "--base", str(tiny_base)]
+    assert main([*argv, "--out", str(out), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert set(results) == {"base", str(adapters[0])}
+    assert all(0.0 <= r["dr_user"]["acc"] <= 1.0 for r in results.values())
+    assert json.loads(out.read_text()) == results
+    assert main(["eval", "base", "--base", str(tiny_base)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
