@@ -21,17 +21,8 @@ from pathlib import Path
 
 import torch
 
-from delta_router import Merger, ModelIndex, TaskSelector, Zoo
+from delta_router import Merger, TaskSelector, Zoo
 from delta_router.selector import SELECTION_METHODS
-
-
-def single_domain_index(index: ModelIndex) -> ModelIndex:
-    """The index without mixtures (a mixture has no single right domain)."""
-    out = ModelIndex()
-    for entry in index.list():
-        if entry.tags.get("kind") != "mixture":
-            out.add(entry.embedding, entry.tags)
-    return out
 
 
 def main() -> None:
@@ -42,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     zoo = Zoo(args.zoo, progress=False)
-    index = single_domain_index(zoo.load_index())
+    index = zoo.load_index().filtered(lambda e: e.tags.get("kind") != "mixture")  # one right domain
     print(f"# select_retrieval  {date.today()}  {platform.machine()}  {torch.get_num_threads()} threads")
     print(f"zoo {args.zoo}: {len(index)} single-domain finetunes; {args.per_domain} queries x "
           f"{len(zoo.spec.domains)} domains, {args.examples} examples each\n")  # fmt: skip

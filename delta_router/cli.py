@@ -494,6 +494,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _emit(args, results, table)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from delta_router.compare import CompareConfig, SelectionComparison, summarize, to_markdown, write_report
+    from delta_router.zoo import Zoo
+
+    zoo = Zoo(args.zoo, args.base, progress=False)
+    config = CompareConfig(
+        tuple(args.k or (1, 3, 5)), tuple(args.recipe or ("linear", "ties")), args.seeds, args.examples,
+        args.eval_size, args.limit, args.method,
+    )  # fmt: skip
+    rows = SelectionComparison(zoo, config, progress=not args.json).run(args.domains or zoo.spec.domains)
+    out = write_report(rows, args.out, "delta-router " + " ".join(sys.argv[1:]))
+    if args.json:
+        _emit(args, summarize(rows))
+        return
+    console.print(to_markdown(summarize(rows)))
+    console.print(f"written to {out} (compare.md, compare.json, compare.png)")
+
+
 # ---- parser ----------------------------------------------------------------------------------
 def _add_embedding_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedding (defaults: the paper's method, or the index's settings)")
@@ -665,6 +683,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
     p.add_argument("--out", help="write the results JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", parents=[common], help="Delta-Activations selection vs random merges")
+    p.add_argument("--zoo", default="full", help="zoo spec (default full)")
+    p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+    p.add_argument("--domain", dest="domains", action="append", help="target domain (default: all)")
+    p.add_argument("--k", type=int, action="append", help="models per merge (default 1, 3, 5)")
+    p.add_argument("--recipe", action="append", help="merge recipe (default linear, ties)")
+    p.add_argument("--seeds", type=int, default=5, help="random merges per setting (default 5)")
+    p.add_argument("--examples", type=int, default=20, help="few-shot examples per task (default 20)")
+    p.add_argument("--eval-size", type=int, default=300, help="held-out records per domain")
+    p.add_argument("--limit", type=int, help="lm-eval document limit per task")
+    p.add_argument("--method", choices=SELECTION_METHODS, default="finetune", help="selection method")
+    p.add_argument("--out", default="reports/compare", help="report directory (default reports/compare)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", parents=[common], help="the end-to-end job on the default base")
     p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")

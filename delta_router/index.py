@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,14 @@ class ModelIndex:
 
     def list(self) -> list[IndexEntry]:
         return sorted(self._entries.values(), key=lambda e: e.model_id)
+
+    def filtered(self, keep: Callable[[IndexEntry], bool]) -> ModelIndex:
+        """A new in-memory index of the entries for which ``keep(entry)`` holds (same kind)."""
+        out = ModelIndex(self.space, self.kind, self.hnsw_m, self.ivf_nlist)
+        for entry in self.list():
+            if keep(entry):
+                out.add(entry.embedding, entry.tags)
+        return out
 
     # ---- mutation ------------------------------------------------------------------------------
     def add(self, embedding: Embedding, tags: dict[str, str] | None = None, replace: bool = False):

@@ -1,0 +1,225 @@
+"""Selection vs random: does merging the Delta-Activations top-k beat merging k random finetunes?
+
+For each target domain, 20 examples of its few-shot pool select the top-k of the zoo's
+single-domain finetunes (``TaskSelector``); every condition is merged into one LoRA adapter
+(``Merger.merge_adapters``) and scored with lm-eval on the domain's held-out split:
+
+- ``base``: the base model;
+- ``selected``: the top-k merge (``k=1``: the best single candidate itself);
+- ``random``: merges of k uniformly random candidates, one per seed (``seeds`` of them);
+- ``in-domain``: the merge of k finetunes of the target domain (the oracle selection);
+- ``all``: the merge of every candidate.
+
+Scores are cached per condition (``$DELTA_ROUTER_HOME/evals/compare/``), so a rerun only does
+what is missing. ``summarize`` gives mean and 95% CI (Student t over seeds) per condition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from delta_router.evaluation import LmEvaluator, load_for_eval, task_name, write_tasks
+from delta_router.home import atomic_write_text, cache_dir
+from delta_router.merge import Merger
+from delta_router.selector import TaskSelector
+
+logger = logging.getLogger(__name__)
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of its Student-t confidence interval (``nan`` for one value)."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan")
+    sem = float(values.std(ddof=1) / np.sqrt(len(values)))
+    return mean, float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * sem)
+
+
+def headline(metrics: dict[str, float]) -> float:
+    """One number per task, higher is better: accuracy, exact match, or minus perplexity."""
+    for key in ("acc", "exact_match"):
+        if key in metrics:
+            return metrics[key]
+    return -metrics["perplexity"]
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    ks: tuple[int, ...] = (1, 3, 5)
+    recipes: tuple[str, ...] = ("linear", "ties")
+    seeds: int = 5
+    examples: int = 20
+    eval_size: int = 300  # held-out records per domain
+    limit: int | None = None  # lm-eval documents per task
+    method: str = "finetune"  # selection method
+
+
+@dataclass
+class Row:
+    domain: str
+    condition: str  # base | selected | random | in-domain | all
+    k: int
+    recipe: str
+    seed: int | None
+    models: list[str]
+    score: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class SelectionComparison:
+    """Runs the comparison on a zoo: ``SelectionComparison(zoo, config).run(domains)`` -> rows."""
+
+    def __init__(self, zoo, config: CompareConfig = CompareConfig(), progress: bool = True):
+        self.zoo, self.config, self.progress = zoo, config, progress
+        self.index = zoo.load_index().filtered(lambda e: e.tags.get("kind") == "domain")
+        self.domain_of = {e.model_id: e.tags["domain"] for e in self.index.list()}
+        self.cache = cache_dir("evals", "compare", zoo.root.name)
+
+    def run(self, domains: Sequence[str]) -> list[Row]:
+        rows = []
+        for domain in domains:
+            rows += self.run_domain(domain)
+        return rows
+
+    def run_domain(self, domain: str) -> list[Row]:
+        config, splits = self.config, self.zoo.splits(domain)
+        evaluator = LmEvaluator(write_tasks({domain: splits.test[: config.eval_size]}), limit=config.limit)
+        task = task_name(domain)
+        selector = TaskSelector(self.index, method=config.method, progress=self.progress)
+        ranked = selector.select(splits.fewshot[: config.examples], k=len(self.index)).model_ids
+        candidates = sorted(self.domain_of)
+        in_domain = [m for m in candidates if self.domain_of[m] == domain]
+
+        def score(condition: str, models: list[str], k: int, recipe: str, seed: int | None = None) -> Row:
+            metrics = self._score(evaluator, task, models, recipe)
+            return Row(domain, condition, k, recipe, seed, models, headline(metrics), metrics)
+
+        rows = [score("base", [], 0, "-")]
+        for recipe in config.recipes:
+            rows.append(score("all", candidates, len(candidates), recipe))
+            for k in config.ks:
+                if k == 1 and recipe != config.recipes[0]:
+                    continue  # one model: nothing to merge, the recipe does not matter
+                name = recipe if k > 1 else "-"
+                rows.append(score("selected", ranked[:k], k, name))
+                rows.append(score("in-domain", in_domain[:k], k, name))
+                for seed in range(config.seeds):
+                    picks = random.Random(f"{domain}-{k}-{seed}").sample(candidates, k)
+                    rows.append(score("random", picks, k, name, seed))
+        return rows
+
+    def _score(self, evaluator: LmEvaluator, task: str, models: list[str], recipe: str) -> dict[str, float]:
+        """lm-eval metrics of the merge of ``models`` (cached by models, recipe and eval setup)."""
+        key = json.dumps(
+            [sorted(models), recipe if len(models) > 1 else "-", str(evaluator.tasks_dir), evaluator.limit]
+        )
+        path = self.cache / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+        if path.exists():
+            return json.loads(path.read_text())["metrics"]
+        base = self.zoo.base
+        paths = [self.index.get(m).embedding.path for m in models]
+        if len(paths) <= 1:
+            target = paths[0] if paths else "base"
+        else:
+            target = cache_dir("evals", "merges") / path.stem
+            if not target.exists():
+                Merger(base, recipe, progress=False).merge_adapters(paths, target)
+        model, tokenizer = load_for_eval(target, base)
+        metrics = evaluator.evaluate(model, tokenizer, [task])[task]
+        atomic_write_text(path, json.dumps({"models": models, "recipe": recipe, "metrics": metrics}))
+        logger.info("%s %s %s: %s", task, recipe, models, metrics)
+        return metrics
+
+
+def summarize(rows: Sequence[Row]) -> list[dict]:
+    """Mean and 95% CI of the score per (domain, condition, k, recipe), plus selected - random."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        groups.setdefault((row.domain, row.condition, row.k, row.recipe), []).append(row.score)
+    table = []
+    for (domain, condition, k, recipe), scores in groups.items():
+        mean, ci = mean_ci(scores)
+        entry = {"domain": domain, "condition": condition, "k": k, "recipe": recipe,
+                 "n": len(scores), "mean": mean, "ci95": ci}  # fmt: skip
+        if condition == "selected":
+            random_scores = groups.get((domain, "random", k, recipe), [])
+            if random_scores:
+                gain, gain_ci = mean_ci([mean - s for s in random_scores])
+                entry |= {"gain_vs_random": gain, "gain_ci95": gain_ci}
+        table.append(entry)
+    return table
+
+
+def to_markdown(summary: Sequence[dict]) -> str:
+    lines = ["| domain | condition | k | recipe | n | score (mean ± 95% CI) | selected − random |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for e in summary:
+        ci = "" if np.isnan(e["ci95"]) else f" ± {e['ci95']:.3f}"
+        gain = ""
+        if "gain_vs_random" in e:
+            gain_ci = "" if np.isnan(e["gain_ci95"]) else f" ± {e['gain_ci95']:.3f}"
+            gain = f"{e['gain_vs_random']:+.3f}{gain_ci}"
+        lines.append(f"| {e['domain']} | {e['condition']} | {e['k']} | {e['recipe']} | {e['n']} "
+                     f"| {e['mean']:.3f}{ci} | {gain} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def bar_chart(summary: Sequence[dict], path: Path) -> Path:
+    """Grouped bars per domain: base, selected, random (± CI), in-domain, all, for the largest k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(dict.fromkeys(e["domain"] for e in summary))
+    k = max(e["k"] for e in summary if e["condition"] == "selected")
+    recipe = next(e["recipe"] for e in summary if e["condition"] == "selected" and e["k"] == k)
+    conditions = ["base", "selected", "random", "in-domain", "all"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(domains), 4))
+    width = 0.8 / len(conditions)
+
+    def shown(e: dict, condition: str) -> bool:
+        if e["condition"] != condition:
+            return False
+        return condition == "base" or (e["recipe"] == recipe and (condition == "all" or e["k"] == k))
+
+    for j, condition in enumerate(conditions):
+        means, cis = [], []
+        for domain in domains:
+            match = [e for e in summary if e["domain"] == domain and shown(e, condition)]
+            means.append(match[0]["mean"] if match else np.nan)
+            cis.append(0.0 if not match or np.isnan(match[0]["ci95"]) else match[0]["ci95"])
+        ax.bar(np.arange(len(domains)) + j * width, means, width, yerr=cis, label=condition, capsize=2)
+    ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
+    ax.set_ylabel("held-out score")
+    ax.set_title(f"merge of k={k} ({recipe}): Delta-Activations selection vs random")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_report(rows: Sequence[Row], out_dir: str | Path, command: str) -> Path:
+    """``compare.md`` (table + command), ``compare.json`` (every raw score), ``compare.png``."""
+    out_dir = Path(out_dir)
+    summary = summarize(rows)
+    atomic_write_text(out_dir / "compare.json", json.dumps({"rows": [asdict(r) for r in rows],
+                                                            "summary": summary}, indent=2))  # fmt: skip
+    bar_chart(summary, out_dir / "compare.png")
+    text = f"# Selection vs random merges\n\n`{command}`\n\n{to_markdown(summary)}\n\n![bars](compare.png)\n"
+    atomic_write_text(out_dir / "compare.md", text)
+    return out_dir

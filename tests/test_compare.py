@@ -1,0 +1,60 @@
+"""Selection vs random on the tiny zoo: statistics, caching, report files, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from delta_router.compare import CompareConfig, Row, SelectionComparison, mean_ci, summarize, write_report
+from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
+from delta_router.train import TrainConfig
+from delta_router.zoo import Zoo, ZooSpec
+
+TINY_TRAIN = TrainConfig(max_steps=5, batch_size=8, learning_rate=1e-2)
+
+
+def test_mean_ci_on_fixed_numbers():
+    mean, half = mean_ci([0.5, 0.7, 0.6, 0.8])
+    # sd = 0.129099, sem = 0.0645497, t(0.975, df=3) = 3.182446 (table value)
+    assert mean == pytest.approx(0.65) and half == pytest.approx(3.182446 * 0.0645497, rel=1e-5)
+    assert mean_ci([0.4, 0.4, 0.4]) == (pytest.approx(0.4), pytest.approx(0.0, abs=1e-12))
+    single = mean_ci([0.3])
+    assert single[0] == 0.3 and math.isnan(single[1])
+
+
+def test_summary_reports_gain_over_random():
+    rows = [Row("d", "selected", 3, "ties", None, ["a"], 0.9)]
+    rows += [Row("d", "random", 3, "ties", s, ["b"], v) for s, v in enumerate([0.5, 0.6, 0.7])]
+    [selected, random_] = summarize(rows)
+    assert selected["gain_vs_random"] == pytest.approx(0.3) and random_["n"] == 3
+    assert selected["gain_ci95"] == pytest.approx(mean_ci([0.4, 0.3, 0.2])[1])
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tiny_base, tmp_path_factory):
+    spec = ZooSpec("tiny", tuple(SYNTHETIC_WORDS), parts=2, train_size=24, train=TINY_TRAIN)
+    splits = {name: synthetic_domain(name) for name in SYNTHETIC_WORDS}
+    zoo = Zoo(spec, tiny_base, root=tmp_path_factory.mktemp("zoo"), progress=False, splits=splits)
+    zoo.build()
+    return zoo
+
+
+def test_comparison_runs_every_condition_and_caches(tiny_zoo, tmp_path):
+    config = CompareConfig(
+        ks=(1, 2), recipes=("linear",), seeds=2, examples=10, eval_size=12, method="activations"
+    )
+    comparison = SelectionComparison(tiny_zoo, config, progress=False)
+    rows = comparison.run(["fruit"])
+    conditions = {(r.condition, r.k) for r in rows}
+    assert conditions == {("base", 0), ("all", 4), ("selected", 1), ("selected", 2), ("in-domain", 1),
+                          ("in-domain", 2), ("random", 1), ("random", 2)}  # fmt: skip
+    assert all(0.0 <= r.score <= 1.0 for r in rows)
+    assert all(m.startswith("fruit") for r in rows if r.condition == "in-domain" for m in r.models)
+    cached = sorted(comparison.cache.iterdir())
+    assert [r.score for r in comparison.run(["fruit"])] == [r.score for r in rows]  # from the cache
+    assert sorted(comparison.cache.iterdir()) == cached
+    out = write_report(rows, tmp_path / "report", "delta-router compare ...")
+    assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png"}
+    assert len(json.loads((out / "compare.json").read_text())["rows"]) == len(rows)
