@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench ablations clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ test: install lint
 
 bench: install
 	$(BIN)/python benchmarks/embed_throughput.py
+
+# The paper's analyses and the selection-vs-random comparison on the full zoo (built first, cached).
+ablations: install
+	$(BIN)/delta-router -v zoo build --spec full
+	$(BIN)/delta-router -v ablations --zoo full --out reports
+	$(BIN)/delta-router -v compare --zoo full --out reports/compare
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -512,6 +512,23 @@ def cmd_compare(args: argparse.Namespace) -> None:
     console.print(f"written to {out} (compare.md, compare.json, compare.png)")
 
 
+def cmd_ablations(args: argparse.Namespace) -> None:
+    from delta_router.ablations import ABLATIONS, Ablations
+    from delta_router.zoo import Zoo
+
+    unknown = sorted(set(args.only or []) - set(ABLATIONS))
+    if unknown:
+        raise DeltaRouterError(f"unknown ablations {unknown}; known: {', '.join(ABLATIONS)}")
+    zoo = Zoo(args.zoo, args.base, progress=False)
+    results = Ablations(zoo, args.out, fewshot_queries=args.fewshot_queries).run(args.only)
+    table = Table(title=f"ablations on zoo {args.zoo} -> {args.out}")
+    for col in ("ablation", "seconds", "report"):
+        table.add_column(col)
+    for name, result in results.items():
+        table.add_row(name, f"{result['seconds']:.0f}", str(Path(args.out) / f"{name}.md"))
+    _emit(args, results, table)
+
+
 # ---- parser ----------------------------------------------------------------------------------
 def _add_embedding_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedding (defaults: the paper's method, or the index's settings)")
@@ -697,6 +714,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=SELECTION_METHODS, default="finetune", help="selection method")
     p.add_argument("--out", default="reports/compare", help="report directory (default reports/compare)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("ablations", parents=[common], help="rerun the paper's analyses on a zoo")
+    p.add_argument("--zoo", default="full", help="zoo spec (default full)")
+    p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+    p.add_argument("--only", action="append", help="run only this ablation (repeatable)")
+    p.add_argument("--fewshot-queries", type=int, default=1, help="queries per domain and size")
+    p.add_argument("--out", default="reports", help="report directory (default reports)")
+    p.set_defaults(func=cmd_ablations)
 
     p = sub.add_parser("demo", parents=[common], help="the end-to-end job on the default base")
     p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")

@@ -58,3 +58,25 @@ def test_comparison_runs_every_condition_and_caches(tiny_zoo, tmp_path):
     out = write_report(rows, tmp_path / "report", "delta-router compare ...")
     assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png"}
     assert len(json.loads((out / "compare.json").read_text())["rows"]) == len(rows)
+
+
+def test_every_ablation_runs_on_a_tiny_zoo(tiny_base, tmp_path):
+    from delta_router.ablations import ABLATIONS, Ablations
+
+    spec = ZooSpec("tiny-ablate", tuple(SYNTHETIC_WORDS), parts=2, mixtures=(("fruit", "digits"),),
+                   robustness_domains=("fruit",), train_size=24, train=TINY_TRAIN)  # fmt: skip
+    splits = {name: synthetic_domain(name) for name in SYNTHETIC_WORDS}
+    zoo = Zoo(spec, tiny_base, root=tmp_path / "zoo", progress=False, splits=splits)
+    zoo.build()
+    results = Ablations(zoo, tmp_path / "reports", fewshot_sizes=(5, 10)).run()
+    assert set(results) == set(ABLATIONS)
+    baselines = {"Delta Activations", "flattened LoRA weights", "salient mask (top 1%)", "output embeddings"}
+    assert set(results["clustering"]["silhouette"]) == baselines
+    assert all(-1 <= v <= 1 for v in results["probes"]["silhouette"].values())
+    assert len(results["robustness"]["variants"]) == 5
+    mix = results["additivity"]["mixtures"]["mix-fruit+digits"]
+    assert -1 <= mix["cos(mix, A+B)"] <= 1
+    assert results["fewshot"]["accuracy"]["activations"]["5"]["queries"] == 2
+    for name in ABLATIONS:
+        assert (tmp_path / "reports" / f"{name}.md").exists()
+    assert (tmp_path / "reports" / "fewshot.png").exists()

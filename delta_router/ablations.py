@@ -1,0 +1,270 @@
+"""The paper's analyses rerun on a built zoo; each writes ``<out>/<name>.md`` (+ PNG) and returns its numbers.
+
+``ABLATIONS`` (run by ``delta-router ablations`` / ``make ablations``):
+
+1. ``clustering``: silhouette by domain of Delta Activations vs the paper's baselines: flattened
+   LoRA weights, a salient-parameter mask (top 1% |w| of the flattened LoRA factors), and output
+   embeddings (the base's mean-pooled hidden state of each finetune's greedy answers to the probes).
+2. ``probes``: number of probes (1, 3, 5, 20), the templates vs random words / in-domain text,
+   layer (first, middle, last), last-token vs mean pooling.
+3. ``robustness``: where finetunes with other rank / lr / data size land.
+4. ``additivity``: cos(delta(mix of A and B), delta(A) + delta(B)) vs pairs not involved.
+5. ``fewshot``: top-1 / top-3 domain retrieval vs the number of examples, both selection methods.
+
+Embeddings are cached by content hash and space, few-shot finetunes by examples, so reruns are fast.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from delta_router.clustering import cosine_similarities, silhouette, tsne_plot
+from delta_router.embed import DeltaEmbedder
+from delta_router.finetune import ADAPTER_WEIGHTS
+from delta_router.home import atomic_write_text
+from delta_router.probes import PAPER_INPUT, PAPER_PREAMBLES, ProbeSet, alpaca_prompt
+from delta_router.route import QueryEncoder
+from delta_router.selector import SELECTION_METHODS, TaskSelector
+
+logger = logging.getLogger(__name__)
+
+PAPER = {
+    "clustering": "silhouette: Delta Activations 0.614, weights -0.043, salient mask 0.190, outputs 0.087",
+    "additivity": "0.73 (mixture vs sum of its parts)",
+    "selection": "+2.0 points over random selection",
+}
+GENERIC_TASKS = (
+    "Please provide a response.",
+    "Respond to the request.",
+    "Complete the task.",
+    "Answer the query.",
+)
+
+
+class Ablations:
+    """Runs the analyses on ``zoo`` (built) and writes reports to ``out_dir``."""
+
+    def __init__(self, zoo, out_dir: str | Path, fewshot_sizes=(5, 10, 20, 50), fewshot_queries: int = 1):
+        self.zoo, self.out_dir = zoo, Path(out_dir)
+        self.fewshot_sizes, self.fewshot_queries = fewshot_sizes, fewshot_queries
+        self.entries = zoo.load_index().list()
+        self.domain_entries = [e for e in self.entries if e.tags.get("kind") == "domain"]
+        self.labels = [e.tags["domain"] for e in self.domain_entries]
+        self.paths = [e.embedding.path for e in self.domain_entries]
+        self.ids = [e.model_id for e in self.domain_entries]
+
+    def run(self, names: Sequence[str] | None = None) -> dict[str, dict]:
+        results = {}
+        for name in names or ABLATIONS:
+            clock = time.perf_counter()
+            results[name] = ABLATIONS[name](self)
+            results[name]["seconds"] = round(time.perf_counter() - clock, 1)
+            logger.info("ablation %s done in %.0fs", name, results[name]["seconds"])
+            self._write(name, results[name])
+        return results
+
+    # ---- 1. clustering vs baselines ------------------------------------------------------------
+    def clustering(self) -> dict:
+        methods = {
+            "Delta Activations": np.stack([e.embedding.vector for e in self.domain_entries]),
+            "flattened LoRA weights": np.stack([self._lora_vector(p) for p in self.paths]),
+        }
+        weights = methods["flattened LoRA weights"]
+        threshold = np.quantile(np.abs(weights), 0.99, axis=1, keepdims=True)
+        methods["salient mask (top 1%)"] = (np.abs(weights) >= threshold).astype(np.float32)
+        methods["output embeddings"] = self._output_embeddings()
+        scores = {name: silhouette(vectors, self.labels) for name, vectors in methods.items()}
+        for name, vectors in methods.items():
+            slug = name.split(" ")[0].lower()
+            tsne_plot(vectors, self.labels, self.out_dir / f"clustering-{slug}.png", f"{name} (t-SNE)")
+        return {"silhouette": scores, "paper": PAPER["clustering"]}
+
+    @staticmethod
+    def _lora_vector(path: str) -> np.ndarray:
+        with safe_open(str(Path(path) / ADAPTER_WEIGHTS), framework="pt") as fh:
+            return torch.cat([fh.get_tensor(k).flatten().float() for k in sorted(fh.keys())]).numpy()
+
+    def _output_embeddings(self, max_tokens: int = 32) -> np.ndarray:
+        """Greedy answers of every finetune to the probes, embedded by the base (mean pooling)."""
+        from peft import PeftModel
+
+        base = self.zoo.base
+        tokenizer = base.load_tokenizer()
+        tokenizer.padding_side = "left"
+        model = PeftModel.from_pretrained(base.load_model(), self.paths[0], adapter_name=self.ids[0])
+        for model_id, path in zip(self.ids[1:], self.paths[1:], strict=True):
+            model.load_adapter(path, adapter_name=model_id)
+        probes = list(ProbeSet.paper().texts)
+        batch = tokenizer(probes * len(self.ids), padding=True, return_tensors="pt")
+        names = [m for m in self.ids for _ in probes]
+        answers = []
+        for start in range(0, len(names), 20):
+            rows = slice(start, start + 20)
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=batch["input_ids"][rows],
+                    attention_mask=batch["attention_mask"][rows],
+                    adapter_names=names[rows],
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        encoder = QueryEncoder.for_model(model, tokenizer, pooling="mean")
+        with model.disable_adapter():
+            vectors = encoder([a if a.strip() else "(empty)" for a in answers]).numpy()
+        return vectors.reshape(len(self.ids), len(probes), -1).mean(1)
+
+    # ---- 2. probes, layer, pooling -------------------------------------------------------------
+    def probes(self) -> dict:
+        paper = ProbeSet.paper().texts
+        rng = random.Random(0)
+        words = " ".join(paper).split()
+        generic = [alpaca_prompt(t, PAPER_INPUT, p) for t in GENERIC_TASKS for p in PAPER_PREAMBLES]
+        in_domain = [self.zoo.splits(d).fewshot[0].prompt() for d in self.zoo.spec.domains][:5]
+        variants: dict[str, dict] = {
+            "1 probe": {"probes": paper[:1]},
+            "3 probes": {"probes": paper[:3]},
+            "5 probes (paper)": {"probes": paper},
+            "20 probes": {"probes": generic},
+            "5 random-word texts": {"probes": [" ".join(rng.choices(words, k=30)) for _ in range(5)]},
+            "5 in-domain prompts": {"probes": in_domain},
+        }
+        n_layers = self.zoo.base.fingerprint.num_layers
+        for label, layer in (("first", 1), ("middle", n_layers // 2)):
+            variants[f"layer {layer} ({label})"] = {"probes": paper, "layer": layer}
+        variants["mean pooling"] = {"probes": paper, "pooling": "mean"}
+        scores = {}
+        for name, options in variants.items():
+            embedder = DeltaEmbedder(self.zoo.base, progress=False, **options)
+            vectors = embedder.transform(self.paths)
+            scores[name] = silhouette(vectors, self.labels)
+            logger.info("probes %s: %.3f", name, scores[name])
+        return {"silhouette": scores}
+
+    # ---- 3. robustness -------------------------------------------------------------------------
+    def robustness(self) -> dict:
+        variants = [e for e in self.entries if e.tags.get("kind") == "robustness"]
+        if not variants:
+            return {"note": "this zoo has no robustness variants"}
+        domains = sorted(set(self.labels))
+        vectors_of = {
+            d: [e.embedding.vector for e in self.domain_entries if e.tags["domain"] == d] for d in domains
+        }
+        centroids = np.stack([np.mean(vectors_of[d], 0) for d in domains])
+        rows = {}
+        for entry in variants:
+            sims = cosine_similarities(np.vstack([entry.embedding.vector, centroids]))[0, 1:]
+            order = np.argsort(-sims)
+            rows[entry.model_id] = {
+                "own domain": entry.tags["domain"],
+                "nearest centroid": domains[order[0]],
+                "cosine": float(sims[order[0]]),
+                "runner-up cosine": float(sims[order[1]]),
+            }
+        vectors = np.stack([e.embedding.vector for e in self.domain_entries + variants])
+        labels = self.labels + [e.tags["domain"] for e in variants]
+        without = silhouette(np.stack([e.embedding.vector for e in self.domain_entries]), self.labels)
+        return {
+            "variants": rows,
+            "silhouette with variants": silhouette(vectors, labels),
+            "silhouette without": without,
+        }
+
+    # ---- 4. additivity -------------------------------------------------------------------------
+    def additivity(self) -> dict:
+        by_id = {e.model_id: e.embedding.vector for e in self.entries}
+        mixtures = [e for e in self.entries if e.tags.get("kind") == "mixture"]
+        if not mixtures:
+            return {"note": "this zoo has no mixtures"}
+        domains = sorted(set(self.labels))
+        rows = {}
+        for mix in mixtures:
+            a, b = mix.tags["domain"].split("+")
+            part = mix.tags.get("part", "0")
+            pairs = [(a, b), *itertools.combinations([d for d in domains if d not in (a, b)], 2)]
+            sums = np.stack([by_id[f"{x}-{part}"] + by_id[f"{y}-{part}"] for x, y in pairs])
+            cos = cosine_similarities(np.vstack([mix.embedding.vector, sums]))[0, 1:]
+            rows[mix.model_id] = {"cos(mix, A+B)": float(cos[0])}
+            if len(pairs) > 1:  # pairs of domains the mixture was not trained on
+                rows[mix.model_id] |= {
+                    "cos(mix, C+D) mean": float(cos[1:].mean()),
+                    "cos(mix, C+D) max": float(cos[1:].max()),
+                }
+        return {"mixtures": rows, "paper": PAPER["additivity"]}
+
+    # ---- 5. few-shot task embedding ------------------------------------------------------------
+    def fewshot(self) -> dict:
+        index = self.zoo.load_index().filtered(lambda e: e.tags.get("kind") == "domain")
+        table: dict[str, dict[str, dict[str, float]]] = {m: {} for m in SELECTION_METHODS}
+        for method in SELECTION_METHODS:
+            selector = TaskSelector(index, method=method, progress=False)
+            for size in self.fewshot_sizes:
+                top1, top3 = [], []
+                for domain in self.zoo.spec.domains:
+                    pool = self.zoo.splits(domain).fewshot
+                    for q in range(self.fewshot_queries):
+                        examples = pool[q * size : (q + 1) * size]
+                        if len(examples) < size:
+                            continue
+                        got = [h.entry.tags["domain"] for h in selector.select(examples, k=3).hits]
+                        top1.append(got[0] == domain)
+                        top3.append(domain in got)
+                table[method][str(size)] = {"top1": float(np.mean(top1)), "top3": float(np.mean(top3)),
+                                            "queries": len(top1)}  # fmt: skip
+                logger.info("fewshot %s n=%d: %s", method, size, table[method][str(size)])
+        self._line_plot(table, self.out_dir / "fewshot.png")
+        return {"accuracy": table}
+
+    def _line_plot(self, table: dict, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method, per_size in table.items():
+            sizes = [int(s) for s in per_size]
+            ax.plot(sizes, [v["top1"] for v in per_size.values()], marker="o", label=f"{method} top-1")
+            ax.plot(
+                sizes, [v["top3"] for v in per_size.values()], marker="x", ls="--", label=f"{method} top-3"
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("examples per task")
+        ax.set_ylabel("domain retrieval accuracy")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        tmp.replace(path)
+
+    # ---- output --------------------------------------------------------------------------------
+    def _write(self, name: str, result: dict) -> None:
+        body = json.dumps(result, indent=2)
+        pngs = sorted(p.name for p in self.out_dir.glob(f"{name}*.png"))
+        images = "".join(f"\n![{p}]({p})\n" for p in pngs)
+        zoo = f"zoo `{self.zoo.spec.name}`: {len(self.ids)} single-domain finetunes"
+        text = f"# Ablation: {name}\n\n{zoo}\n\n```json\n{body}\n```\n{images}"
+        atomic_write_text(self.out_dir / f"{name}.md", text)
+        atomic_write_text(self.out_dir / f"{name}.json", body)
+
+
+ABLATIONS: dict[str, Callable[[Ablations], dict]] = {
+    "clustering": Ablations.clustering,
+    "probes": Ablations.probes,
+    "robustness": Ablations.robustness,
+    "additivity": Ablations.additivity,
+    "fewshot": Ablations.fewshot,
+}
