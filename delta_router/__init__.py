@@ -16,6 +16,7 @@ from delta_router.finetune import Finetune  # noqa: E402
 from delta_router.index import ModelIndex, SearchHit  # noqa: E402
 from delta_router.merge import Merger  # noqa: E402
 from delta_router.probes import ProbeSet  # noqa: E402
+from delta_router.route import QueryEncoder, Router  # noqa: E402
 from delta_router.selector import TaskSelector  # noqa: E402
 from delta_router.train import LoraTrainer, TrainConfig  # noqa: E402
 from delta_router.zoo import Zoo  # noqa: E402
@@ -33,6 +34,8 @@ __all__ = [
     "Merger",
     "ModelIndex",
     "ProbeSet",
+    "QueryEncoder",
+    "Router",
     "SearchHit",
     "TaskSelector",
     "TrainConfig",
