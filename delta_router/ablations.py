@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from delta_router.clustering import cosine_similarities, silhouette, tsne_plot
+from delta_router.clustering import cosine_similarities, save_figure, silhouette, tsne_plot
 from delta_router.embed import DeltaEmbedder
 from delta_router.finetune import ADAPTER_WEIGHTS
 from delta_router.home import atomic_write_text
@@ -243,12 +243,7 @@ class Ablations:
         ax.set_xlabel("examples per task")
         ax.set_ylabel("domain retrieval accuracy")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        tmp.replace(path)
+        save_figure(fig, path)
 
     # ---- output --------------------------------------------------------------------------------
     def _write(self, name: str, result: dict) -> None:

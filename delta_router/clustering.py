@@ -59,8 +59,6 @@ def tsne_plot(
     vectors: np.ndarray, labels: Sequence[str], path: str | Path, title: str, seed: int = 0, names=None
 ) -> Path:
     """Write a 2-D t-SNE map (cosine metric) coloured by label as a PNG; returns ``path``."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,9 +80,18 @@ def tsne_plot(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as a PNG atomically (temp + rename) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
     return Path(path)

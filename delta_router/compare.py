@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from delta_router.clustering import save_figure
 from delta_router.evaluation import LmEvaluator, load_for_eval, task_name, write_tasks
 from delta_router.home import atomic_write_text, cache_dir
 from delta_router.merge import Merger
@@ -204,13 +205,7 @@ def bar_chart(summary: Sequence[dict], path: Path) -> Path:
     ax.set_ylabel("held-out score")
     ax.set_title(f"merge of k={k} ({recipe}): Delta-Activations selection vs random")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(rows: Sequence[Row], out_dir: str | Path, command: str) -> Path:
