@@ -279,6 +279,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         "top1_correct": result.top1_correct,
         "queries": {q: [(h.model_id, h.score) for h in hits] for q, hits in result.queries.items()},
         "learned": report.learned(),
+        "build": result.build.to_dict(),
+        "routes": {domain: decision.to_dict() for domain, decision in result.routes.items()},
     }
     table = Table(title=f"each finetune's nearest neighbours in the index ({result.base})")
     for col in ("finetune", "domain", "rank", "neighbour", "cosine", "its domain"):
@@ -297,6 +299,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
         console.print(f"silhouette by domain {report.silhouette_domain:.3f}; nearest neighbour in the same "
                       f"domain {result.top1_correct}/{len(result.queries)}; beat the base on their domain's "
                       f"held-out records {sum(learned.values())}/{len(learned)}")  # fmt: skip
+        picked = ", ".join(f"{h.model_id} ({h.score:.3f})" for h in result.build.selection.hits)
+        console.print(f"20 examples -> selected {picked} -> merged (ties) into {result.build.out_dir}")
+        routes = ", ".join(f"a {d} query -> {r.target} ({r.score:.2f})" for d, r in result.routes.items())
+        console.print(f"router: {routes}")
         console.print(f"({times})")
         console.print(f"report: {report.out_dir}/report.md; index: {result.index_dir}")
 

@@ -2,7 +2,9 @@
 
 Builds the ``small`` zoo (real finetunes of SmolLM2 on real domain data: 3 domains x 2 training
 thirds), embeds and indexes it, reports how it clusters, then asks the index for each finetune's
-nearest neighbour: a working embedding finds the other finetune of the same domain.
+nearest neighbour: a working embedding finds the other finetune of the same domain. Then the
+headline flow: 20 examples of one domain -> the selected finetunes merged into one model
+(``delta-router build``), and a router that sends one held-out query per domain to a finetune.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import time
 from dataclasses import dataclass, field
 
 from delta_router.base import DEFAULT_BASE, BaseModel, resolve_base
+from delta_router.home import cache_dir
 from delta_router.index import SearchHit
+from delta_router.pipeline import BuildResult, build_merged_model
+from delta_router.route import QueryEncoder, RouteDecision, Router, query_text
 from delta_router.zoo import Zoo
 from delta_router.zoo_report import ZooReport, build_report
 
@@ -27,6 +32,8 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
     domains: dict[str, str] = field(default_factory=dict)  # model id -> its domain
     queries: dict[str, list[SearchHit]] = field(default_factory=dict)  # model id -> its neighbours
+    build: BuildResult | None = None  # 20 examples of the first domain -> merged model
+    routes: dict[str, RouteDecision] = field(default_factory=dict)  # domain -> one held-out query's route
 
     @property
     def top1_correct(self) -> int:
@@ -52,4 +59,19 @@ def run_demo(base: str | BaseModel = DEFAULT_BASE, zoo: str = "small", eval_size
         result.domains[entry.model_id] = entry.tags["domain"]
         result.queries[entry.model_id] = index.search(entry.embedding, k=3, exclude={entry.model_id})
     logger.info("demo: %d/%d finetunes find their domain first", result.top1_correct, len(result.queries))
+
+    domain = built.spec.domains[0]
+    clock = time.perf_counter()
+    result.build = build_merged_model(
+        built.splits(domain).fewshot[:20], index, cache_dir("demo") / f"merged-{domain}",
+        k=min(2, len(index)), recipe="ties", force=True,
+    )  # fmt: skip
+    seconds[f"build: 20 {domain} examples -> merged model"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    encoder = QueryEncoder.for_model(resolved.load_model(), resolved.load_tokenizer())
+    router = Router.fit_zoo(built, encoder)
+    texts = {d: query_text(built.splits(d).test[0]) for d in built.spec.domains}
+    result.routes = dict(zip(texts, router.route(encoder, list(texts.values())), strict=True))
+    seconds["route: fit profiles + one query per domain"] = time.perf_counter() - clock
     return result

@@ -39,14 +39,15 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    min_tokens: int = 0  # EOS is ignored before this many tokens (benchmarks: fixed-length outputs)
     on_text: Callable[[str], None] | None = field(default=None, repr=False)  # streamed text deltas
 
     @property
     def sampling_key(self) -> tuple:
         """Requests with equal keys can share one ``generate`` call."""
         if self.temperature <= 0:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p, self.seed)
+            return ("greedy", self.min_tokens)
+        return ("sample", self.temperature, self.top_p, self.seed, self.min_tokens)
 
 
 @dataclass
@@ -87,7 +88,7 @@ class RowDecoder:
         if self.finish[row] is not None:
             return
         request = self.requests[row]
-        if token in self.eos_ids:
+        if token in self.eos_ids and len(self.tokens[row]) >= request.min_tokens:
             self.finish[row] = "stop"
             return
         self.tokens[row].append(token)
@@ -224,6 +225,7 @@ class PeftBackend:
         decoder = RowDecoder(self.tokenizer, requests, self.eos_ids)
         options = dict(
             max_new_tokens=max(r.max_tokens for r in requests),
+            min_new_tokens=first.min_tokens or None,
             streamer=decoder,
             pad_token_id=self.tokenizer.pad_token_id,
             do_sample=first.temperature > 0,
@@ -281,6 +283,7 @@ class VllmBackend:
             top_p=request.top_p,
             seed=request.seed,
             stop=list(request.stop) or None,
+            min_tokens=request.min_tokens,
         )
 
     def target(self, decision: RouteDecision) -> str:
