@@ -526,7 +526,7 @@ def cmd_ablations(args: argparse.Namespace) -> None:
     if unknown:
         raise DeltaRouterError(f"unknown ablations {unknown}; known: {', '.join(ABLATIONS)}")
     zoo = Zoo(args.zoo, args.base, progress=False)
-    results = Ablations(zoo, args.out, fewshot_queries=args.fewshot_queries).run(args.only)
+    results = Ablations(zoo, args.out, tuple(args.fewshot_sizes), args.fewshot_queries).run(args.only)
     table = Table(title=f"ablations on zoo {args.zoo} -> {args.out}")
     for col in ("ablation", "seconds", "report"):
         table.add_column(col)
@@ -726,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
     p.add_argument("--only", action="append", help="run only this ablation (repeatable)")
     p.add_argument("--fewshot-queries", type=int, default=1, help="queries per domain and size")
+    p.add_argument("--fewshot-sizes", type=int, nargs="+", default=[5, 10, 20, 50], help="examples per task")
     p.add_argument("--out", default="reports", help="report directory (default reports)")
     p.set_defaults(func=cmd_ablations)
 
