@@ -63,7 +63,7 @@ def main() -> None:
     members = [m for m in zoo.spec.members() if m.kind == "domain"]
     backend = PeftBackend(zoo.base, {m.id: zoo.adapter_dir(m) for m in members}, max_loaded=len(members))
     router = Router.fit_zoo(zoo, backend.encoder())
-    encoder = backend.encoder(pooling=router.pooling)
+    encoder = backend.encoder(**router.encoder_options)
     tests = {d: zoo.splits(d).test for d in zoo.spec.domains}
     print(f"# route_serve  {date.today()}  {platform.machine()}  {torch.get_num_threads()} threads")
     print(f"zoo {args.zoo}: {len(members)} adapters, PEFT backend on CPU\n")

@@ -444,7 +444,7 @@ def cmd_route_query(args: argparse.Namespace) -> None:
     router = Router.load(args.router, top_k=args.top_k, threshold=args.threshold)
     base = resolve_base(router.base_name)
     router.check_base(base.fingerprint, f"base {router.base_name}")
-    encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=router.pooling)
+    encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), **router.encoder_options)
     decisions = router.route(encoder, args.queries)
     table = Table(title="routing")
     for col in ("query", "served by", "weights", "best cosine"):

@@ -46,7 +46,8 @@ class QueryEncoder:
     """The base's pooled hidden state of raw texts: ``__call__(texts) -> [N, d]`` fp32.
 
     ``body`` is the transformer without its LM head (``model.base_model``); texts are cut to
-    ``max_length`` tokens (routing needs the gist, not the whole prompt).
+    ``max_length`` tokens: on the full zoo, 128 tokens route as accurately as 256 at 60% of the
+    cost, 64 lose ~2 points (``benchmarks/RESULTS.md``).
     """
 
     def __init__(
@@ -55,7 +56,7 @@ class QueryEncoder:
         tokenizer,
         layer: int = -1,
         pooling: str = "mean",
-        max_length: int = 256,
+        max_length: int = 128,
         batch_size: int = 16,
     ):
         self.body, self.tokenizer = body, tokenizer
@@ -120,6 +121,7 @@ class Router:
         base: BaseFingerprint,
         layer: int = -1,
         pooling: str = "mean",
+        max_length: int = 128,
         top_k: int = 1,
         threshold: float | None = None,
         temperature: float = 0.05,
@@ -128,7 +130,7 @@ class Router:
         if len(model_ids) != len(profiles) or not len(model_ids):
             raise DataError(f"{len(model_ids)} model ids for {len(profiles)} profiles")
         self.model_ids, self.profiles, self.center = list(model_ids), profiles.astype(np.float32), center
-        self.base, self.layer, self.pooling = base, layer, pooling
+        self.base, self.layer, self.pooling, self.max_length = base, layer, pooling, max_length
         self.top_k, self.threshold, self.temperature = top_k, threshold, temperature
         self.base_name = base_name  # how to load the base again (embedded name, dir or HF id)
 
@@ -149,7 +151,8 @@ class Router:
         center = means.mean(0)
         profiles = _unit(means - center)
         logger.info("router fitted on %d models", len(profiles))
-        return cls(list(examples), profiles, center, base, encoder.layer, encoder.pooling, **options)
+        settings = (encoder.layer, encoder.pooling, encoder.max_length)
+        return cls(list(examples), profiles, center, base, *settings, **options)
 
     @classmethod
     def fit_zoo(cls, zoo, encoder: QueryEncoder, per_model: int = 32, kinds=("domain",), **options) -> Router:
@@ -185,12 +188,15 @@ class Router:
         self.check_encoder(encoder)
         return self.decide(encoder(list(texts)))
 
+    @property
+    def encoder_options(self) -> dict:
+        """How queries must be encoded to land in this router's space (``QueryEncoder`` options)."""
+        return {"layer": self.layer, "pooling": self.pooling, "max_length": self.max_length}
+
     def check_encoder(self, encoder: QueryEncoder) -> None:
-        if (encoder.layer, encoder.pooling) != (self.layer, self.pooling):
-            raise DataError(
-                f"router profiles use layer {self.layer} / {self.pooling} pooling, the encoder "
-                f"layer {encoder.layer} / {encoder.pooling}"
-            )
+        theirs = {key: getattr(encoder, key) for key in self.encoder_options}
+        if theirs != self.encoder_options:
+            raise DataError(f"router profiles use {self.encoder_options}, the query encoder {theirs}")
 
     def check_base(self, base: BaseFingerprint, what: str = "the server's base") -> None:
         if base.id != self.base.id:
@@ -206,7 +212,8 @@ class Router:
             raise DataError("no model left to route to")
         return Router(
             [self.model_ids[i] for i in rows], self.profiles[rows], self.center, self.base,
-            self.layer, self.pooling, self.top_k, self.threshold, self.temperature, self.base_name,
+            self.layer, self.pooling, self.max_length, self.top_k, self.threshold, self.temperature,
+            self.base_name,
         )  # fmt: skip
 
     # ---- persistence ---------------------------------------------------------------------------
@@ -219,6 +226,7 @@ class Router:
             "base_name": self.base_name,
             "layer": self.layer,
             "pooling": self.pooling,
+            "max_length": self.max_length,
             "top_k": self.top_k,
             "threshold": self.threshold,
             "temperature": self.temperature,
@@ -243,7 +251,14 @@ class Router:
         options = {k: meta[k] for k in ("top_k", "threshold", "temperature", "base_name")} | overrides
         base = BaseFingerprint.from_dict(meta["base"])
         return cls(
-            meta["model_ids"], matrix[:-1], matrix[-1], base, meta["layer"], meta["pooling"], **options
+            meta["model_ids"],
+            matrix[:-1],
+            matrix[-1],
+            base,
+            meta["layer"],
+            meta["pooling"],
+            meta["max_length"],
+            **options,
         )
 
 

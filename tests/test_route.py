@@ -55,7 +55,7 @@ def test_save_load_round_trip_and_checks(router, encoder, tiny_base, other_base,
     loaded.check_base(resolve_base(tiny_base).fingerprint)
     with pytest.raises(IncompatibleBaseError, match="fitted on base"):
         loaded.check_base(resolve_base(other_base).fingerprint)
-    with pytest.raises(DataError, match="pooling"):
+    with pytest.raises(DataError, match="query encoder"):
         loaded.route(QueryEncoder(encoder.body, encoder.tokenizer, pooling="last"), queries)
     with pytest.raises(DataError, match="not a saved router"):
         Router.load(tmp_path)

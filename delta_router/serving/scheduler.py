@@ -44,7 +44,7 @@ class BatchScheduler:
     def __init__(self, backend, router: Router | None = None, max_batch: int = 8, max_wait_s: float = 0.01):
         self.backend, self.router = backend, router
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
-        self.encoder = backend.encoder(layer=router.layer, pooling=router.pooling) if router else None
+        self.encoder = backend.encoder(**router.encoder_options) if router else None
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.stats = {"batches": 0, "requests": 0, "errors": 0}
