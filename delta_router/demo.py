@@ -40,7 +40,7 @@ class DemoResult:
         return sum(hits[0].entry.tags["domain"] == self.domains[q] for q, hits in self.queries.items())
 
 
-def run_demo(base: str | BaseModel = DEFAULT_BASE, zoo: str = "small", eval_size: int = 32) -> DemoResult:
+def run_demo(base: str | BaseModel = DEFAULT_BASE, zoo: str = "small", eval_size: int = 16) -> DemoResult:
     clock = time.perf_counter()
     resolved = resolve_base(base)
     seconds = {"fetch base": time.perf_counter() - clock}
