@@ -33,7 +33,6 @@ from delta_router.embed import DeltaEmbedder
 from delta_router.finetune import ADAPTER_WEIGHTS
 from delta_router.home import atomic_write_text
 from delta_router.probes import PAPER_INPUT, PAPER_PREAMBLES, ProbeSet, alpaca_prompt
-from delta_router.route import QueryEncoder
 from delta_router.selector import SELECTION_METHODS, TaskSelector
 
 logger = logging.getLogger(__name__)
@@ -96,33 +95,18 @@ class Ablations:
 
     def _output_embeddings(self, max_tokens: int = 32) -> np.ndarray:
         """Greedy answers of every finetune to the probes, embedded by the base (mean pooling)."""
-        from peft import PeftModel
+        from delta_router.serving.backends import GenerationRequest, PeftBackend
 
-        base = self.zoo.base
-        tokenizer = base.load_tokenizer()
-        tokenizer.padding_side = "left"
-        model = PeftModel.from_pretrained(base.load_model(), self.paths[0], adapter_name=self.ids[0])
-        for model_id, path in zip(self.ids[1:], self.paths[1:], strict=True):
-            model.load_adapter(path, adapter_name=model_id)
+        backend = PeftBackend(self.zoo.base, dict(zip(self.ids, self.paths, strict=True)), len(self.ids))
         probes = list(ProbeSet.paper().texts)
-        batch = tokenizer(probes * len(self.ids), padding=True, return_tensors="pt")
-        names = [m for m in self.ids for _ in probes]
+        requests = [GenerationRequest(p, model_id, max_tokens) for model_id in self.ids for p in probes]
         answers = []
-        for start in range(0, len(names), 20):
-            rows = slice(start, start + 20)
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=batch["input_ids"][rows],
-                    attention_mask=batch["attention_mask"][rows],
-                    adapter_names=names[rows],
-                    max_new_tokens=max_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        encoder = QueryEncoder.for_model(model, tokenizer, pooling="mean")
-        with model.disable_adapter():
-            vectors = encoder([a if a.strip() else "(empty)" for a in answers]).numpy()
+        for start in range(0, len(requests), 20):  # mixed-adapter batches of 20 rows
+            answers += [r.text for r in backend.generate(requests[start : start + 20])]
+        with backend.base_only():
+            vectors = backend.encoder(pooling="mean")(
+                [a if a.strip() else "(empty)" for a in answers]
+            ).numpy()
         return vectors.reshape(len(self.ids), len(probes), -1).mean(1)
 
     # ---- 2. probes, layer, pooling -------------------------------------------------------------
