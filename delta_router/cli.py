@@ -506,8 +506,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     zoo = Zoo(args.zoo, args.base, progress=False)
     config = CompareConfig(
-        tuple(args.k or (1, 3, 5)), tuple(args.recipe or ("linear", "ties")), args.seeds, args.examples,
-        args.eval_size, args.limit, args.method,
+        ks=tuple(args.k or (1, 3, 5)), recipes=tuple(args.recipe or ("linear", "ties")), seeds=args.seeds,
+        examples=args.examples, eval_size=args.eval_size, limit=args.limit, method=args.method,
+        hub_size=args.lorahub, hub_budget=args.lorahub_budget,
     )  # fmt: skip
     rows = SelectionComparison(zoo, config, progress=not args.json).run(args.domains or zoo.spec.domains)
     out = write_report(rows, args.out, "delta-router " + " ".join(sys.argv[1:]))
@@ -718,6 +719,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=int, default=300, help="held-out records per domain")
     p.add_argument("--limit", type=int, help="lm-eval document limit per task")
     p.add_argument("--method", choices=SELECTION_METHODS, default="finetune", help="selection method")
+    p.add_argument(
+        "--lorahub",
+        type=int,
+        default=5,
+        metavar="N",
+        help="LoraHub protocol: top-1 + N-1 random vs N random, weights learnt (0: skip; default 5)",
+    )
+    p.add_argument("--lorahub-budget", type=int, default=40, help="loss evaluations per LoraHub search")
     p.add_argument("--out", default="reports/compare", help="report directory (default reports/compare)")
     p.set_defaults(func=cmd_compare)
 

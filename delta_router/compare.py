@@ -10,6 +10,10 @@ single-domain finetunes (``TaskSelector``); every condition is merged into one L
 - ``in-domain``: the merge of k finetunes of the target domain (the oracle selection);
 - ``all``: the merge of every candidate.
 
+and the paper's own protocol (recipe ``lorahub``, per seed): a ``LoraHub`` combination of the
+top-1 plus ``hub_size - 1`` random candidates (``selected``) vs of ``hub_size`` random ones
+(``random``), its weights learnt on ``hub_examples`` of the 20 examples.
+
 Scores are cached per condition (``$DELTA_ROUTER_HOME/evals/compare/``), so a rerun only does
 what is missing. ``summarize`` gives mean and 95% CI (Student t over seeds) per condition.
 """
@@ -19,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,9 +33,11 @@ import numpy as np
 from scipy import stats
 
 from delta_router.clustering import save_figure
+from delta_router.data import Record
 from delta_router.evaluation import LmEvaluator, load_for_eval, task_name, write_tasks
 from delta_router.home import atomic_write_text, cache_dir
-from delta_router.merge import Merger
+from delta_router.lorahub import LoraHub
+from delta_router.merge import PROVENANCE_FILE, Merger
 from delta_router.selector import TaskSelector
 
 logger = logging.getLogger(__name__)
@@ -46,12 +53,28 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     return mean, float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * sem)
 
 
+def difference_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """mean(a) - mean(b) and its Welch t-interval half-width; one value in ``a`` counts as exact."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    va = a.var(ddof=1) / len(a) if len(a) > 1 else 0.0
+    vb = b.var(ddof=1) / len(b) if len(b) > 1 else 0.0
+    diff = float(a.mean() - b.mean())
+    if va + vb == 0:
+        return diff, 0.0 if len(a) + len(b) > 2 else float("nan")
+    dof = (va + vb) ** 2 / sum(v**2 / (len(x) - 1) for v, x in ((va, a), (vb, b)) if len(x) > 1)
+    return diff, float(stats.t.ppf(0.5 + confidence / 2, dof) * np.sqrt(va + vb))
+
+
 def headline(metrics: dict[str, float]) -> float:
-    """One number per task, higher is better: accuracy, exact match, or minus perplexity."""
+    """One number per task, higher is better: accuracy, exact match, or the reference answer's log-likelihood.
+
+    lm-eval's ``perplexity`` of a ``loglikelihood`` task is ``exp(-mean summed log p(answer))``, so its
+    log is the mean negative log-likelihood of a whole answer (nats per document).
+    """
     for key in ("acc", "exact_match"):
         if key in metrics:
             return metrics[key]
-    return -metrics["perplexity"]
+    return -math.log(metrics["perplexity"])
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,9 @@ class CompareConfig:
     eval_size: int = 300  # held-out records per domain
     limit: int | None = None  # lm-eval documents per task
     method: str = "finetune"  # selection method
+    hub_size: int = 5  # adapters per LoraHub combination (0: skip the protocol)
+    hub_examples: int = 5  # examples the LoraHub weights are learnt on (LoraHub's default)
+    hub_budget: int = 40  # loss evaluations of the LoraHub weight search
 
 
 @dataclass
@@ -75,6 +101,29 @@ class Row:
     models: list[str]
     score: float
     metrics: dict[str, float] = field(default_factory=dict)
+    weights: list[float] | None = None  # learnt LoraHub weights, in ``models`` order
+
+    @classmethod
+    def of(
+        cls, domain: str, condition: str, k: int, recipe: str, seed: int | None, models, result: dict
+    ) -> Row:
+        """A row from a cached ``_score`` result."""
+        metrics = result["metrics"]
+        return cls(
+            domain,
+            condition,
+            k,
+            recipe,
+            seed,
+            list(models),
+            headline(metrics),
+            metrics,
+            result.get("weights"),
+        )
+
+
+# work directory -> (model to evaluate: "base" or a directory, extra fields for the cache entry)
+Builder = Callable[[Path], tuple[str | Path, dict]]
 
 
 class SelectionComparison:
@@ -102,8 +151,10 @@ class SelectionComparison:
         in_domain = [m for m in candidates if self.domain_of[m] == domain]
 
         def score(condition: str, models: list[str], k: int, recipe: str, seed: int | None = None) -> Row:
-            metrics = self._score(evaluator, task, models, recipe)
-            return Row(domain, condition, k, recipe, seed, models, headline(metrics), metrics)
+            result = self._score(
+                evaluator, task, [sorted(models), recipe], self._merge_builder(models, recipe)
+            )
+            return Row.of(domain, condition, k, recipe, seed, models, result)
 
         rows = [score("base", [], 0, "-")]
         for recipe in config.recipes:
@@ -117,33 +168,78 @@ class SelectionComparison:
                 for seed in range(config.seeds):
                     picks = random.Random(f"{domain}-{k}-{seed}").sample(candidates, k)
                     rows.append(score("random", picks, k, name, seed))
+        if config.hub_size:
+            rows += self._lorahub_rows(domain, evaluator, ranked[0], candidates)
         return rows
 
-    def _score(self, evaluator: LmEvaluator, task: str, models: list[str], recipe: str) -> dict[str, float]:
-        """lm-eval metrics of the merge of ``models`` (cached by models, recipe and eval setup)."""
-        key = json.dumps(
-            [sorted(models), recipe if len(models) > 1 else "-", str(evaluator.tasks_dir), evaluator.limit]
-        )
-        path = self.cache / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    def _lorahub_rows(
+        self, domain: str, evaluator: LmEvaluator, top: str, candidates: list[str]
+    ) -> list[Row]:
+        """The paper's protocol: LoraHub over top-1 + (n-1) random vs over n random, per seed."""
+        config, task = self.config, task_name(domain)
+        n = min(config.hub_size, len(candidates))
+        examples = self.zoo.splits(domain).fewshot[: config.hub_examples]
+        search = {"budget": config.hub_budget, "examples": config.hub_examples}
+        rows = []
+        for seed in range(config.seeds):
+            rng = random.Random(f"{domain}-lorahub-{seed}")
+            draws = {"selected": [top, *rng.sample([m for m in candidates if m != top], n - 1)],
+                     "random": rng.sample(candidates, n)}  # fmt: skip
+            for condition, models in draws.items():
+                build = self._hub_builder(models, examples)
+                result = self._score(evaluator, task, [models, "lorahub", search], build)
+                rows.append(Row.of(domain, condition, n, "lorahub", seed, models, result))
+        return rows
+
+    def _paths(self, models: Sequence[str]) -> list[Path]:
+        return [self.index.get(m).embedding.path for m in models]
+
+    def _merge_builder(self, models: list[str], recipe: str) -> Builder:
+        def build(work_dir: Path) -> tuple[str | Path, dict]:
+            paths = self._paths(models)
+            if len(paths) <= 1:
+                return (paths[0] if paths else "base"), {}
+            if not work_dir.exists():
+                Merger(self.zoo.base, recipe, progress=False).merge_adapters(paths, work_dir)
+            return work_dir, {}
+
+        return build
+
+    def _hub_builder(self, models: list[str], examples: Sequence[Record]) -> Builder:
+        def build(work_dir: Path) -> tuple[Path, dict]:
+            if not work_dir.exists():
+                hub = LoraHub(
+                    self.zoo.base, self._paths(models), self.config.hub_budget, progress=self.progress
+                )
+                hub.fit(examples).save(work_dir)
+            record = json.loads((work_dir / PROVENANCE_FILE).read_text())
+            return work_dir, {"weights": [m["weight"] for m in record["models"]]}
+
+        return build
+
+    def _score(self, evaluator: LmEvaluator, task: str, key: list, build: Builder) -> dict:
+        """``{"metrics", "weights", ...}`` of the model ``build(work_dir)`` makes, cached by ``key``.
+
+        ``key`` names the model (``[sorted models, recipe]`` for merges, or the LoraHub setup); the
+        cache entry is keyed by it and the eval setup (tasks, limit).
+        """
+        if len(key[0]) <= 1 and key[1] != "lorahub":
+            key = [key[0], "-"]  # one model or none: no merge, no recipe
+        key_text = json.dumps([*key, str(evaluator.tasks_dir), evaluator.limit])
+        path = self.cache / f"{hashlib.sha256(key_text.encode()).hexdigest()[:20]}.json"
         if path.exists():
-            return json.loads(path.read_text())["metrics"]
-        base = self.zoo.base
-        paths = [self.index.get(m).embedding.path for m in models]
-        if len(paths) <= 1:
-            target = paths[0] if paths else "base"
-        else:
-            target = cache_dir("evals", "merges") / path.stem
-            if not target.exists():
-                Merger(base, recipe, progress=False).merge_adapters(paths, target)
-        model, tokenizer = load_for_eval(target, base)
+            return json.loads(path.read_text())
+        target, extra = build(cache_dir("evals", "merges") / path.stem)
+        model, tokenizer = load_for_eval(target, self.zoo.base)
         metrics = evaluator.evaluate(model, tokenizer, [task])[task]
-        atomic_write_text(path, json.dumps({"models": models, "recipe": recipe, "metrics": metrics}))
-        logger.info("%s %s %s: %s", task, recipe, models, metrics)
-        return metrics
+        result = {"models": key[0], "recipe": key[1], "metrics": metrics, **extra}
+        atomic_write_text(path, json.dumps(result))
+        logger.info("%s %s %s: %s", task, key[1], key[0], metrics)
+        return result
 
 
 def summarize(rows: Sequence[Row]) -> list[dict]:
-    """Mean and 95% CI of the score per (domain, condition, k, recipe), plus selected - random."""
+    """Mean and 95% CI of the score per (domain, condition, k, recipe), plus selected - random (Welch)."""
     groups: dict[tuple, list[float]] = {}
     for row in rows:
         groups.setdefault((row.domain, row.condition, row.k, row.recipe), []).append(row.score)
@@ -155,7 +251,7 @@ def summarize(rows: Sequence[Row]) -> list[dict]:
         if condition == "selected":
             random_scores = groups.get((domain, "random", k, recipe), [])
             if random_scores:
-                gain, gain_ci = mean_ci([mean - s for s in random_scores])
+                gain, gain_ci = difference_ci(scores, random_scores)
                 entry |= {"gain_vs_random": gain, "gain_ci95": gain_ci}
         table.append(entry)
     return table

@@ -165,7 +165,9 @@ def load_for_eval(model: str | Path, base: BaseModel):
     if finetune.kind == "lora":
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base.load_model(), str(finetune.path)).eval(), tokenizer
+        # Folding the adapter into the weights scores the same model without LoRA's extra matmuls.
+        peft_model = PeftModel.from_pretrained(base.load_model(), str(finetune.path))
+        return peft_model.merge_and_unload().eval(), tokenizer
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(finetune.path), dtype="float32").eval(), tokenizer

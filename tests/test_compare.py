@@ -6,8 +6,17 @@ import json
 import math
 
 import pytest
+from scipy import stats
 
-from delta_router.compare import CompareConfig, Row, SelectionComparison, mean_ci, summarize, write_report
+from delta_router.compare import (
+    CompareConfig,
+    Row,
+    SelectionComparison,
+    difference_ci,
+    mean_ci,
+    summarize,
+    write_report,
+)
 from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
 from delta_router.train import TrainConfig
 from delta_router.zoo import Zoo, ZooSpec
@@ -32,6 +41,25 @@ def test_summary_reports_gain_over_random():
     assert selected["gain_ci95"] == pytest.approx(mean_ci([0.4, 0.3, 0.2])[1])
 
 
+def test_difference_ci_is_welch():
+    a, b = [0.8, 0.9, 1.0], [0.5, 0.6, 0.7, 0.8]
+    diff, half = difference_ci(a, b)
+    va, vb = 0.01 / 3, (0.0166667) / 4  # sample variances / n
+    dof = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)
+    assert diff == pytest.approx(0.25)
+    assert half == pytest.approx(stats.t.ppf(0.975, dof) * math.sqrt(va + vb), rel=1e-4)
+    # One value on the left is exact: the interval is the one-sample interval of the right.
+    assert difference_ci([0.9], b)[1] == pytest.approx(mean_ci(b)[1])
+
+
+def test_lorahub_rows_get_seeded_selected_and_random_draws():
+    draws = {"selected": [0.8, 0.9], "random": [0.5, 0.6]}
+    rows = [Row("d", c, 2, "lorahub", s, ["a", "b"], v, weights=[0.5, 0.1])
+            for c, values in draws.items() for s, v in enumerate(values)]  # fmt: skip
+    [selected, _] = summarize(rows)
+    assert selected["n"] == 2 and selected["gain_vs_random"] == pytest.approx(0.3)
+
+
 @pytest.fixture(scope="module")
 def tiny_zoo(tiny_base, tmp_path_factory):
     spec = ZooSpec("tiny", tuple(SYNTHETIC_WORDS), parts=2, train_size=24, train=TINY_TRAIN)
@@ -43,13 +71,19 @@ def tiny_zoo(tiny_base, tmp_path_factory):
 
 def test_comparison_runs_every_condition_and_caches(tiny_zoo, tmp_path):
     config = CompareConfig(
-        ks=(1, 2), recipes=("linear",), seeds=2, examples=10, eval_size=12, method="activations"
-    )
+        ks=(1, 2), recipes=("linear",), seeds=2, examples=10, eval_size=12, method="activations",
+        hub_size=2, hub_examples=4, hub_budget=4,
+    )  # fmt: skip
     comparison = SelectionComparison(tiny_zoo, config, progress=False)
     rows = comparison.run(["fruit"])
-    conditions = {(r.condition, r.k) for r in rows}
-    assert conditions == {("base", 0), ("all", 4), ("selected", 1), ("selected", 2), ("in-domain", 1),
-                          ("in-domain", 2), ("random", 1), ("random", 2)}  # fmt: skip
+    conditions = {(r.condition, r.k, r.recipe) for r in rows}
+    merges = {(c, k, "linear" if k > 1 else "-") for c in ("selected", "in-domain", "random") for k in (1, 2)}
+    hubs = {("selected", 2, "lorahub"), ("random", 2, "lorahub")}
+    assert conditions == {("base", 0, "-"), ("all", 4, "linear")} | merges | hubs
+    hub = [r for r in rows if r.recipe == "lorahub"]
+    assert len(hub) == 4 and all(len(r.weights) == 2 for r in hub)
+    top = next(r for r in rows if r.condition == "selected" and r.k == 1).models[0]
+    assert all(r.models[0] == top for r in hub if r.condition == "selected")
     assert all(0.0 <= r.score <= 1.0 for r in rows)
     assert all(m.startswith("fruit") for r in rows if r.condition == "in-domain" for m in r.models)
     cached = sorted(comparison.cache.iterdir())
