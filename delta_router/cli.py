@@ -264,6 +264,34 @@ def cmd_build(args: argparse.Namespace) -> None:
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
 
 
+def cmd_lorahub(args: argparse.Namespace) -> None:
+    from delta_router.lorahub import LoraHub
+    from delta_router.merge import refuse_existing
+    from delta_router.selector import TaskSelector, read_examples
+
+    refuse_existing(args.out, args.force)  # before minutes of compute, not after
+    selector = TaskSelector(ModelIndex.load(args.index), method=args.method, progress=not args.json)
+    selection = selector.select(args.examples, k=args.k)
+    adapters = [h.entry.embedding.path for h in selection.hits]
+    hub = LoraHub(selector.embedder.base, adapters, budget=args.budget, progress=not args.json)
+    hub.fit(read_examples(args.examples)[: args.fit_examples]).save(args.out, force=args.force)
+    weights = dict(zip(selection.model_ids, map(float, hub.weights_), strict=True))
+    payload = {
+        "out_dir": str(args.out),
+        "selection": selection.to_dict(),
+        "weights": weights,
+        "loss": hub.loss_,
+    }
+    table = Table(title=f"LoraHub weights, learnt on {args.fit_examples} examples (loss {hub.loss_:.4f})")
+    for col in ("rank", "model id", "cosine", "weight"):
+        table.add_column(col)
+    for hit in selection.hits:
+        table.add_row(str(hit.rank), hit.model_id, f"{hit.score:.4f}", f"{weights[hit.model_id]:+.3f}")
+    _emit(args, payload, table)
+    if not args.json:
+        console.print(f"LoRA adapter written to {args.out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from delta_router.demo import run_demo
 
@@ -648,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     from delta_router.selector import SELECTION_METHODS
 
     for name, func, text in (("select", cmd_select, "rank indexed finetunes for examples of a task"),
+                             ("lorahub", cmd_lorahub, "select the top-k adapters, learn LoraHub weights"),
                              ("build", cmd_build, "select the top-k for a task and merge them")):  # fmt: skip
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("--examples", required=True, help="JSONL/CSV of the task's examples (>= 5, ~20)")
@@ -656,6 +685,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--method", choices=SELECTION_METHODS, default="finetune",
                        help="finetune: the paper's few-shot LoRA (default); activations: none")  # fmt: skip
         p.set_defaults(func=func)
+        if name == "lorahub":
+            p.add_argument("--out", required=True, help="LoRA adapter directory to write")
+            p.add_argument("--budget", type=int, default=40, help="loss evaluations of the search (40)")
+            p.add_argument(
+                "--fit-examples", type=int, default=5, help="examples the weights are learnt on (5)"
+            )
+            p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--recipe", default="ties",
                    help=f"merge recipe: {', '.join(available_recipes())} or a YAML path")  # fmt: skip

@@ -100,3 +100,21 @@ def test_build_command_selects_merges_and_scores(zoo_index, tiny_base, tmp_path,
     assert main(adapter_argv) == 0
     assert json.loads(capsys.readouterr().out)["selection"]["candidates"][0]["model_id"] == chosen[0]
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_lorahub_command_learns_weights_for_the_selected_adapters(zoo_index, tiny_base, tmp_path, capsys):
+    from peft import PeftModel
+
+    from delta_router.base import resolve_base
+    from delta_router.cli import main
+
+    index_dir = tmp_path / "index"
+    zoo_index.save(index_dir)
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in examples("fruit")))
+    argv = ["lorahub", "--examples", str(tmp_path / "task.jsonl"), "--index", str(index_dir), "--k", "2",
+            "--method", "activations", "--budget", "6", "--out", str(tmp_path / "hub")]  # fmt: skip
+    assert main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["weights"]) == [c["model_id"] for c in result["selection"]["candidates"]]
+    PeftModel.from_pretrained(resolve_base(tiny_base).load_model(), str(tmp_path / "hub"))
+    assert main(argv) == 2 and "already exists" in capsys.readouterr().err
