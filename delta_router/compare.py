@@ -65,16 +65,22 @@ def difference_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.
     return diff, float(stats.t.ppf(0.5 + confidence / 2, dof) * np.sqrt(va + vb))
 
 
+TARGET_GAIN = 0.05  # the issue's bar: selection >= 5 accuracy points above random
+
+
+def headline_metric(metrics: dict[str, float]) -> str:
+    """Which number ``headline`` reports: ``acc``, ``exact_match`` or ``loglik``."""
+    return next((key for key in ("acc", "exact_match") if key in metrics), "loglik")
+
+
 def headline(metrics: dict[str, float]) -> float:
     """One number per task, higher is better: accuracy, exact match, or the reference answer's log-likelihood.
 
     lm-eval's ``perplexity`` of a ``loglikelihood`` task is ``exp(-mean summed log p(answer))``, so its
     log is the mean negative log-likelihood of a whole answer (nats per document).
     """
-    for key in ("acc", "exact_match"):
-        if key in metrics:
-            return metrics[key]
-    return -math.log(metrics["perplexity"])
+    metric = headline_metric(metrics)
+    return metrics[metric] if metric != "loglik" else -math.log(metrics["perplexity"])
 
 
 @dataclass(frozen=True)
@@ -241,12 +247,13 @@ class SelectionComparison:
 def summarize(rows: Sequence[Row]) -> list[dict]:
     """Mean and 95% CI of the score per (domain, condition, k, recipe), plus selected - random (Welch)."""
     groups: dict[tuple, list[float]] = {}
+    metric = {row.domain: headline_metric(row.metrics) for row in rows}
     for row in rows:
         groups.setdefault((row.domain, row.condition, row.k, row.recipe), []).append(row.score)
     table = []
     for (domain, condition, k, recipe), scores in groups.items():
         mean, ci = mean_ci(scores)
-        entry = {"domain": domain, "condition": condition, "k": k, "recipe": recipe,
+        entry = {"domain": domain, "metric": metric[domain], "condition": condition, "k": k, "recipe": recipe,
                  "n": len(scores), "mean": mean, "ci95": ci}  # fmt: skip
         if condition == "selected":
             random_scores = groups.get((domain, "random", k, recipe), [])
@@ -271,13 +278,100 @@ def to_markdown(summary: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def bar_chart(summary: Sequence[dict], path: Path) -> Path:
-    """Grouped bars per domain: base, selected, random (± CI), in-domain, all, for the largest k."""
+def _gains(summary: Sequence[dict]) -> tuple[list[tuple[int, str]], dict[tuple, dict]]:
+    """The (k, recipe) settings with a selected-vs-random gain, and each (domain, k, recipe)'s entry."""
+    entries = {(e["domain"], e["k"], e["recipe"]): e for e in summary if "gain_vs_random" in e}
+    settings = sorted({(k, recipe) for _, k, recipe in entries}, key=lambda s: (s[1] == "lorahub", s))
+    return settings, entries
+
+
+def _setting(k: int, recipe: str) -> str:
+    return f"k={k}" if recipe == "-" else f"k={k} {recipe}"
+
+
+def gain_table(summary: Sequence[dict]) -> str:
+    """Selected − random per domain (rows) and setting (columns), accuracy in points, log-likelihood in nats.
+
+    Bold: accuracy gain >= ``TARGET_GAIN`` with the interval above zero (log-likelihood: above zero).
+    The last row counts the bold accuracy domains per setting.
+    """
+    settings, entries = _gains(summary)
+    domains = list(dict.fromkeys(domain for domain, _, _ in entries))
+    lines = ["| domain | unit | " + " | ".join(_setting(*s) for s in settings) + " |",
+             "|---|---|" + "---|" * len(settings)]  # fmt: skip
+    wins = dict.fromkeys(settings, 0)
+    counted = dict.fromkeys(settings, 0)
+    for domain in domains:
+        accuracy = next(e["metric"] != "loglik" for (d, _, _), e in entries.items() if d == domain)
+        scale = 100.0 if accuracy else 1.0
+        cells = []
+        for setting in settings:
+            e = entries.get((domain, *setting))
+            if e is None:
+                cells.append("")
+                continue
+            gain, ci = e["gain_vs_random"], 0.0 if np.isnan(e["gain_ci95"]) else e["gain_ci95"]
+            win = gain - ci > 0 and (gain >= TARGET_GAIN or not accuracy)
+            if accuracy:
+                counted[setting] += 1
+                wins[setting] += win
+            text = f"{scale * gain:+.1f} ± {scale * ci:.1f}"
+            cells.append(f"**{text}**" if win else text)
+        lines.append(f"| {domain} | {'acc points' if accuracy else 'nats'} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| **>= 5 points, CI > 0** | | " + " | ".join(f"{wins[s]}/{counted[s]}" for s in settings) + " |"
+    )
+    return "\n".join(lines)
+
+
+def gain_chart(summary: Sequence[dict], path: Path) -> Path:
+    """Selected − random (± 95% CI) per domain, one bar per setting; a panel per unit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    settings, entries = _gains(summary)
+    panels = {}
+    for (domain, k, recipe), e in entries.items():
+        unit = "accuracy points" if e["metric"] != "loglik" else "answer log-likelihood (nats)"
+        panels.setdefault(unit, {}).setdefault(domain, {})[(k, recipe)] = e
+    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 5 * len(panels), 4), squeeze=False,
+                             width_ratios=[len(d) for d in panels.values()])  # fmt: skip
+    width = 0.8 / len(settings)
+    for ax, (unit, by_domain) in zip(axes[0], panels.items(), strict=True):
+        scale = 100.0 if unit.startswith("accuracy") else 1.0
+        domains = list(by_domain)
+        for j, setting in enumerate(settings):
+            found = [by_domain[d].get(setting) for d in domains]
+            gains = [scale * e["gain_vs_random"] if e else np.nan for e in found]
+            cis = [scale * e["gain_ci95"] if e and not np.isnan(e["gain_ci95"]) else 0.0 for e in found]
+            ax.bar(
+                np.arange(len(domains)) + j * width,
+                gains,
+                width,
+                yerr=cis,
+                capsize=2,
+                label=_setting(*setting),
+            )
+        if scale == 100.0:
+            ax.axhline(100 * TARGET_GAIN, color="grey", linestyle="--", linewidth=1, label="target (+5)")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
+        ax.set_ylabel(f"selected − random, {unit}")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Delta-Activations selection minus random selection (95% CI over random seeds)")
+    return save_figure(fig, path)
+
+
+def bar_chart(summary: Sequence[dict], path: Path) -> Path:
+    """Accuracy per domain: base, selected, random (± CI), in-domain, all, for the largest k merged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = [e for e in summary if e["metric"] != "loglik"]  # one axis: accuracies only
     domains = list(dict.fromkeys(e["domain"] for e in summary))
     k = max(e["k"] for e in summary if e["condition"] == "selected")
     recipe = next(e["recipe"] for e in summary if e["condition"] == "selected" and e["k"] == k)
@@ -305,12 +399,17 @@ def bar_chart(summary: Sequence[dict], path: Path) -> Path:
 
 
 def write_report(rows: Sequence[Row], out_dir: str | Path, command: str) -> Path:
-    """``compare.md`` (table + command), ``compare.json`` (every raw score), ``compare.png``."""
+    """``compare.md`` (tables + command), ``compare.json`` (raw scores), ``compare.png``, ``gains.png``."""
     out_dir = Path(out_dir)
     summary = summarize(rows)
     atomic_write_text(out_dir / "compare.json", json.dumps({"rows": [asdict(r) for r in rows],
                                                             "summary": summary}, indent=2))  # fmt: skip
     bar_chart(summary, out_dir / "compare.png")
-    text = f"# Selection vs random merges\n\n`{command}`\n\n{to_markdown(summary)}\n\n![bars](compare.png)\n"
+    gain_chart(summary, out_dir / "gains.png")
+    text = "\n\n".join([
+        "# Selection vs random merges", f"`{command}`",
+        "## Selected − random", gain_table(summary), "![gains](gains.png)",
+        "## Every condition", to_markdown(summary), "![bars](compare.png)\n",
+    ])  # fmt: skip
     atomic_write_text(out_dir / "compare.md", text)
     return out_dir

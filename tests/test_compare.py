@@ -13,6 +13,7 @@ from delta_router.compare import (
     Row,
     SelectionComparison,
     difference_ci,
+    gain_table,
     mean_ci,
     summarize,
     write_report,
@@ -39,6 +40,22 @@ def test_summary_reports_gain_over_random():
     [selected, random_] = summarize(rows)
     assert selected["gain_vs_random"] == pytest.approx(0.3) and random_["n"] == 3
     assert selected["gain_ci95"] == pytest.approx(mean_ci([0.4, 0.3, 0.2])[1])
+
+
+def test_gain_table_marks_domains_that_clear_the_target():
+    def rows(domain: str, selected: float, randoms: list[float], metrics_key: str = "acc") -> list[Row]:
+        out = [Row(domain, "selected", 3, "ties", None, ["a"], selected, {metrics_key: 1.0})]
+        return out + [Row(domain, "random", 3, "ties", s, ["b"], v, {metrics_key: 1.0})
+                      for s, v in enumerate(randoms)]  # fmt: skip
+
+    table = gain_table(summarize(
+        rows("clear", 0.9, [0.5, 0.55, 0.6]) + rows("small", 0.62, [0.6, 0.6, 0.61])
+        + rows("noisy", 0.7, [0.2, 0.9, 0.5]) + rows("code", -10.0, [-12.0, -13.0, -12.5], "perplexity")
+    ))  # fmt: skip
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert "**+35.0" in lines["clear"] and "**" not in lines["small"] and "**" not in lines["noisy"]
+    assert "nats" in lines["code"] and "**+2.5" in lines["code"]
+    assert lines["**>= 5 points, CI > 0**"].endswith("| 1/3 |")  # log-likelihood domains are not counted
 
 
 def test_difference_ci_is_welch():
@@ -90,7 +107,7 @@ def test_comparison_runs_every_condition_and_caches(tiny_zoo, tmp_path):
     assert [r.score for r in comparison.run(["fruit"])] == [r.score for r in rows]  # from the cache
     assert sorted(comparison.cache.iterdir()) == cached
     out = write_report(rows, tmp_path / "report", "delta-router compare ...")
-    assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png"}
+    assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png", "gains.png"}
     assert len(json.loads((out / "compare.json").read_text())["rows"]) == len(rows)
 
 
