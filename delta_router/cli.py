@@ -529,7 +529,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from delta_router.compare import CompareConfig, SelectionComparison, summarize, to_markdown, write_report
+    from delta_router.compare import CompareConfig, SelectionComparison, gain_table, summarize, write_report
+    from delta_router.selector import read_examples
     from delta_router.zoo import Zoo
 
     zoo = Zoo(args.zoo, args.base, progress=False)
@@ -538,13 +539,20 @@ def cmd_compare(args: argparse.Namespace) -> None:
         examples=args.examples, eval_size=args.eval_size, limit=args.limit, method=args.method,
         hub_size=args.lorahub, hub_budget=args.lorahub_budget,
     )  # fmt: skip
-    rows = SelectionComparison(zoo, config, progress=not args.json).run(args.domains or zoo.spec.domains)
+    tasks = [
+        (name, read_examples(examples), read_examples(held_out))
+        for name, examples, held_out in args.task or []
+    ]
+    comparison = SelectionComparison(zoo, config, progress=not args.json)
+    rows = comparison.run(args.domains or ([] if tasks else zoo.spec.domains))
+    for task in tasks:
+        rows += comparison.run_task(*task)
     out = write_report(rows, args.out, "delta-router " + " ".join(sys.argv[1:]))
     if args.json:
         _emit(args, summarize(rows))
         return
-    console.print(to_markdown(summarize(rows)))
-    console.print(f"written to {out} (compare.md, compare.json, compare.png)")
+    console.print(gain_table(summarize(rows)))
+    console.print(f"written to {out} (compare.md with every condition, compare.json, gains.png, compare.png)")
 
 
 def cmd_ablations(args: argparse.Namespace) -> None:
@@ -748,6 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo", default="full", help="zoo spec (default full)")
     p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
     p.add_argument("--domain", dest="domains", action="append", help="target domain (default: all)")
+    p.add_argument("--task", nargs=3, action="append", metavar=("NAME", "EXAMPLES", "HELD_OUT"),
+                   help="your task: ~20 examples and held-out records (JSONL/CSV); repeatable")  # fmt: skip
     p.add_argument("--k", type=int, action="append", help="models per merge (default 1, 3, 5)")
     p.add_argument("--recipe", action="append", help="merge recipe (default linear, ties)")
     p.add_argument("--seeds", type=int, default=5, help="random merges per setting (default 5)")

@@ -148,19 +148,27 @@ class SelectionComparison:
         return rows
 
     def run_domain(self, domain: str) -> list[Row]:
-        config, splits = self.config, self.zoo.splits(domain)
-        evaluator = LmEvaluator(write_tasks({domain: splits.test[: config.eval_size]}), limit=config.limit)
-        task = task_name(domain)
+        """The comparison on a zoo domain: its few-shot pool selects, its test split scores."""
+        splits = self.zoo.splits(domain)
+        return self.run_task(domain, splits.fewshot, splits.test)
+
+    def run_task(self, name: str, examples: Sequence[Record], held_out: Sequence[Record]) -> list[Row]:
+        """The comparison on any task: ``examples`` select (the first ``config.examples``), ``held_out``
+        score (the first ``config.eval_size``). ``in-domain`` rows need zoo members tagged ``name``."""
+        config = self.config
+        examples = list(examples[: config.examples])
+        evaluator = LmEvaluator(write_tasks({name: held_out[: config.eval_size]}), limit=config.limit)
+        task = task_name(name)
         selector = TaskSelector(self.index, method=config.method, progress=self.progress)
-        ranked = selector.select(splits.fewshot[: config.examples], k=len(self.index)).model_ids
+        ranked = selector.select(examples, k=len(self.index)).model_ids
         candidates = sorted(self.domain_of)
-        in_domain = [m for m in candidates if self.domain_of[m] == domain]
+        in_domain = [m for m in candidates if self.domain_of[m] == name]
 
         def score(condition: str, models: list[str], k: int, recipe: str, seed: int | None = None) -> Row:
             result = self._score(
                 evaluator, task, [sorted(models), recipe], self._merge_builder(models, recipe)
             )
-            return Row.of(domain, condition, k, recipe, seed, models, result)
+            return Row.of(name, condition, k, recipe, seed, models, result)
 
         rows = [score("base", [], 0, "-")]
         for recipe in config.recipes:
@@ -168,33 +176,35 @@ class SelectionComparison:
             for k in config.ks:
                 if k == 1 and recipe != config.recipes[0]:
                     continue  # one model: nothing to merge, the recipe does not matter
-                name = recipe if k > 1 else "-"
-                rows.append(score("selected", ranked[:k], k, name))
-                rows.append(score("in-domain", in_domain[:k], k, name))
+                setting = recipe if k > 1 else "-"
+                rows.append(score("selected", ranked[:k], k, setting))
+                if in_domain:  # the target's own finetunes (all of them, if fewer than k)
+                    rows.append(score("in-domain", in_domain[:k], k, setting))
                 for seed in range(config.seeds):
-                    picks = random.Random(f"{domain}-{k}-{seed}").sample(candidates, k)
-                    rows.append(score("random", picks, k, name, seed))
+                    picks = random.Random(f"{name}-{k}-{seed}").sample(candidates, k)
+                    rows.append(score("random", picks, k, setting, seed))
         if config.hub_size:
-            rows += self._lorahub_rows(domain, evaluator, ranked[0], candidates)
+            rows += self._lorahub_rows(
+                name, evaluator, examples[: config.hub_examples], ranked[0], candidates
+            )
         return rows
 
     def _lorahub_rows(
-        self, domain: str, evaluator: LmEvaluator, top: str, candidates: list[str]
+        self, name: str, evaluator: LmEvaluator, examples: list[Record], top: str, candidates: list[str]
     ) -> list[Row]:
         """The paper's protocol: LoraHub over top-1 + (n-1) random vs over n random, per seed."""
-        config, task = self.config, task_name(domain)
+        config, task = self.config, task_name(name)
         n = min(config.hub_size, len(candidates))
-        examples = self.zoo.splits(domain).fewshot[: config.hub_examples]
         search = {"budget": config.hub_budget, "examples": config.hub_examples}
         rows = []
         for seed in range(config.seeds):
-            rng = random.Random(f"{domain}-lorahub-{seed}")
+            rng = random.Random(f"{name}-lorahub-{seed}")
             draws = {"selected": [top, *rng.sample([m for m in candidates if m != top], n - 1)],
                      "random": rng.sample(candidates, n)}  # fmt: skip
             for condition, models in draws.items():
                 build = self._hub_builder(models, examples)
                 result = self._score(evaluator, task, [models, "lorahub", search], build)
-                rows.append(Row.of(domain, condition, n, "lorahub", seed, models, result))
+                rows.append(Row.of(name, condition, n, "lorahub", seed, models, result))
         return rows
 
     def _paths(self, models: Sequence[str]) -> list[Path]:

@@ -106,6 +106,10 @@ def test_comparison_runs_every_condition_and_caches(tiny_zoo, tmp_path):
     cached = sorted(comparison.cache.iterdir())
     assert [r.score for r in comparison.run(["fruit"])] == [r.score for r in rows]  # from the cache
     assert sorted(comparison.cache.iterdir()) == cached
+    held_out = synthetic_domain("fruit", seed=7)  # a user's task: their examples, their held-out set
+    task_rows = comparison.run_task("my-fruit", held_out.fewshot, held_out.test)
+    assert {r.condition for r in task_rows} == {"base", "all", "selected", "random"}  # no in-domain models
+    assert all(r.domain == "my-fruit" for r in task_rows)
     out = write_report(rows, tmp_path / "report", "delta-router compare ...")
     assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png", "gains.png"}
     assert len(json.loads((out / "compare.json").read_text())["rows"]) == len(rows)
