@@ -255,7 +255,8 @@ class SelectionComparison:
 
 
 def summarize(rows: Sequence[Row]) -> list[dict]:
-    """Mean and 95% CI of the score per (domain, condition, k, recipe), plus selected - random (Welch)."""
+    """Mean and 95% CI of the score per (domain, condition, k, recipe), plus selected − random and
+    in-domain − random (Welch intervals)."""
     groups: dict[tuple, list[float]] = {}
     metric = {row.domain: headline_metric(row.metrics) for row in rows}
     for row in rows:
@@ -265,7 +266,7 @@ def summarize(rows: Sequence[Row]) -> list[dict]:
         mean, ci = mean_ci(scores)
         entry = {"domain": domain, "metric": metric[domain], "condition": condition, "k": k, "recipe": recipe,
                  "n": len(scores), "mean": mean, "ci95": ci}  # fmt: skip
-        if condition == "selected":
+        if condition in ("selected", "in-domain"):  # in-domain - random: the headroom of any selector
             random_scores = groups.get((domain, "random", k, recipe), [])
             if random_scores:
                 gain, gain_ci = difference_ci(scores, random_scores)
@@ -275,7 +276,7 @@ def summarize(rows: Sequence[Row]) -> list[dict]:
 
 
 def to_markdown(summary: Sequence[dict]) -> str:
-    lines = ["| domain | condition | k | recipe | n | score (mean ± 95% CI) | selected − random |",
+    lines = ["| domain | condition | k | recipe | n | score (mean ± 95% CI) | − random |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for e in summary:
         ci = "" if np.isnan(e["ci95"]) else f" ± {e['ci95']:.3f}"
@@ -290,7 +291,11 @@ def to_markdown(summary: Sequence[dict]) -> str:
 
 def _gains(summary: Sequence[dict]) -> tuple[list[tuple[int, str]], dict[tuple, dict]]:
     """The (k, recipe) settings with a selected-vs-random gain, and each (domain, k, recipe)'s entry."""
-    entries = {(e["domain"], e["k"], e["recipe"]): e for e in summary if "gain_vs_random" in e}
+    entries = {
+        (e["domain"], e["k"], e["recipe"]): e
+        for e in summary
+        if e["condition"] == "selected" and "gain_vs_random" in e
+    }
     settings = sorted({(k, recipe) for _, k, recipe in entries}, key=lambda s: (s[1] == "lorahub", s))
     return settings, entries
 
