@@ -83,11 +83,13 @@ class LoraHub:
             if not factors.plain:
                 raise MergeError(f"{ft.path}: uses more than plain LoRA (DoRA, saved modules, ...)")
             loaded.append(factors)
+
+        def shapes(lora: LoraFactors) -> dict:
+            return {m: (a.shape, b.shape) for m, (a, b, _) in lora.factors.items()}
+
         modules = sorted(loaded[0].factors)
         for ft, factors in zip(self.finetunes, loaded, strict=True):
-            shapes = {m: (f[0].shape, f[1].shape) for m, f in factors.factors.items()}
-            first = {m: (f[0].shape, f[1].shape) for m, f in loaded[0].factors.items()}
-            if shapes != first:
+            if shapes(factors) != shapes(loaded[0]):
                 raise MergeError(
                     f"{ft.path}: its target modules or rank differ from {self.finetunes[0].path}; "
                     "LoraHub adds factors, so every adapter needs the same ones"
