@@ -33,11 +33,17 @@ test: install lint
 bench: install
 	$(BIN)/python benchmarks/embed_throughput.py
 
-# The paper's analyses and the selection-vs-random comparison on the full zoo (built first, cached).
+# The paper's analyses and the selection-vs-random comparison on the full zoo (built first). Every
+# part is cached, so a rerun (or a resumed one) only does what is missing. Time of each part on
+# 2 cores: benchmarks/RESULTS.md. COMPARE_ARGS / LORAHUB_ARGS widen or narrow the grid.
+COMPARE_ARGS ?= --k 1 --k 3 --recipe linear --recipe ties --seeds 5 --limit 40 --lorahub 0
+LORAHUB_ARGS ?= --domain sentiment --domain science --domain biomedical --k 3 --recipe linear \
+	--seeds 5 --limit 40 --lorahub 5
 ablations: install
 	$(BIN)/delta-router -v zoo build --spec full
 	$(BIN)/delta-router -v ablations --zoo full --out reports
-	$(BIN)/delta-router -v compare --zoo full --out reports/compare
+	$(BIN)/delta-router -v compare --zoo full $(COMPARE_ARGS) --out reports/compare
+	$(BIN)/delta-router -v compare --zoo full $(LORAHUB_ARGS) --out reports/compare-lorahub
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
