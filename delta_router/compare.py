@@ -165,9 +165,8 @@ class SelectionComparison:
         in_domain = [m for m in candidates if self.domain_of[m] == name]
 
         def score(condition: str, models: list[str], k: int, recipe: str, seed: int | None = None) -> Row:
-            result = self._score(
-                evaluator, task, [sorted(models), recipe], self._merge_builder(models, recipe)
-            )
+            key = [sorted(models), recipe if len(models) > 1 else "-"]  # one model or none: no recipe
+            result = self._score(evaluator, task, key, self._merge_builder(models, recipe))
             return Row.of(name, condition, k, recipe, seed, models, result)
 
         rows = [score("base", [], 0, "-")]
@@ -239,8 +238,6 @@ class SelectionComparison:
         ``key`` names the model (``[sorted models, recipe]`` for merges, or the LoraHub setup); the
         cache entry is keyed by it and the eval setup (tasks, limit).
         """
-        if len(key[0]) <= 1 and key[1] != "lorahub":
-            key = [key[0], "-"]  # one model or none: no merge, no recipe
         key_text = json.dumps([*key, str(evaluator.tasks_dir), evaluator.limit])
         path = self.cache / f"{hashlib.sha256(key_text.encode()).hexdigest()[:20]}.json"
         if path.exists():
