@@ -37,7 +37,7 @@ from delta_router.data import Record
 from delta_router.evaluation import LmEvaluator, load_for_eval, task_name, write_tasks
 from delta_router.home import atomic_write_text, cache_dir
 from delta_router.lorahub import LoraHub
-from delta_router.merge import PROVENANCE_FILE, Merger
+from delta_router.merge import PROVENANCE_FILE, Merger, MergeRecipe
 from delta_router.selector import TaskSelector
 
 logger = logging.getLogger(__name__)
@@ -163,9 +163,11 @@ class SelectionComparison:
         ranked = selector.select(examples, k=len(self.index)).model_ids
         candidates = sorted(self.domain_of)
         in_domain = [m for m in candidates if self.domain_of[m] == name]
+        combination = {recipe: MergeRecipe.load(recipe).adapter_combination for recipe in config.recipes}
 
         def score(condition: str, models: list[str], k: int, recipe: str, seed: int | None = None) -> Row:
-            key = [sorted(models), recipe if len(models) > 1 else "-"]  # one model or none: no recipe
+            # The recipe and how PEFT merges with it name a merge; one model or none has no recipe.
+            key = [sorted(models), recipe, combination[recipe]] if len(models) > 1 else [sorted(models), "-"]
             result = self._score(evaluator, task, key, self._merge_builder(models, recipe))
             return Row.of(name, condition, k, recipe, seed, models, result)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 import yaml
 
 from delta_router.base import DEFAULT_BASE, BaseModel, resolve_base
@@ -30,8 +31,16 @@ logger = logging.getLogger(__name__)
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "merge_recipes"
 # Recipes with a PEFT ``add_weighted_adapter`` counterpart (output stays a small LoRA adapter).
-# "cat" stacks the weighted factors, so the merged delta is exactly sum_i w_i B_i A_i.
-PEFT_COMBINATIONS = {"linear": "cat", "task_arithmetic": "cat", "ties": "ties", "dare_ties": "dare_ties"}
+# "cat" stacks the weighted factors, so the merged delta is exactly sum_i w_i B_i A_i. The "*_svd"
+# combinations apply TIES / DARE-TIES to the full deltas B_i A_i, exactly as mergekit does, then
+# factor the result back with a truncated SVD. (PEFT's plain "ties" would trim and sign-elect the A
+# and B factors separately, which is not TIES of the deltas.)
+PEFT_COMBINATIONS = {
+    "linear": "cat",
+    "task_arithmetic": "cat",
+    "ties": "ties_svd",
+    "dare_ties": "dare_ties_svd",
+}
 PROVENANCE_FILE = "delta_router.json"
 WEIGHTINGS = ("uniform", "score")
 
@@ -63,6 +72,16 @@ class MergeRecipe:
     @property
     def method(self) -> str:
         return self.template["merge_method"]
+
+    @property
+    def adapter_combination(self) -> str:
+        """PEFT's ``combination_type`` for this recipe's adapter merge; MergeError if it has none."""
+        if self.method not in PEFT_COMBINATIONS:
+            raise MergeError(
+                f"recipe {self.name} ({self.method}) has no PEFT adapter counterpart; "
+                f"use one of {sorted(PEFT_COMBINATIONS)} or merge into a full model"
+            )
+        return PEFT_COMBINATIONS[self.method]
 
     def render(self, base_dir: str | Path, models: Sequence[tuple[str | Path, float]]) -> dict:
         """The mergekit configuration for ``models`` (path, weight) on ``base_dir``."""
@@ -186,17 +205,17 @@ class Merger:
         scores: Sequence[float] | None = None,
         provenance: dict | None = None,
         force: bool = False,
+        rank: int | None = None,
     ) -> Path:
-        """PEFT-native merge of LoRA adapters into one adapter (``add_weighted_adapter``)."""
+        """PEFT-native merge of LoRA adapters into one adapter (``add_weighted_adapter``).
+
+        TIES-style recipes return the best rank-``rank`` approximation of the merged delta of each
+        layer (default: the sum of the adapters' ranks); linear ones are exact at any rank.
+        """
         from peft import PeftModel
 
         out_dir = refuse_existing(out_dir, force)
-        combination = PEFT_COMBINATIONS.get(self.recipe.method)
-        if combination is None:
-            raise MergeError(
-                f"recipe {self.recipe.name} ({self.recipe.method}) has no PEFT adapter counterpart; "
-                f"use one of {sorted(PEFT_COMBINATIONS)} or merge into a full model"
-            )
+        combination = self.recipe.adapter_combination
         finetunes, weights = self._open(sources, scores)
         if any(ft.kind != "lora" for ft in finetunes):
             raise MergeError("an adapter merge needs LoRA adapters only; merge full models with merge()")
@@ -206,14 +225,32 @@ class Merger:
         for name, ft in zip(names[1:], finetunes[1:], strict=True):
             model.load_adapter(str(ft.path), adapter_name=name)
         density = self.recipe.template.get("per_model", {}).get("density")
-        model.add_weighted_adapter(names, weights, "default", combination_type=combination, density=density)
+        peft_weights, options = weights, {}
+        if combination.endswith("_svd"):
+            rank = min(rank or sum(model.peft_config[name].r for name in names), _full_rank(model))
+            if self.recipe.template.get("parameters", {}).get("normalize", True):
+                # PEFT divides by the number of agreeing models, mergekit by their weight sum: weights
+                # scaled by k make the two equal for uniform weights (the default weighting).
+                peft_weights = [w * len(weights) for w in weights]
+            options = {"svd_rank": rank, "svd_full_matrices": False}
+        torch.manual_seed(self.seed)  # DARE drops parameters at random
+        model.add_weighted_adapter(
+            names, peft_weights, "default", combination_type=combination, density=density, **options
+        )
         for name in names:
             model.delete_adapter(name)
         with atomic_directory(out_dir, overwrite=force) as tmp:
             model.save_pretrained(str(tmp), selected_adapters=["default"])
-            extra = {"output": "adapter", "peft_combination": combination, "density": density}
+            extra = {"output": "adapter", "peft_combination": combination, "density": density, "rank": rank}
             _write_provenance(tmp, self, finetunes, weights, scores, {**extra, **(provenance or {})})
         return out_dir
+
+
+def _full_rank(model) -> int:
+    """The largest rank every LoRA layer of ``model`` can hold: min over layers of min(out, in)."""
+    from peft.tuners.lora import LoraLayer
+
+    return min(min(m.get_base_layer().weight.shape) for m in model.modules() if isinstance(m, LoraLayer))
 
 
 def _write_provenance(directory: Path, merger: Merger, finetunes, weights, scores, extra: dict) -> None:

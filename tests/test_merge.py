@@ -82,3 +82,23 @@ def test_adapter_merge_stays_small_and_equals_the_linear_full_merge(tiny_base, a
 def test_adapter_merge_refuses_recipes_without_a_peft_counterpart(tiny_base, adapters, tmp_path):
     with pytest.raises(MergeError, match="no PEFT adapter counterpart"):
         Merger(tiny_base, "della", progress=False).merge_adapters(adapters[:2], tmp_path / "x")
+
+
+def test_adapter_ties_is_mergekit_ties_of_the_deltas_at_the_chosen_rank(tiny_base, adapters, tmp_path):
+    """TIES of three adapters as one adapter = mergekit's full-model TIES, truncated by SVD."""
+    from peft import PeftModel
+
+    merger = Merger(tiny_base, "ties", progress=False)
+    full = AutoModelForCausalLM.from_pretrained(merger.merge(adapters[:3], tmp_path / "full")).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).state_dict()
+    for rank in (8, 32):  # k_proj is 32 x 64 in the tiny model: 32 is every layer's full rank
+        small = merger.merge_adapters(adapters[:3], tmp_path / f"adapter-{rank}", rank=rank)
+        assert json.loads((small / PROVENANCE_FILE).read_text())["rank"] == rank
+        model = AutoModelForCausalLM.from_pretrained(tiny_base)
+        via_adapter = PeftModel.from_pretrained(model, str(small)).merge_and_unload().state_dict()
+        for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+            u, s, vh = torch.linalg.svd(full[name] - base[name], full_matrices=False)
+            best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+            torch.testing.assert_close(via_adapter[name] - base[name], best, atol=1e-5, rtol=1e-4)
+    default = merger.merge_adapters(adapters[:3], tmp_path / "adapter")  # rank: 3 x r=8 adapters
+    assert json.loads((default / PROVENANCE_FILE).read_text())["rank"] == 24
