@@ -10,8 +10,9 @@ paths, offline), one per domain:
   generative ``<task>_gen`` scored by exact match on the extracted number. Generation is slow on a
   CPU: give it a ``limit``.
 
-``LmEvaluator`` runs lm-eval's ``HFLM`` over an already loaded model or ``PeftModel``, so the base,
-a single adapter and a merged model are scored the same way.
+``LmEvaluator`` runs lm-eval's ``HFLM`` (``SharedContextHFLM``: each multiple-choice context runs once)
+over an already loaded model or ``PeftModel``, so the base, a single adapter and a merged model are
+scored the same way.
 """
 
 from __future__ import annotations
@@ -120,12 +121,20 @@ class LmEvaluator:
     """Scores loaded models on the tasks of one include path: ``evaluate(model, tokenizer, tasks)``.
 
     ``limit`` caps the documents per task (``None`` = all); results are ``{task: {metric: value}}``.
+    ``shared_context=False`` scores with lm-eval's plain ``HFLM`` (one pass per choice).
     """
 
-    def __init__(self, tasks_dir: str | Path, batch_size: int = 16, limit: int | None = None):
+    def __init__(
+        self,
+        tasks_dir: str | Path,
+        batch_size: int = 16,
+        limit: int | None = None,
+        shared_context: bool = True,
+    ):
         from lm_eval.tasks import TaskManager
 
         self.tasks_dir, self.batch_size, self.limit = Path(tasks_dir), batch_size, limit
+        self.shared_context = shared_context
         self.manager = TaskManager(include_path=str(self.tasks_dir), include_defaults=False)
 
     @property
@@ -134,14 +143,18 @@ class LmEvaluator:
 
     def evaluate(self, model, tokenizer, tasks: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
 
         tasks = list(tasks or self.tasks)
         unknown = sorted(set(tasks) - set(self.tasks))
         if unknown:
             raise DataError(f"unknown eval tasks {unknown}; available: {', '.join(self.tasks)}")
+        from lm_eval.models.huggingface import HFLM
+
+        from delta_router.shared_context import SharedContextHFLM
+
         device = str(next(model.parameters()).device)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=self.batch_size)
+        lm_class = SharedContextHFLM if self.shared_context else HFLM
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, device=device, batch_size=self.batch_size)
         out = simple_evaluate(
             model=lm, tasks=tasks, task_manager=self.manager, limit=self.limit,
             log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,

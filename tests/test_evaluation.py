@@ -66,3 +66,32 @@ def test_cli_eval_scores_base_and_adapter_on_user_examples(tiny_base, adapters, 
     assert json.loads(out.read_text()) == results
     assert main(["eval", "base", "--base", str(tiny_base)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_shared_context_scoring_equals_lm_eval_per_request(tiny_base):
+    """One context pass + cached continuations gives HFLM's log-probs and greedy flags."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from delta_router.shared_context import SharedContextHFLM
+
+    model, tokenizer = load_for_eval("base", resolve_base(tiny_base))
+    gen = torch.Generator().manual_seed(0)
+    requests = []
+    for n_choices in (4, 2, 1, 3):
+        context = torch.randint(
+            3, 200, (int(torch.randint(5, 30, (1,), generator=gen)),), generator=gen
+        ).tolist()
+        for _ in range(n_choices):
+            length = int(torch.randint(1, 6, (1,), generator=gen))
+            requests.append(
+                (("ctx", "cont"), context, torch.randint(3, 200, (length,), generator=gen).tolist())
+            )
+        greedy = model.generate(torch.tensor([context]), max_new_tokens=3, do_sample=False)[0, len(context) :]
+        requests.append((("ctx", "greedy"), context, greedy.tolist()))
+    kwargs = {"pretrained": model, "tokenizer": tokenizer, "device": "cpu", "batch_size": 4}
+    expected = HFLM(**kwargs)._loglikelihood_tokens(requests, disable_tqdm=True)
+    shared = SharedContextHFLM(**kwargs)._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [g for _, g in shared] == [g for _, g in expected]
+    assert sum(g for _, g in shared) >= 4  # the greedy continuations are recognised as such
+    torch.testing.assert_close(torch.tensor([s for s, _ in shared]), torch.tensor([s for s, _ in expected]))
