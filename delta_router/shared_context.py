@@ -11,6 +11,7 @@ those) and ones too long for the window take HFLM's own batched path.
 from __future__ import annotations
 
 import inspect
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,11 @@ class SharedContextHFLM(HFLM):
         lengths = [len(requests[i][2]) for i in ids]
         return len(ids) > 1 and max(lengths) > 1 and len(context) + max(lengths) <= self.max_length
 
+    @cached_property
+    def _cache_name(self) -> str:
+        """transformers 5 renames ``past_key_values`` to ``cache``, model by model."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
     @torch.no_grad()
     def _score_group(self, context: list[int], continuations: list[list[int]]) -> list[Answer]:
         """The answer of each continuation of one context: one context pass, one batched pass."""
@@ -63,13 +69,9 @@ class SharedContextHFLM(HFLM):
             for row, cont in enumerate(continuations):
                 inputs[row, : len(cont) - 1] = torch.tensor(cont[:-1])
                 mask[row, len(context) : len(context) + len(cont) - 1] = 1
-            cache = out.past_key_values
+            cache = out[self._cache_name]
             cache.batch_repeat_interleave(n)
-            # transformers 5 renames past_key_values to cache, model by model
-            name = (
-                "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-            )
-            logits = self.model(inputs, attention_mask=mask, **{name: cache}).logits
+            logits = self.model(inputs, attention_mask=mask, **{self._cache_name: cache}).logits
             rest = F.log_softmax(logits.float(), dim=-1)  # [n, width, vocab]
         answers = []
         for row, cont in enumerate(continuations):
