@@ -233,10 +233,11 @@ class Merger:
                 # scaled by k make the two equal for uniform weights (the default weighting).
                 peft_weights = [w * len(weights) for w in weights]
             options = {"svd_rank": rank, "svd_full_matrices": False}
-        torch.manual_seed(self.seed)  # DARE drops parameters at random
-        model.add_weighted_adapter(
-            names, peft_weights, "default", combination_type=combination, density=density, **options
-        )
+        with torch.random.fork_rng():  # DARE drops parameters at random: seeded, caller's RNG untouched
+            torch.manual_seed(self.seed)
+            model.add_weighted_adapter(
+                names, peft_weights, "default", combination_type=combination, density=density, **options
+            )
         for name in names:
             model.delete_adapter(name)
         with atomic_directory(out_dir, overwrite=force) as tmp:

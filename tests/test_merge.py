@@ -102,3 +102,17 @@ def test_adapter_ties_is_mergekit_ties_of_the_deltas_at_the_chosen_rank(tiny_bas
             torch.testing.assert_close(via_adapter[name] - base[name], best, atol=1e-5, rtol=1e-4)
     default = merger.merge_adapters(adapters[:3], tmp_path / "adapter")  # rank: 3 x r=8 adapters
     assert json.loads((default / PROVENANCE_FILE).read_text())["rank"] == 24
+
+
+def test_adapter_dare_ties_is_seeded(tiny_base, adapters, tmp_path):
+    from safetensors.torch import load_file
+
+    def merged(seed: int, name: str) -> dict:
+        out = Merger(tiny_base, "dare_ties", seed=seed, progress=False).merge_adapters(
+            adapters[:3], tmp_path / name
+        )
+        return load_file(out / "adapter_model.safetensors")
+
+    first, again, other = merged(0, "a"), merged(0, "b"), merged(1, "c")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
