@@ -41,7 +41,7 @@ def main() -> None:
         tasks_dir = write_tasks({domain: zoo.splits(domain).test[: args.limit]})
         evaluators = {
             "hflm": LmEvaluator(tasks_dir, limit=args.limit, shared_context=False),
-            "shared": LmEvaluator(tasks_dir, limit=args.limit),
+            "shared": LmEvaluator(tasks_dir, limit=args.limit, shared_context=True),
         }
         times: dict[str, list[float]] = {name: [] for name in evaluators}
         metrics = {}

@@ -25,10 +25,11 @@ def test_delta_embeddings_on_cuda_equal_the_cpu_ones(tiny_base, adapters):
 def test_lm_eval_scores_on_cuda_equal_the_cpu_ones(tiny_base, tmp_path):
     tasks = write_tasks({"fruit": synthetic_domain("fruit").test}, tmp_path / "tasks")
     model, tokenizer = load_for_eval("base", resolve_base(tiny_base))
-    evaluator = LmEvaluator(tasks, batch_size=8)
-    cpu = evaluator.evaluate(model, tokenizer, ["dr_fruit"])
-    cuda = evaluator.evaluate(model.to("cuda"), tokenizer, ["dr_fruit"])
-    assert cuda["dr_fruit"] == pytest.approx(cpu["dr_fruit"])
+    cpu = LmEvaluator(tasks, batch_size=8).evaluate(model, tokenizer, ["dr_fruit"])["dr_fruit"]
+    model.to("cuda")
+    for shared in (False, True):  # HFLM is the default on a GPU; the shared-context path also runs
+        evaluator = LmEvaluator(tasks, batch_size=8, shared_context=shared)
+        assert evaluator.evaluate(model, tokenizer, ["dr_fruit"])["dr_fruit"] == pytest.approx(cpu)
 
 
 def test_mixed_adapter_generation_on_cuda_equals_the_cpu_one(tiny_base, adapters):
