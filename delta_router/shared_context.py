@@ -23,6 +23,8 @@ Answer = tuple[float, bool]  # (summed log-probability, continuation is the gree
 
 
 class SharedContextHFLM(HFLM):
+    """``HFLM`` whose loglikelihood requests share their context's forward pass (module docstring)."""
+
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
     ) -> list[Answer]:
@@ -51,15 +53,21 @@ class SharedContextHFLM(HFLM):
         return len(ids) > 1 and max(lengths) > 1 and len(context) + max(lengths) <= self.max_length
 
     @cached_property
+    def _forward_params(self) -> set[str]:
+        return set(inspect.signature(self.model.forward).parameters)
+
+    @property
     def _cache_name(self) -> str:
         """transformers 5 renames ``past_key_values`` to ``cache``, model by model."""
-        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        return "cache" if "cache" in self._forward_params else "past_key_values"
 
     @torch.no_grad()
     def _score_group(self, context: list[int], continuations: list[list[int]]) -> list[Answer]:
         """The answer of each continuation of one context: one context pass, one batched pass."""
-        out = self.model(torch.tensor([context], device=self.device), use_cache=True)
-        first = F.log_softmax(out.logits[0, -1:].float(), dim=-1)  # [1, vocab]: every 1st token
+        # the LM head only at the last context position: it predicts every continuation's 1st token
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_params else {}
+        out = self.model(torch.tensor([context], device=self.device), use_cache=True, **last_only)
+        first = F.log_softmax(out.logits[0, -1:].float(), dim=-1)  # [1, vocab]
         n, width = len(continuations), max(len(c) for c in continuations) - 1
         rest = None
         if width > 0:  # tokens 2.. of each continuation, on n copies of the context's cache
