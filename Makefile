@@ -36,7 +36,7 @@ bench: install
 # The paper's analyses and the selection-vs-random comparison on the full zoo (built first). Every
 # part is cached, so a rerun (or a resumed one) only does what is missing. Time of each part on
 # 2 cores: benchmarks/RESULTS.md. COMPARE_ARGS / LORAHUB_ARGS widen or narrow the grid.
-COMPARE_ARGS ?= --k 1 --k 3 --recipe linear --recipe ties --seeds 5 --limit 40 --lorahub 0
+COMPARE_ARGS ?= --k 1 --k 3 --k 5 --recipe linear --recipe ties --seeds 5 --limit 40 --lorahub 0
 LORAHUB_ARGS ?= --domain sentiment --domain science --domain biomedical --k 3 --recipe linear \
 	--seeds 5 --limit 40 --lorahub 5
 ablations: install

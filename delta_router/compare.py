@@ -378,14 +378,17 @@ def gain_chart(summary: Sequence[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def bar_chart(summary: Sequence[dict], path: Path) -> Path:
-    """Accuracy per domain: base, selected, random (± CI), in-domain, all, for the largest k merged."""
+def bar_chart(summary: Sequence[dict], path: Path) -> Path | None:
+    """Accuracy per domain: base, selected, random (± CI), in-domain, all, for the largest k merged.
+    None (no file) when no domain is scored by accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summary = [e for e in summary if e["metric"] != "loglik"]  # one axis: accuracies only
+    if not any(e["condition"] == "selected" for e in summary):
+        return None
     domains = list(dict.fromkeys(e["domain"] for e in summary))
     k = max(e["k"] for e in summary if e["condition"] == "selected")
     recipe = next(e["recipe"] for e in summary if e["condition"] == "selected" and e["k"] == k)
@@ -418,12 +421,12 @@ def write_report(rows: Sequence[Row], out_dir: str | Path, command: str) -> Path
     summary = summarize(rows)
     atomic_write_text(out_dir / "compare.json", json.dumps({"rows": [asdict(r) for r in rows],
                                                             "summary": summary}, indent=2))  # fmt: skip
-    bar_chart(summary, out_dir / "compare.png")
+    bars = bar_chart(summary, out_dir / "compare.png")
     gain_chart(summary, out_dir / "gains.png")
     text = "\n\n".join([
         "# Selection vs random merges", f"`{command}`",
         "## Selected − random", gain_table(summary), "![gains](gains.png)",
-        "## Every condition", to_markdown(summary), "![bars](compare.png)\n",
+        "## Every condition", to_markdown(summary), "![bars](compare.png)\n" if bars else "",
     ])  # fmt: skip
     atomic_write_text(out_dir / "compare.md", text)
     return out_dir

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from scipy import stats
@@ -113,6 +114,11 @@ def test_comparison_runs_every_condition_and_caches(tiny_zoo, tmp_path):
     out = write_report(rows, tmp_path / "report", "delta-router compare ...")
     assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png", "gains.png"}
     assert len(json.loads((out / "compare.json").read_text())["rows"]) == len(rows)
+    # free-form domains only (scored by answer log-likelihood): no accuracy bar chart, no crash
+    loglik = [replace(r, metrics={"perplexity": 1e3}) for r in rows]
+    out = write_report(loglik, tmp_path / "loglik", "delta-router compare ...")
+    assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "gains.png"}
+    assert "compare.png" not in (out / "compare.md").read_text()
 
 
 def test_every_ablation_runs_on_a_tiny_zoo(tiny_base, tmp_path):
