@@ -39,6 +39,7 @@ from delta_router.home import atomic_write_text, cache_dir
 from delta_router.lorahub import LoraHub
 from delta_router.merge import PROVENANCE_FILE, Merger, MergeRecipe
 from delta_router.selector import TaskSelector
+from delta_router.train import records_hash
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,8 @@ class SelectionComparison:
         """The paper's protocol: LoraHub over top-1 + (n-1) random vs over n random, per seed."""
         config, task = self.config, task_name(name)
         n = min(config.hub_size, len(candidates))
-        search = {"budget": config.hub_budget, "examples": config.hub_examples}
+        # the search fits its weights on ``examples``: they are part of what the model is
+        search = {"budget": config.hub_budget, "examples_sha256": records_hash(examples)}
         rows = []
         for seed in range(config.seeds):
             rng = random.Random(f"{name}-lorahub-{seed}")
@@ -237,20 +239,24 @@ class SelectionComparison:
     def _score(self, evaluator: LmEvaluator, task: str, key: list, build: Builder) -> dict:
         """``{"metrics", "weights", ...}`` of the model ``build(work_dir)`` makes, cached by ``key``.
 
-        ``key`` names the model (``[sorted models, recipe]`` for merges, or the LoraHub setup); the
-        cache entry is keyed by it and the eval setup (tasks, limit).
+        ``key`` names the model (``[sorted models, recipe, combination]`` for merges, or the LoraHub
+        setup): the built model is cached by it (shared by every task), its scores by it and the eval
+        setup (tasks, limit).
         """
-        key_text = json.dumps([*key, str(evaluator.tasks_dir), evaluator.limit])
-        path = self.cache / f"{hashlib.sha256(key_text.encode()).hexdigest()[:20]}.json"
+        path = self.cache / f"{_digest([*key, str(evaluator.tasks_dir), evaluator.limit])}.json"
         if path.exists():
             return json.loads(path.read_text())
-        target, extra = build(cache_dir("evals", "merges") / path.stem)
+        target, extra = build(cache_dir("evals", "merges") / _digest(key))
         model, tokenizer = load_for_eval(target, self.zoo.base)
         metrics = evaluator.evaluate(model, tokenizer, [task])[task]
         result = {"models": key[0], "recipe": key[1], "metrics": metrics, **extra}
         atomic_write_text(path, json.dumps(result))
         logger.info("%s %s %s: %s", task, key[1], key[0], metrics)
         return result
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:20]
 
 
 def summarize(rows: Sequence[Row]) -> list[dict]:

@@ -19,6 +19,8 @@ from delta_router.compare import (
     summarize,
     write_report,
 )
+from delta_router.home import cache_dir
+from delta_router.merge import PROVENANCE_FILE
 from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
 from delta_router.train import TrainConfig
 from delta_router.zoo import Zoo, ZooSpec
@@ -111,6 +113,14 @@ def test_comparison_runs_every_condition_and_caches(tiny_zoo, tmp_path):
     task_rows = comparison.run_task("my-fruit", held_out.fewshot, held_out.test)
     assert {r.condition for r in task_rows} == {"base", "all", "selected", "random"}  # no in-domain models
     assert all(r.domain == "my-fruit" for r in task_rows)
+    merges = [p for p in cache_dir("evals", "merges").iterdir() if (p / PROVENANCE_FILE).exists()]
+    all_models = [p for p in merges if len(json.loads((p / PROVENANCE_FILE).read_text())["models"]) == 4]
+    assert len(all_models) == 1  # one merge of every finetune, scored on both tasks
+    before = set(comparison.cache.iterdir())
+    again = comparison.run_task("my-fruit", held_out.fewshot[1:], held_out.test)  # other examples
+    refit = [json.loads(p.read_text())["models"] for p in set(comparison.cache.iterdir()) - before]
+    # the same random pools, but LoraHub's weights are learnt on the examples: fitted anew
+    assert all(r.models in refit for r in again if r.recipe == "lorahub" and r.condition == "random")
     out = write_report(rows, tmp_path / "report", "delta-router compare ...")
     assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png", "gains.png"}
     assert len(json.loads((out / "compare.json").read_text())["rows"]) == len(rows)
