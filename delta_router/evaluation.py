@@ -10,9 +10,9 @@ paths, offline), one per domain:
   generative ``<task>_gen`` scored by exact match on the extracted number. Generation is slow on a
   CPU: give it a ``limit``.
 
-``LmEvaluator`` runs lm-eval's ``HFLM`` (``SharedContextHFLM``: each multiple-choice context runs once)
-over an already loaded model or ``PeftModel``, so the base, a single adapter and a merged model are
-scored the same way.
+``LmEvaluator`` runs lm-eval's ``HFLM`` (on a CPU ``SharedContextHFLM``, which runs each
+multiple-choice context once) over an already loaded model or ``PeftModel``, so the base, a single
+adapter and a merged model are scored the same way.
 """
 
 from __future__ import annotations
