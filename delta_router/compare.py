@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -75,13 +74,9 @@ def headline_metric(metrics: dict[str, float]) -> str:
 
 
 def headline(metrics: dict[str, float]) -> float:
-    """One number per task, higher is better: accuracy, exact match, or the reference answer's log-likelihood.
-
-    lm-eval's ``perplexity`` of a ``loglikelihood`` task is ``exp(-mean summed log p(answer))``, so its
-    log is the mean negative log-likelihood of a whole answer (nats per document).
-    """
-    metric = headline_metric(metrics)
-    return metrics[metric] if metric != "loglik" else -math.log(metrics["perplexity"])
+    """One number per task, higher is better: accuracy, exact match, or the mean log-likelihood of a
+    whole reference answer (nats per document)."""
+    return metrics[headline_metric(metrics)]
 
 
 @dataclass(frozen=True)

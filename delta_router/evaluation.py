@@ -5,7 +5,9 @@ paths, offline), one per domain:
 
 - multiple-choice records -> ``output_type: multiple_choice`` (``acc``, ``acc_norm``), scored by
   loglikelihood exactly like ``delta_router.scoring`` (same prompt, same answer separator);
-- free-form records -> ``loglikelihood`` of the reference answer (``perplexity``) and, where the
+- free-form records -> ``loglikelihood`` of the reference answer, reported as ``loglik``: the mean
+  over documents of the answer's summed log-probability (nats; lm-eval's ``perplexity`` would be
+  its exp, which overflows past ~709 nats, i.e. a few hundred tokens), and, where the
   domain's final answer can be extracted (``ANSWER_PATTERNS``: GSM8K's "So the answer is N."), a
   generative ``<task>_gen`` scored by exact match on the extracted number. Generation is slow on a
   CPU: give it a ``limit``.
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 TASK_PREFIX = "dr_"
 ANSWER_PATTERNS = {"math": r"answer is\s*\$?(-?[\d,]*\.?\d+)"}
 GENERATION_STOPS = ["\n\n", "###"]
+METRIC_NAMES = {"perplexity": "loglik"}  # lm-eval's name -> ours (see write_tasks)
 
 
 def task_name(domain: str) -> str:
@@ -83,8 +86,9 @@ def write_tasks(held_out: Mapping[str, Sequence[Record]], out_dir: str | Path | 
         _write_yaml(
             out_dir / f"{name}.yaml",
             common | {"task": name, "output_type": "loglikelihood", "doc_to_target": "{{output}}",
-                      "metric_list": [{"metric": "perplexity", "aggregation": "perplexity",
-                                       "higher_is_better": False}]},
+                      # lm-eval's per-document log-likelihood is named "perplexity": averaged, not exp'd
+                      "metric_list": [{"metric": "perplexity", "aggregation": "mean",
+                                       "higher_is_better": True}]},
         )  # fmt: skip
         if all("final_answer" in row for row in domain_rows):
             _write_yaml(
@@ -165,11 +169,17 @@ class LmEvaluator:
         results = {}
         for task, metrics in out["results"].items():
             results[task] = {
-                key.split(",")[0]: float(value)
+                _metric_name(key): float(value)
                 for key, value in metrics.items()
                 if "," in key and "_stderr" not in key and isinstance(value, (int, float))
             }
         return results
+
+
+def _metric_name(key: str) -> str:
+    """lm-eval's result key ("acc,none") -> our metric name ("acc")."""
+    name = key.split(",")[0]
+    return METRIC_NAMES.get(name, name)
 
 
 def load_for_eval(model: str | Path, base: BaseModel):

@@ -53,7 +53,7 @@ def test_gain_table_marks_domains_that_clear_the_target():
 
     table = gain_table(summarize(
         rows("clear", 0.9, [0.5, 0.55, 0.6]) + rows("small", 0.62, [0.6, 0.6, 0.61])
-        + rows("noisy", 0.7, [0.2, 0.9, 0.5]) + rows("code", -10.0, [-12.0, -13.0, -12.5], "perplexity")
+        + rows("noisy", 0.7, [0.2, 0.9, 0.5]) + rows("code", -10.0, [-12.0, -13.0, -12.5], "loglik")
     ))  # fmt: skip
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     assert "**+35.0" in lines["clear"] and "**" not in lines["small"] and "**" not in lines["noisy"]
@@ -125,7 +125,7 @@ def test_comparison_runs_every_condition_and_caches(tiny_zoo, tmp_path):
     assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "compare.png", "gains.png"}
     assert len(json.loads((out / "compare.json").read_text())["rows"]) == len(rows)
     # free-form domains only (scored by answer log-likelihood): no accuracy bar chart, no crash
-    loglik = [replace(r, metrics={"perplexity": 1e3}) for r in rows]
+    loglik = [replace(r, metrics={"loglik": -7.0}) for r in rows]
     out = write_report(loglik, tmp_path / "loglik", "delta-router compare ...")
     assert {p.name for p in out.iterdir()} == {"compare.md", "compare.json", "gains.png"}
     assert "compare.png" not in (out / "compare.md").read_text()

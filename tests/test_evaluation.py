@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -45,7 +46,18 @@ def test_lm_eval_accuracy_equals_our_loglikelihood_scorer(tasks_dir, tiny_base):
     ours = score_records(model, tokenizer, synthetic_domain("fruit").test)
     assert results["dr_fruit"]["acc"] == pytest.approx(ours.acc)
     assert results["dr_fruit"]["acc_norm"] == pytest.approx(ours.acc_norm)
-    assert results["dr_math"]["perplexity"] > 1.0
+    assert results["dr_math"]["loglik"] < 0.0
+
+
+def test_long_answers_score_without_overflow(tiny_base, tmp_path):
+    """An answer's NLL past ~709 nats overflowed lm-eval's perplexity (exp); loglik is its mean."""
+    answer = "lorem ipsum dolor sit amet, " * 12
+    tasks = write_tasks(
+        {"essay": [Record("Write an essay.", f"Topic {i}.", answer) for i in range(3)]}, tmp_path
+    )
+    model, tokenizer = load_for_eval("base", resolve_base(tiny_base))
+    loglik = LmEvaluator(tasks).evaluate(model, tokenizer, ["dr_essay"])["dr_essay"]["loglik"]
+    assert math.isfinite(loglik) and loglik < -710.0  # the regime where exp(-loglik) overflows
 
 
 def test_generative_task_runs_with_a_limit(tasks_dir, tiny_base):
