@@ -246,7 +246,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     result = build_merged_model(
         args.examples, ModelIndex.load(args.index), args.out, k=args.k, recipe=args.recipe,
         method=args.method, weighting=args.weighting, eval_examples=args.eval, seed=args.seed,
-        output=args.output, force=args.force, progress=not args.json,
+        output=args.output, rank=args.rank, force=args.force, progress=not args.json,
     )  # fmt: skip
     if args.json:
         _emit(args, result.to_dict())
@@ -706,6 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="merge weights")
     p.add_argument("--output", choices=("model", "adapter"), default="model",
                    help="model: full model via mergekit (default); adapter: one LoRA via PEFT")  # fmt: skip
+    p.add_argument("--rank", type=int, help="rank of a ties / dare_ties merged adapter (--output adapter; "
+                   "default: the sum of the adapters' ranks)")  # fmt: skip
     p.add_argument("--eval", metavar="FILE", help="held-out examples: score merged vs best single vs random")
     p.add_argument("--seed", type=int, default=0, help="merge / random-baseline seed")
     p.add_argument("--force", action="store_true", help="overwrite --out")

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from delta_router.base import BaseModel
@@ -56,16 +57,20 @@ def build_merged_model(
     eval_examples=None,
     seed: int = 0,
     output: str = "model",
+    rank: int | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> BuildResult:
     """Select the top-``k`` finetunes for ``examples`` and merge them into ``out_dir``.
 
     ``output="model"`` merges full models with mergekit; ``"adapter"`` merges LoRA adapters with
-    PEFT into one small adapter (recipes linear, task_arithmetic, ties, dare_ties).
+    PEFT into one small adapter (recipes linear, task_arithmetic, ties, dare_ties) of rank ``rank``
+    for TIES-style recipes (default: the sum of the adapters' ranks; see ``Merger.merge_adapters``).
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if rank is not None and output != "adapter":
+        raise ValueError("rank sets the rank of a merged adapter: it needs output='adapter'")
     out_dir = refuse_existing(out_dir, force)  # before minutes of compute, not after
     held_out = read_examples(eval_examples) if eval_examples is not None else None
     clock = time.perf_counter()
@@ -79,7 +84,7 @@ def build_merged_model(
     clock = time.perf_counter()
     paths = [h.entry.embedding.path for h in selection.hits]
     provenance = {"selection": selection.to_dict()}
-    merge = merger.merge if output == "model" else merger.merge_adapters
+    merge = merger.merge if output == "model" else partial(merger.merge_adapters, rank=rank)
     merge(paths, out_dir, scores=[h.score for h in selection.hits], provenance=provenance, force=force)
     seconds["merge"] = time.perf_counter() - clock
     result = BuildResult(out_dir, selection, seconds)

@@ -96,10 +96,21 @@ def test_build_command_selects_merges_and_scores(zoo_index, tiny_base, tmp_path,
     assert main(argv) == 2  # the output exists: refused without --force
     assert "already exists" in capsys.readouterr().err
 
-    adapter_argv = [*argv[:-2], "--output", "adapter", "--out", str(tmp_path / "adapter"), "--json"]
+    adapter_argv = [
+        *argv[:-2],
+        "--output",
+        "adapter",
+        "--rank",
+        "3",
+        "--out",
+        str(tmp_path / "adapter"),
+        "--json",
+    ]
     assert main(adapter_argv) == 0
     assert json.loads(capsys.readouterr().out)["selection"]["candidates"][0]["model_id"] == chosen[0]
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 3
+    assert main([*argv[:-2], "--rank", "3", "--out", str(tmp_path / "other")]) == 2  # rank: adapters only
+    assert "output='adapter'" in capsys.readouterr().err
 
 
 def test_lorahub_command_learns_weights_for_the_selected_adapters(zoo_index, tiny_base, tmp_path, capsys):
