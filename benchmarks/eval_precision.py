@@ -22,25 +22,17 @@ from datetime import date
 
 import numpy as np
 import torch
-from lm_eval import simple_evaluate
 
 from delta_router import Zoo
 from delta_router.evaluation import LmEvaluator, load_for_eval, task_name, write_tasks
-from delta_router.shared_context import SharedContextHFLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def answers(model, tokenizer, evaluator: LmEvaluator, task: str) -> tuple[float, list[list[float]]]:
     """(seconds, per document the log-likelihood of each choice or of the one answer)."""
-    lm = SharedContextHFLM(
-        pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=evaluator.batch_size
-    )
     clock = time.perf_counter()
-    out = simple_evaluate(
-        model=lm, tasks=[task], task_manager=evaluator.manager, limit=evaluator.limit, log_samples=True,
-        bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-    )  # fmt: skip
+    out = evaluator.run(model, tokenizer, [task], log_samples=True)
     seconds = time.perf_counter() - clock
     return seconds, [[float(r[0]) for r in s["filtered_resps"]] for s in out["samples"][task]]
 

@@ -148,32 +148,34 @@ class LmEvaluator:
         return sorted(p.stem for p in self.tasks_dir.glob(f"{TASK_PREFIX}*.yaml"))
 
     def evaluate(self, model, tokenizer, tasks: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-        from lm_eval import simple_evaluate
-
-        tasks = list(tasks or self.tasks)
-        unknown = sorted(set(tasks) - set(self.tasks))
-        if unknown:
-            raise DataError(f"unknown eval tasks {unknown}; available: {', '.join(self.tasks)}")
-        from lm_eval.models.huggingface import HFLM
-
-        from delta_router.shared_context import SharedContextHFLM
-
-        device = next(model.parameters()).device
-        shared = self.shared_context if self.shared_context is not None else device.type == "cpu"
-        lm_class = SharedContextHFLM if shared else HFLM
-        lm = lm_class(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=self.batch_size)
-        out = simple_evaluate(
-            model=lm, tasks=tasks, task_manager=self.manager, limit=self.limit,
-            log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-        )  # fmt: skip
         results = {}
-        for task, metrics in out["results"].items():
+        for task, metrics in self.run(model, tokenizer, tasks)["results"].items():
             results[task] = {
                 _metric_name(key): float(value)
                 for key, value in metrics.items()
                 if "," in key and "_stderr" not in key and isinstance(value, (int, float))
             }
         return results
+
+    def run(self, model, tokenizer, tasks: Sequence[str] | None = None, log_samples: bool = False) -> dict:
+        """lm-eval's own output (``simple_evaluate``); ``log_samples`` adds each document's responses."""
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        from delta_router.shared_context import SharedContextHFLM
+
+        tasks = list(tasks or self.tasks)
+        unknown = sorted(set(tasks) - set(self.tasks))
+        if unknown:
+            raise DataError(f"unknown eval tasks {unknown}; available: {', '.join(self.tasks)}")
+        device = next(model.parameters()).device
+        shared = self.shared_context if self.shared_context is not None else device.type == "cpu"
+        lm_class = SharedContextHFLM if shared else HFLM
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=self.batch_size)
+        return simple_evaluate(
+            model=lm, tasks=tasks, task_manager=self.manager, limit=self.limit, log_samples=log_samples,
+            bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+        )  # fmt: skip
 
 
 def _metric_name(key: str) -> str:
