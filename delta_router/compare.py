@@ -6,7 +6,8 @@ single-domain finetunes (``TaskSelector``); every condition is merged into one L
 
 - ``base``: the base model;
 - ``selected``: the top-k merge (``k=1``: the best single candidate itself);
-- ``random``: merges of k uniformly random candidates, one per seed (``seeds`` of them);
+- ``random``: merges of k uniformly random candidates, one per seed (``seeds`` of them); the same
+  draws for every target, so each random merge is built once and scored on every domain;
 - ``in-domain``: the merge of k finetunes of the target domain (the oracle selection);
 - ``all``: the merge of every candidate.
 
@@ -178,7 +179,7 @@ class SelectionComparison:
                 if in_domain:  # the target's own finetunes (all of them, if fewer than k)
                     rows.append(score("in-domain", in_domain[:k], k, setting))
                 for seed in range(config.seeds):
-                    picks = random.Random(f"{name}-{k}-{seed}").sample(candidates, k)
+                    picks = random.Random(f"random-{k}-{seed}").sample(candidates, k)
                     rows.append(score("random", picks, k, setting, seed))
         if config.hub_size:
             rows += self._lorahub_rows(

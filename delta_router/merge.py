@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from unittest import mock
 
 import torch
 import yaml
@@ -213,6 +214,7 @@ class Merger:
         layer (default: the sum of the adapters' ranks); linear ones are exact at any rank.
         """
         from peft import PeftModel
+        from peft.utils import merge_utils
 
         out_dir = refuse_existing(out_dir, force)
         combination = self.recipe.adapter_combination
@@ -233,7 +235,10 @@ class Merger:
                 # scaled by k make the two equal for uniform weights (the default weighting).
                 peft_weights = [w * len(weights) for w in weights]
             options = {"svd_rank": rank, "svd_full_matrices": False}
-        with torch.random.fork_rng():  # DARE drops parameters at random: seeded, caller's RNG untouched
+        # DARE drops parameters at random: seeded, the caller's RNG untouched. TIES prunes by magnitude
+        # with ``magnitude_prune`` (the same entries as PEFT's own, 4x faster).
+        fast_prune = mock.patch.object(merge_utils, "magnitude_based_pruning", magnitude_prune)
+        with torch.random.fork_rng(), fast_prune:
             torch.manual_seed(self.seed)
             model.add_weighted_adapter(
                 names, peft_weights, "default", combination_type=combination, density=density, **options
@@ -245,6 +250,23 @@ class Merger:
             extra = {"output": "adapter", "peft_combination": combination, "density": density, "rank": rank}
             _write_provenance(tmp, self, finetunes, weights, scores, {**extra, **(provenance or {})})
         return out_dir
+
+
+def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """``tensor`` with all but its ``density`` fraction of largest magnitudes set to zero.
+
+    PEFT's ``magnitude_based_pruning`` keeps the same entries (unless magnitudes tie exactly at the
+    threshold) with a ``topk`` of that fraction of the tensor; a ``kthvalue`` threshold is ~4x faster
+    on CPU (benchmarks/RESULTS.md: 14 s -> 3.5 s of a 3-adapter TIES merge of SmolLM2).
+    """
+    keep = int(density * tensor.numel())
+    if keep == 0:
+        return torch.zeros_like(tensor)
+    if keep >= tensor.numel():
+        return tensor.clone()
+    magnitude = tensor.abs()
+    threshold = magnitude.reshape(-1).kthvalue(tensor.numel() - keep).values
+    return tensor * (magnitude > threshold)
 
 
 def _full_rank(model) -> int:

@@ -113,6 +113,13 @@ def test_comparison_runs_every_condition_and_caches(tiny_zoo, tmp_path):
     task_rows = comparison.run_task("my-fruit", held_out.fewshot, held_out.test)
     assert {r.condition for r in task_rows} == {"base", "all", "selected", "random"}  # no in-domain models
     assert all(r.domain == "my-fruit" for r in task_rows)
+
+    def random_draws(rows: list[Row]) -> list[tuple]:
+        return sorted(
+            (r.k, r.seed, r.models) for r in rows if r.condition == "random" and r.recipe != "lorahub"
+        )
+
+    assert random_draws(task_rows) == random_draws(rows)  # one random pool per (k, seed), every task
     merges = [p for p in cache_dir("evals", "merges").iterdir() if (p / PROVENANCE_FILE).exists()]
     all_models = [p for p in merges if len(json.loads((p / PROVENANCE_FILE).read_text())["models"]) == 4]
     assert len(all_models) == 1  # one merge of every finetune, scored on both tasks

@@ -11,7 +11,14 @@ from transformers import AutoModelForCausalLM
 from delta_router.base import resolve_base
 from delta_router.errors import MergeError
 from delta_router.finetune import Finetune
-from delta_router.merge import PROVENANCE_FILE, Merger, MergeRecipe, available_recipes, materialize
+from delta_router.merge import (
+    PROVENANCE_FILE,
+    Merger,
+    MergeRecipe,
+    available_recipes,
+    magnitude_prune,
+    materialize,
+)
 
 
 def test_the_issue_recipes_are_all_there():
@@ -116,3 +123,15 @@ def test_adapter_dare_ties_is_seeded(tiny_base, adapters, tmp_path):
     first, again, other = merged(0, "a"), merged(0, "b"), merged(1, "c")
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.5, 0.9, 1.0])
+def test_magnitude_prune_keeps_what_peft_keeps(density):
+    from peft.utils.merge_utils import magnitude_based_pruning
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(48, 64), (64, 8), (7,)]:
+        tensor = torch.randn(shape, generator=generator)
+        expected = magnitude_based_pruning(tensor, density)
+        assert torch.equal(magnitude_prune(tensor, density), expected)
+        assert int((expected != 0).sum()) == int(density * tensor.numel())
