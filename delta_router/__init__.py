@@ -2,43 +2,47 @@
 
 Data path: probes -> activations -> deltas (``DeltaEmbedder``) -> index (``ModelIndex``) ->
 selection (``TaskSelector``) -> merge (``Merger``). Finetunes come from ``LoraTrainer`` / ``Zoo``.
+
+The public names below are imported on first use, so ``import delta_router`` is cheap and sets
+nothing: the CLI can configure the environment (offline mode) before torch and transformers load.
 """
 
-import os
+from __future__ import annotations
 
-# Nothing loads from a model hub at run time unless the user opts in (HF_HUB_OFFLINE=0).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from delta_router.base import DEFAULT_BASE, BaseFingerprint, BaseModel, resolve_base  # noqa: E402
-from delta_router.embed import DeltaEmbedder, Embedding, EmbeddingSpace  # noqa: E402
-from delta_router.finetune import Finetune  # noqa: E402
-from delta_router.index import ModelIndex, SearchHit  # noqa: E402
-from delta_router.merge import Merger  # noqa: E402
-from delta_router.probes import ProbeSet  # noqa: E402
-from delta_router.route import QueryEncoder, Router  # noqa: E402
-from delta_router.selector import TaskSelector  # noqa: E402
-from delta_router.train import LoraTrainer, TrainConfig  # noqa: E402
-from delta_router.zoo import Zoo  # noqa: E402
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "DEFAULT_BASE",
-    "BaseFingerprint",
-    "BaseModel",
-    "DeltaEmbedder",
-    "Embedding",
-    "EmbeddingSpace",
-    "Finetune",
-    "LoraTrainer",
-    "Merger",
-    "ModelIndex",
-    "ProbeSet",
-    "QueryEncoder",
-    "Router",
-    "SearchHit",
-    "TaskSelector",
-    "TrainConfig",
-    "Zoo",
-    "resolve_base",
-]
+
+_EXPORTS = {
+    "DEFAULT_BASE": "delta_router.base",
+    "BaseFingerprint": "delta_router.base",
+    "BaseModel": "delta_router.base",
+    "resolve_base": "delta_router.base",
+    "DeltaEmbedder": "delta_router.embed",
+    "Embedding": "delta_router.embed",
+    "EmbeddingSpace": "delta_router.embed",
+    "Finetune": "delta_router.finetune",
+    "ModelIndex": "delta_router.index",
+    "SearchHit": "delta_router.index",
+    "Merger": "delta_router.merge",
+    "ProbeSet": "delta_router.probes",
+    "QueryEncoder": "delta_router.route",
+    "Router": "delta_router.route",
+    "TaskSelector": "delta_router.selector",
+    "LoraTrainer": "delta_router.train",
+    "TrainConfig": "delta_router.train",
+    "Zoo": "delta_router.zoo",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'delta_router' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

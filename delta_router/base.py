@@ -204,7 +204,7 @@ def fetch_embedded_base(name: str = DEFAULT_BASE, force: bool = False) -> Path:
         clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         clean.load_state_dict(quantized.state_dict())
         del quantized
-        with atomic_directory(target, overwrite=True) as out:
+        with atomic_directory(target, force=True) as out:
             clean.save_pretrained(out)
             tokenizer.save_pretrained(out)
             atomic_write_text(

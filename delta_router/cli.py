@@ -9,19 +9,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import socket
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+# The CLI loads nothing from a model hub unless the user opts in (HF_HUB_OFFLINE=0). Set before the
+# imports below: huggingface_hub reads it once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from delta_router.base import DEFAULT_BASE, EMBEDDED_BASES, fetch_embedded_base, resolve_base
-from delta_router.embed import METHODS, NORMALIZATIONS, POOLINGS, DeltaEmbedder, Embedding
-from delta_router.errors import DeltaRouterError, DuplicateModelError
-from delta_router.home import atomic_write_text, home
-from delta_router.index import INDEX_KINDS, ModelIndex
-from delta_router.probes import BUILTIN_PROBE_SETS
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from delta_router.base import DEFAULT_BASE, EMBEDDED_BASES, fetch_embedded_base, resolve_base  # noqa: E402
+from delta_router.embed import METHODS, NORMALIZATIONS, POOLINGS, DeltaEmbedder, Embedding  # noqa: E402
+from delta_router.errors import DeltaRouterError, DuplicateModelError  # noqa: E402
+from delta_router.home import atomic_write_text, home, refuse_existing, refuse_existing_file  # noqa: E402
+from delta_router.index import INDEX_KINDS, ModelIndex  # noqa: E402
+from delta_router.model_ids import RULE, check_model_id  # noqa: E402
+from delta_router.probes import BUILTIN_PROBE_SETS  # noqa: E402
 
 console = Console()
 
@@ -74,9 +84,18 @@ def _embedder(args: argparse.Namespace, index: ModelIndex | None = None) -> Delt
 
 
 def _load_or_new_index(args: argparse.Namespace) -> ModelIndex:
+    """The index at ``--index``, or a new one of ``--kind``; never a directory that holds other files."""
     if ModelIndex.exists(args.index):
-        return ModelIndex.load(args.index)
-    return ModelIndex(kind=getattr(args, "kind", "flat"))
+        index = ModelIndex.load(args.index)
+        if args.kind is not None and args.kind != index.kind:
+            raise DeltaRouterError(
+                f"{args.index} is a {index.kind} index: --kind {args.kind} applies to a new index only"
+            )
+        return index
+    directory = Path(args.index)
+    if directory.is_file() or (directory.is_dir() and any(directory.iterdir())):
+        raise DeltaRouterError(f"{directory} exists and is not a model index: give a new or empty directory")
+    return ModelIndex(kind=args.kind or "flat")
 
 
 def _embedding_table(embeddings: list[Embedding], title: str) -> Table:
@@ -88,6 +107,16 @@ def _embedding_table(embeddings: list[Embedding], title: str) -> Table:
             e.model_id, e.kind, f"{float((e.vector**2).sum() ** 0.5):.4f}", e.content_hash[:12], e.path
         )
     return table
+
+
+def _check_ids(args: argparse.Namespace) -> None:
+    """``--id`` values: one per path, each following the id rule (before any compute)."""
+    if args.id is None:
+        return
+    if len(args.id) != len(args.paths):
+        raise DeltaRouterError(f"{len(args.id)} --id values for {len(args.paths)} paths")
+    for model_id in args.id:
+        check_model_id(model_id)
 
 
 def _check_unique_ids(embeddings: list[Embedding]) -> None:
@@ -119,6 +148,9 @@ def cmd_embed(args: argparse.Namespace) -> None:
     if args.index:
         cmd_index_add(args)
         return
+    if args.out:
+        refuse_existing_file(args.out, args.force)
+    _check_ids(args)
     embeddings = _embedder(args).embed(args.paths, args.id)
     if args.out:
         atomic_write_text(Path(args.out), json.dumps([e.to_dict() for e in embeddings]))
@@ -129,8 +161,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
 def cmd_index_add(args: argparse.Namespace) -> None:
     index = _load_or_new_index(args)
     embedder = _embedder(args, index)
-    if args.id and len(args.id) != len(args.paths):
-        raise DeltaRouterError(f"{len(args.id)} --id values for {len(args.paths)} paths")
+    _check_ids(args)
     if not args.replace:  # refuse duplicates before spending any compute
         from delta_router.finetune import Finetune
 
@@ -153,6 +184,9 @@ def cmd_index_add(args: argparse.Namespace) -> None:
 
 def cmd_index_remove(args: argparse.Namespace) -> None:
     index = ModelIndex.load(args.index)
+    repeated = sorted({i for i in args.ids if args.ids.count(i) > 1})
+    if repeated:
+        raise DeltaRouterError(f"model id(s) given more than once: {', '.join(repeated)}")
     for model_id in args.ids:
         index.get(model_id)  # all ids must exist before anything is removed
     for model_id in args.ids:
@@ -243,6 +277,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 def cmd_build(args: argparse.Namespace) -> None:
     from delta_router.pipeline import build_merged_model
 
+    refuse_existing(args.out, args.force, inputs=(args.index,))
     result = build_merged_model(
         args.examples, ModelIndex.load(args.index), args.out, k=args.k, recipe=args.recipe,
         method=args.method, weighting=args.weighting, eval_examples=args.eval, seed=args.seed,
@@ -266,10 +301,9 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 def cmd_lorahub(args: argparse.Namespace) -> None:
     from delta_router.lorahub import LoraHub
-    from delta_router.merge import refuse_existing
     from delta_router.selector import TaskSelector, read_examples
 
-    refuse_existing(args.out, args.force)  # before minutes of compute, not after
+    refuse_existing(args.out, args.force, inputs=(args.index,))  # before minutes of compute, not after
     selector = TaskSelector(ModelIndex.load(args.index), method=args.method, progress=not args.json)
     selection = selector.select(args.examples, k=args.k)
     adapters = [h.entry.embedding.path for h in selection.hits]
@@ -382,8 +416,10 @@ def _training_records(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from delta_router.train import LoraTrainer, TrainConfig
+    from delta_router.train import TRAINING_FILE, LoraTrainer, TrainConfig
 
+    if not (Path(args.out) / TRAINING_FILE).exists():  # a run of ours is checked by the trainer
+        refuse_existing(args.out, args.force)
     records, source = _training_records(args)
     config = TrainConfig().with_options(
         rank=args.rank, alpha=args.alpha, learning_rate=args.lr, epochs=args.epochs,
@@ -402,10 +438,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_zoo_build(args: argparse.Namespace) -> None:
     from delta_router.zoo import Zoo
 
-    zoo = Zoo(args.spec, args.base, progress=not args.json)
+    zoo = Zoo(args.zoo, args.base, progress=not args.json)
     index = zoo.build()
     rows = [{"model_id": e.model_id, **e.tags} for e in index.list()]
-    table = Table(title=f"zoo {args.spec}: {len(index)} finetunes, index at {zoo.index_dir}")
+    table = Table(title=f"zoo {args.zoo}: {len(index)} finetunes, index at {zoo.index_dir}")
     for col in ("model id", "domain", "kind", "part", "variant"):
         table.add_column(col)
     for row in rows:
@@ -417,7 +453,7 @@ def cmd_zoo_report(args: argparse.Namespace) -> None:
     from delta_router.zoo import Zoo
     from delta_router.zoo_report import build_report
 
-    report = build_report(Zoo(args.spec, args.base, progress=not args.json), args.eval_size, not args.json)
+    report = build_report(Zoo(args.zoo, args.base, progress=not args.json), args.eval_size, not args.json)
     if args.json:
         _emit(args, report.to_dict())
         return
@@ -442,19 +478,28 @@ def cmd_route_fit(args: argparse.Namespace) -> None:
     from delta_router.route import QueryEncoder, Router
     from delta_router.zoo import Zoo
 
+    if bool(args.zoo) == bool(args.examples):
+        raise DeltaRouterError("give the models' examples: --zoo NAME or --examples MODEL_ID=FILE ...")
     index = ModelIndex.load(args.index)
+    examples = _router_examples(args)
+    unknown = [m for m in examples if m not in index]
+    if unknown:
+        raise DeltaRouterError(f"not in the index {args.index}: {', '.join(unknown)}")
+    if index.space is None:
+        raise DeltaRouterError(f"{args.index} is empty: add models before fitting a router")
+    refuse_existing(args.out, args.force, inputs=(args.index,))  # every check before any compute
     base = resolve_base(index.space.base_name)
     encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
+    progress = not args.json
     if args.zoo:
-        router = Router.fit_zoo(Zoo(args.zoo, base, progress=False), encoder, args.per_model)
-    elif args.examples:
-        router = Router.fit(encoder, base.fingerprint, _router_examples(args), base_name=base.name)
+        zoo = Zoo(args.zoo, base, progress=False)
+        router = Router.fit_zoo(zoo, encoder, args.per_model, progress=progress)
     else:
-        raise DeltaRouterError("give the models' examples: --zoo SPEC or --examples MODEL_ID=FILE ...")
+        router = Router.fit(encoder, base.fingerprint, examples, base_name=base.name, progress=progress)
     unknown = [m for m in router.model_ids if m not in index]
     if unknown:
         raise DeltaRouterError(f"not in the index {args.index}: {', '.join(unknown)}")
-    router.save(args.out)
+    router.save(args.out, force=args.force)
     _emit(args, {"router": args.out, "models": router.model_ids}, _ids_table(router.model_ids, args.out))
 
 
@@ -488,21 +533,49 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from delta_router.route import Router
     from delta_router.serving import build_app
 
+    listener = _listen(args.host, args.port)  # a busy port fails here, before any loading
     router = Router.load(args.router, top_k=args.top_k, threshold=args.threshold) if args.router else None
+    index = ModelIndex.load(args.index)
     app = build_app(
-        ModelIndex.load(args.index), router, args.backend, args.max_loaded, args.max_batch,
-        args.max_tokens, args.device,
-    )  # fmt: skip
-    console.print(
-        f"serving {args.index} on http://{args.host}:{args.port}/v1 (router: {args.router or 'none'})"
+        index, router, args.backend, args.max_loaded, args.max_batch, args.max_tokens, args.device
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    url = f"http://{args.host}:{args.port}/v1"
+    info = {"url": url, "index": str(args.index), "models": len(index), "router": args.router,
+            "backend": args.backend}  # fmt: skip
+    if args.json:
+        print(json.dumps(info), flush=True)
+    else:
+        console.print(f"serving {args.index} on {url} (router: {args.router or 'none'})")
+    config = uvicorn.Config(app, log_level="info" if args.verbose else "warning")
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket for the server; a clear error if the address is taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise DeltaRouterError(f"cannot resolve --host {host!r} ({exc})") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise DeltaRouterError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port"
+        ) from exc
+    return sock
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from delta_router.data import load_domain, load_records
     from delta_router.evaluation import LmEvaluator, load_for_eval, task_name, write_tasks
 
+    if args.out:
+        refuse_existing_file(args.out, args.force)
     held_out = {d: load_domain(d).test[: args.size] for d in args.domains or []}
     if args.examples:
         held_out["user"] = load_records(args.examples)
@@ -517,7 +590,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         results[model] = evaluator.evaluate(loaded, tokenizer, tasks)
         del loaded
     if args.out:
-        atomic_write_text(Path(args.out), json.dumps(results, indent=2))
+        atomic_write_text(Path(args.out), json.dumps(results, indent=2))  # checked before the evals
     table = Table(title=f"lm-eval on held-out splits (limit {args.limit or 'none'})")
     table.add_column("model")
     columns = [(t, m) for t in tasks for m in results[args.models[0]][t]]
@@ -573,6 +646,43 @@ def cmd_ablations(args: argparse.Namespace) -> None:
 
 
 # ---- parser ----------------------------------------------------------------------------------
+def _int_at_least(low: int):
+    """argparse type: an integer >= ``low`` (checked before any compute)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float | None = None, low_open: bool = False):
+    """argparse type: a finite float in [low, high] (or (low, high] with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            interval = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+NON_NEGATIVE = _int_at_least(0)
+PORT = _int_at_least(1)
+
+
 def _add_embedding_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedding (defaults: the paper's method, or the index's settings)")
     g.add_argument("--base", help=f"embedded name ({', '.join(EMBEDDED_BASES)}), dir or HF id")
@@ -584,17 +694,114 @@ def _add_embedding_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_index_write_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--id", action="append", help="model id for each PATH (default: dir name)")
+    p.add_argument(
+        "--id", action="append", help=f"model id for each PATH (default: dir name); ids are {RULE}"
+    )
     p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="tag (repeatable)")
     p.add_argument("--replace", action="store_true", help="overwrite models already indexed")
-    p.add_argument("--kind", choices=INDEX_KINDS, default="flat", help="FAISS kind for a new index")
+    p.add_argument("--kind", choices=INDEX_KINDS, help="FAISS kind of a new index (default flat)")
+
+
+def _add_base_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--base", default=DEFAULT_BASE, help=f"embedded name, dir or HF id (default {DEFAULT_BASE})"
+    )
+
+
+def _add_zoo_option(p: argparse.ArgumentParser, default: str | None) -> None:
+    shown = f" (default {default})" if default else ""
+    p.add_argument("--zoo", "--spec", dest="zoo", default=default, help=f"zoo: small, full{shown}")
+
+
+def _add_task_commands(sub, common: argparse.ArgumentParser) -> None:
+    """``select``, ``lorahub`` and ``build``: each ranks the index's finetunes for a task's examples."""
+    from delta_router.merge import WEIGHTINGS, available_recipes
+    from delta_router.selector import SELECTION_METHODS
+
+    commands = {}
+    for name, func, text in (("select", cmd_select, "rank indexed finetunes for examples of a task"),
+                             ("lorahub", cmd_lorahub, "select the top-k adapters, learn LoraHub weights"),
+                             ("build", cmd_build, "select the top-k for a task and merge them")):  # fmt: skip
+        p = commands[name] = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--examples", required=True, help="JSONL/CSV of the task's examples (>= 5, ~20)")
+        p.add_argument("--index", required=True, help="index directory")
+        p.add_argument("-k", "--k", type=POSITIVE, default=3, help="number of finetunes (default 3)")
+        p.add_argument("--method", choices=SELECTION_METHODS, default="finetune",
+                       help="how the task is embedded: finetune = the paper's few-shot LoRA (default); "
+                       "activations = the base's activations on the examples, no training")  # fmt: skip
+        p.set_defaults(func=func)
+
+    hub = commands["lorahub"]
+    hub.add_argument("--out", required=True, help="LoRA adapter directory to write")
+    hub.add_argument("--budget", type=POSITIVE, default=40, help="loss evaluations of the search (40)")
+    hub.add_argument(
+        "--fit-examples", type=POSITIVE, default=5, help="examples the weights are learnt on (5)"
+    )
+    hub.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+    build = commands["build"]
+    build.add_argument("--out", required=True, help="output model directory")
+    build.add_argument("--recipe", default="ties",
+                       help=f"merge recipe: {', '.join(available_recipes())} or a YAML path")  # fmt: skip
+    build.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="merge weights")
+    build.add_argument("--output", choices=("model", "adapter"), default="model",
+                       help="model: a full model via mergekit (default); adapter: one LoRA")  # fmt: skip
+    build.add_argument("--rank", type=POSITIVE, help="rank of a ties / dare_ties merged adapter "
+                       "(--output adapter; default: the sum of the adapters' ranks)")  # fmt: skip
+    build.add_argument(
+        "--eval", metavar="FILE", help="held-out examples: score merged vs best single vs random"
+    )
+    build.add_argument("--seed", type=int, default=0, help="merge / random-baseline seed")
+    build.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def _add_route_commands(sub, common: argparse.ArgumentParser) -> None:
+    """``route fit``, ``route query`` and ``serve``."""
+    route = sub.add_parser("route", help="route queries to the best finetune").add_subparsers(
+        dest="action", required=True
+    )
+    p = route.add_parser("fit", parents=[common], help="task profiles of an index's models")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--out", required=True, help="router directory to write")
+    _add_zoo_option(p, None)
+    p.add_argument("--examples", action="append", metavar="MODEL_ID=FILE", help="examples of a model's task")
+    p.add_argument("--per-model", type=POSITIVE, default=32, help="examples per model (default 32)")
+    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling (default: mean)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_route_fit)
+    query = route.add_parser("query", parents=[common], help="where would these queries go?")
+    query.add_argument("queries", nargs="+", metavar="TEXT", help="query texts")
+    query.add_argument("--router", required=True, help="router directory")
+    query.set_defaults(func=cmd_route_query)
+
+    serve = sub.add_parser(
+        "serve", parents=[common], help="OpenAI-compatible server over an index's adapters"
+    )
+    serve.add_argument("--index", required=True, help="index directory")
+    serve.add_argument("--router", help='router directory (enables model "auto")')
+    serve.add_argument("--backend", choices=("peft", "vllm"), default="peft", help="generation backend")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=PORT, default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--device", default="cpu", help="torch device of the peft backend")
+    serve.add_argument("--max-loaded", type=POSITIVE, default=8, help="adapters kept loaded (LRU)")
+    serve.add_argument("--max-batch", type=POSITIVE, default=8, help="requests per batched forward")
+    serve.add_argument("--max-tokens", type=POSITIVE, default=512, help="largest max_tokens accepted")
+    serve.set_defaults(func=cmd_serve)
+    for p in (query, serve):
+        p.add_argument("--top-k", type=POSITIVE, default=1, help="adapters per query (weighted mix if > 1)")
+        p.add_argument(
+            "--threshold", type=_float_in(-1.0, 1.0), help="best cosine below this -> the base model"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="delta-router", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('delta-router')}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    # -v also after the subcommand; SUPPRESS keeps a -v given before it
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
 
     base = sub.add_parser("base", help="fetch or inspect base models").add_subparsers(
@@ -603,38 +810,39 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("fetch", cmd_base_fetch, "fetch (and dequantise) a base once"),
                              ("info", cmd_base_info, "show a base's fingerprint")):  # fmt: skip
         p = base.add_parser(name, parents=[common], help=text)
-        p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+        _add_base_option(p)
         if name == "fetch":
             p.add_argument("--force", action="store_true", help="re-create the cached copy")
         p.set_defaults(func=func)
 
     p = sub.add_parser("embed", parents=[common], help="embed finetunes (LoRA or full)")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="LoRA adapter or full model directories")
     p.add_argument("--index", help="also add the embeddings to this index directory")
     p.add_argument("--out", help="write the embeddings (with vectors) to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     _add_index_write_options(p)
     _add_embedding_options(p)
     p.set_defaults(func=cmd_embed)
 
     index = sub.add_parser("index", help="manage a model index").add_subparsers(dest="action", required=True)
     p = index.add_parser("add", parents=[common], help="embed finetunes and add them")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="LoRA adapter or full model directories")
     _add_index_write_options(p)
     _add_embedding_options(p)
     p.set_defaults(func=cmd_index_add)
     p = index.add_parser("remove", parents=[common], help="remove models by id")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("ids", nargs="+", metavar="ID", help="model ids to remove")
     p.set_defaults(func=cmd_index_remove)
     p = index.add_parser("tag", parents=[common], help="set tags of a model (KEY= deletes)")
-    p.add_argument("model_id", metavar="ID")
-    p.add_argument("--tag", action="append", required=True, metavar="KEY=VALUE")
+    p.add_argument("model_id", metavar="ID", help="model id")
+    p.add_argument("--tag", action="append", required=True, metavar="KEY=VALUE", help="tag (repeatable)")
     p.set_defaults(func=cmd_index_tag)
     p = index.add_parser("list", parents=[common], help="list indexed models")
     p.set_defaults(func=cmd_index_list)
     p = index.add_parser("search", parents=[common], help="nearest models to a finetune or id")
     p.add_argument("query", nargs="?", metavar="PATH", help="a finetune to embed and search with")
     p.add_argument("--id", help="search with an indexed model instead")
-    p.add_argument("-k", type=int, default=5, help="number of results (default 5)")
+    p.add_argument("-k", "--k", type=POSITIVE, default=5, help="number of results (default 5)")
     _add_embedding_options(p)
     p.set_defaults(func=cmd_index_search)
     p = index.add_parser("info", parents=[common], help="size, kind and embedding space")
@@ -646,27 +854,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("list", parents=[common], help="list the built-in domains")
     p.set_defaults(func=cmd_data_list)
     p = data.add_parser("prepare", parents=[common], help="fetch domains and write their splits")
-    p.add_argument("domains", nargs="+", metavar="DOMAIN")
+    p.add_argument("domains", nargs="+", metavar="DOMAIN", help="built-in domains (see data list)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("train", parents=[common], help="LoRA-finetune the base on a domain or a file")
     p.add_argument("--data", required=True, help="built-in DOMAIN, or a .jsonl/.csv/HF datasets dir")
     p.add_argument("--out", required=True, help="adapter directory to write")
-    p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+    _add_base_option(p)
     p.add_argument("--split", choices=("train", "fewshot"), default="train", help="split of a DOMAIN")
     p.add_argument("--part", type=int, choices=(0, 1, 2), default=0, help="training third of a DOMAIN")
     p.add_argument("--data-seed", type=int, default=0, help="split seed of a DOMAIN")
     p.add_argument("--column", action="append", metavar="FIELD=COLUMN",
                    help="map a file's column to instruction/input/output (repeatable)")  # fmt: skip
-    for flag, kind, text in (("--rank", int, "LoRA rank (8)"), ("--alpha", int, "LoRA alpha (16)"),
-                             ("--lr", float, "learning rate (1e-3)"), ("--epochs", float, "epochs (1)"),
-                             ("--max-steps", int, "optimizer steps (overrides --epochs)"),
-                             ("--num-examples", int, "train on a seeded subset of this size"),
-                             ("--max-length", int, "tokens per example (256)"),
+    for flag, kind, text in (("--rank", POSITIVE, "LoRA rank (8)"), ("--alpha", POSITIVE, "LoRA alpha (16)"),
+                             ("--lr", _float_in(0.0, low_open=True), "learning rate (1e-3)"),
+                             ("--epochs", _float_in(0.0, low_open=True), "epochs (1)"),
+                             ("--max-steps", POSITIVE, "optimizer steps (overrides --epochs)"),
+                             ("--num-examples", POSITIVE, "train on a seeded subset of this size"),
+                             ("--max-length", POSITIVE, "tokens per example (256)"),
                              ("--seed", int, "training seed (0)")):  # fmt: skip
         p.add_argument(flag, type=kind, help=text)
-    p.add_argument("--force", action="store_true", help="overwrite an adapter trained differently")
+    p.add_argument(
+        "--force", action="store_true", help="replace a non-empty --out or one trained differently"
+    )
     p.set_defaults(func=cmd_train)
 
     zoo = sub.add_parser("zoo", help="build and report the model zoo").add_subparsers(
@@ -675,120 +886,63 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("build", cmd_zoo_build, "train, embed and index the zoo (cached)"),
                              ("report", cmd_zoo_report, "silhouette, t-SNE, scores")):  # fmt: skip
         p = zoo.add_parser(name, parents=[common], help=text)
-        p.add_argument("--spec", default="small", help="zoo spec: small (demo) or full (default small)")
-        p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+        _add_zoo_option(p, "small")
+        _add_base_option(p)
         p.set_defaults(func=func)
-    zoo.choices["report"].add_argument("--eval-size", type=int, default=64, help="test records per domain")
-
-    from delta_router.merge import WEIGHTINGS, available_recipes
-    from delta_router.selector import SELECTION_METHODS
-
-    for name, func, text in (("select", cmd_select, "rank indexed finetunes for examples of a task"),
-                             ("lorahub", cmd_lorahub, "select the top-k adapters, learn LoraHub weights"),
-                             ("build", cmd_build, "select the top-k for a task and merge them")):  # fmt: skip
-        p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("--examples", required=True, help="JSONL/CSV of the task's examples (>= 5, ~20)")
-        p.add_argument("--index", required=True, help="index directory")
-        p.add_argument("-k", "--k", type=int, default=3, help="number of finetunes (default 3)")
-        p.add_argument("--method", choices=SELECTION_METHODS, default="finetune",
-                       help="finetune: the paper's few-shot LoRA (default); activations: none")  # fmt: skip
-        p.set_defaults(func=func)
-        if name == "lorahub":
-            p.add_argument("--out", required=True, help="LoRA adapter directory to write")
-            p.add_argument("--budget", type=int, default=40, help="loss evaluations of the search (40)")
-            p.add_argument(
-                "--fit-examples", type=int, default=5, help="examples the weights are learnt on (5)"
-            )
-            p.add_argument("--force", action="store_true", help="overwrite --out")
-    p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--recipe", default="ties",
-                   help=f"merge recipe: {', '.join(available_recipes())} or a YAML path")  # fmt: skip
-    p.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="merge weights")
-    p.add_argument("--output", choices=("model", "adapter"), default="model",
-                   help="model: full model via mergekit (default); adapter: one LoRA via PEFT")  # fmt: skip
-    p.add_argument("--rank", type=int, help="rank of a ties / dare_ties merged adapter (--output adapter; "
-                   "default: the sum of the adapters' ranks)")  # fmt: skip
-    p.add_argument("--eval", metavar="FILE", help="held-out examples: score merged vs best single vs random")
-    p.add_argument("--seed", type=int, default=0, help="merge / random-baseline seed")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
-
-    route = sub.add_parser("route", help="route queries to the best finetune").add_subparsers(
-        dest="action", required=True
+    zoo.choices["report"].add_argument(
+        "--eval-size", type=POSITIVE, default=64, help="test records per domain (64)"
     )
-    p = route.add_parser("fit", parents=[common], help="task profiles of an index's models")
-    p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("--out", required=True, help="router directory to write")
-    p.add_argument("--zoo", help="profile a zoo's members from their training data (e.g. full)")
-    p.add_argument("--examples", action="append", metavar="MODEL_ID=FILE", help="examples of a model's task")
-    p.add_argument("--per-model", type=int, default=32, help="examples per model (default 32)")
-    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling (default: mean)")
-    p.set_defaults(func=cmd_route_fit)
-    p = route.add_parser("query", parents=[common], help="where would these queries go?")
-    p.add_argument("queries", nargs="+", metavar="TEXT")
-    p.add_argument("--router", required=True, help="router directory")
-    p = sub.add_parser("serve", help="OpenAI-compatible server over an index's adapters")
-    p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("--router", help='router directory (enables model "auto")')
-    p.add_argument("--backend", choices=("peft", "vllm"), default="peft", help="generation backend")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu", help="torch device of the peft backend")
-    p.add_argument("--max-loaded", type=int, default=8, help="adapters kept loaded (LRU)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests per batched forward")
-    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens accepted")
-    p.set_defaults(func=cmd_serve)
-    for p in (route.choices["query"], sub.choices["serve"]):
-        p.add_argument("--top-k", type=int, default=1, help="adapters per query (weighted mix if > 1)")
-        p.add_argument("--threshold", type=float, help="best cosine below this -> the base model")
-    route.choices["query"].set_defaults(func=cmd_route_query)
+
+    _add_task_commands(sub, common)
+    _add_route_commands(sub, common)
+
+    from delta_router.selector import SELECTION_METHODS
 
     p = sub.add_parser("eval", parents=[common], help="score models with lm-eval on held-out splits")
     p.add_argument("models", nargs="+", metavar="MODEL", help="'base', a LoRA adapter dir or a model dir")
     p.add_argument("--domain", dest="domains", action="append", metavar="DOMAIN", help="built-in domain")
     p.add_argument("--examples", help="your own held-out JSONL/CSV (task 'user')")
-    p.add_argument("--size", type=int, default=300, help="test records per domain (default: all 300)")
-    p.add_argument("--limit", type=int, help="lm-eval document limit per task")
+    p.add_argument("--size", type=POSITIVE, default=300, help="test records per domain (default: all 300)")
+    p.add_argument("--limit", type=POSITIVE, help="lm-eval document limit per task")
     p.add_argument("--generate", action="store_true", help="also run generative tasks (slow on CPU)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="lm-eval batch size (16)")
+    _add_base_option(p)
     p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", parents=[common], help="Delta-Activations selection vs random merges")
-    p.add_argument("--zoo", default="full", help="zoo spec (default full)")
-    p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+    _add_zoo_option(p, "full")
+    _add_base_option(p)
     p.add_argument("--domain", dest="domains", action="append", help="target domain (default: all)")
     p.add_argument("--task", nargs=3, action="append", metavar=("NAME", "EXAMPLES", "HELD_OUT"),
                    help="your task: ~20 examples and held-out records (JSONL/CSV); repeatable")  # fmt: skip
-    p.add_argument("--k", type=int, action="append", help="models per merge (default 1, 3, 5)")
+    p.add_argument("-k", "--k", type=POSITIVE, action="append", help="models per merge (default 1 3 5)")
     p.add_argument("--recipe", action="append", help="merge recipe (default linear, ties)")
-    p.add_argument("--seeds", type=int, default=5, help="random merges per setting (default 5)")
-    p.add_argument("--examples", type=int, default=20, help="few-shot examples per task (default 20)")
-    p.add_argument("--eval-size", type=int, default=300, help="held-out records per domain")
-    p.add_argument("--limit", type=int, help="lm-eval document limit per task")
+    p.add_argument("--seeds", type=POSITIVE, default=5, help="random merges per setting (default 5)")
+    p.add_argument("--examples", type=POSITIVE, default=20, help="few-shot examples per task (default 20)")
+    p.add_argument("--eval-size", type=POSITIVE, default=300, help="held-out records per domain")
+    p.add_argument("--limit", type=POSITIVE, help="lm-eval document limit per task")
     p.add_argument("--method", choices=SELECTION_METHODS, default="finetune", help="selection method")
-    p.add_argument(
-        "--lorahub",
-        type=int,
-        default=5,
-        metavar="N",
-        help="LoraHub protocol: top-1 + N-1 random vs N random, weights learnt (0: skip; default 5)",
-    )
-    p.add_argument("--lorahub-budget", type=int, default=40, help="loss evaluations per LoraHub search")
+    p.add_argument("--lorahub", type=NON_NEGATIVE, default=5, metavar="N",
+                   help="LoraHub protocol: top-1 + N-1 random vs N random (0: skip; default 5)")  # fmt: skip
+    p.add_argument("--lorahub-budget", type=POSITIVE, default=40, help="loss evaluations per LoraHub search")
     p.add_argument("--out", default="reports/compare", help="report directory (default reports/compare)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("ablations", parents=[common], help="rerun the paper's analyses on a zoo")
-    p.add_argument("--zoo", default="full", help="zoo spec (default full)")
-    p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+    _add_zoo_option(p, "full")
+    _add_base_option(p)
     p.add_argument("--only", action="append", help="run only this ablation (repeatable)")
-    p.add_argument("--fewshot-queries", type=int, default=1, help="queries per domain and size")
-    p.add_argument("--fewshot-sizes", type=int, nargs="+", default=[5, 10, 20, 50], help="examples per task")
+    p.add_argument("--fewshot-queries", type=POSITIVE, default=1, help="queries per domain and size")
+    p.add_argument(
+        "--fewshot-sizes", type=POSITIVE, nargs="+", default=[5, 10, 20, 50], help="examples per task"
+    )
     p.add_argument("--out", default="reports", help="report directory (default reports)")
     p.set_defaults(func=cmd_ablations)
 
     p = sub.add_parser("demo", parents=[common], help="the end-to-end job on the default base")
-    p.add_argument("--base", default=DEFAULT_BASE, help="embedded name, dir or HF id")
+    _add_base_option(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -802,9 +956,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger(__name__).info("cache home: %s", home())
     try:
         args.func(args)
-    except (DeltaRouterError, ValueError, FileExistsError) as exc:
+    except (DeltaRouterError, ValueError, OSError) as exc:
+        logging.getLogger(__name__).debug("traceback", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

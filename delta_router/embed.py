@@ -36,6 +36,7 @@ from delta_router.finetune import Finetune, LoraFactors, iter_full_weights, load
 from delta_router.home import atomic_write_bytes, cache_dir
 from delta_router.lora_batch import lora_hooks
 from delta_router.probes import ProbeSet
+from delta_router.sequences import clip_text
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +231,11 @@ class DeltaEmbedder:
     def tokenizer(self):
         return self.base.load_tokenizer()
 
+    @cached_property
+    def max_tokens(self) -> int:
+        """Longest text the base reads (its context length); longer texts are truncated."""
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
+
     @property
     def body(self) -> torch.nn.Module:
         """The transformer body (embeddings, blocks, final norm): no LM head."""
@@ -301,7 +307,10 @@ class DeltaEmbedder:
         """Pooled activations of the live model on ``texts``, ``batch_size`` per forward: ``[N, d]``."""
         rows = []
         for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(list(texts[start : start + batch_size]), padding=True, return_tensors="pt")
+            chunk = [clip_text(t, self.max_tokens) for t in texts[start : start + batch_size]]
+            batch = self.tokenizer(
+                chunk, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+            )
             with torch.inference_mode():
                 rows.append(
                     pooled_hidden_states(

@@ -50,3 +50,11 @@ class DataError(DeltaRouterError):
 
 class MergeError(DeltaRouterError):
     """A merge recipe is unknown or invalid, or mergekit failed."""
+
+
+class OutputExistsError(DeltaRouterError, FileExistsError):
+    """An output path exists and the command would replace what it did not create (pass --force)."""
+
+
+class InvalidModelIdError(DeltaRouterError):
+    """A model id breaks the id rule (see ``delta_router.model_ids``)."""

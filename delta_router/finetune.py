@@ -21,6 +21,7 @@ from safetensors import safe_open
 from delta_router.base import BaseModel, read_config, safetensors_files, shape_signature
 from delta_router.errors import IncompatibleBaseError, InvalidModelError
 from delta_router.home import sha256_files
+from delta_router.model_ids import check_model_id, id_from_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -40,7 +41,7 @@ class Finetune:
         path = Path(path).expanduser()
         if not path.is_dir():
             raise InvalidModelError(f"{path}: not a directory (expected a PEFT adapter or HF model)")
-        model_id = model_id or path.resolve().name
+        model_id = id_from_name(path.resolve().name) if model_id is None else check_model_id(model_id)
         if (path / ADAPTER_CONFIG).exists():
             if not (path / ADAPTER_WEIGHTS).exists():
                 raise InvalidModelError(
@@ -68,10 +69,16 @@ class Finetune:
 
     @cached_property
     def adapter_config(self) -> dict:
+        path = self.path / ADAPTER_CONFIG
         try:
-            return json.loads((self.path / ADAPTER_CONFIG).read_text())
-        except json.JSONDecodeError as exc:
-            raise InvalidModelError(f"{self.path / ADAPTER_CONFIG}: corrupt JSON ({exc})") from exc
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidModelError(f"{path}: corrupt JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise InvalidModelError(
+                f"{path}: corrupt JSON (a JSON object is expected, got {type(config).__name__})"
+            )
+        return config
 
     @property
     def claimed_base(self) -> str:
@@ -125,6 +132,7 @@ def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseMode
     if not pairs:
         raise InvalidModelError(f"{weights_file}: no lora_A/lora_B tensors found")
 
+    _check_config_describes_weights(finetune, cfg, pairs)
     modules = dict(model.named_modules())
     alpha = float(cfg.get("lora_alpha", 8))
     factors = {}
@@ -150,6 +158,38 @@ def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseMode
         scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
         factors[module_name] = (a, b, scale)
     return LoraFactors(factors, plain)
+
+
+def _check_config_describes_weights(finetune: Finetune, cfg: dict, pairs: dict[str, dict]) -> None:
+    """PEFT loads an adapter by its config: each weight's module must be targeted, at the config's rank.
+
+    An adapter whose config contradicts its weights would embed fine and then fail in every request
+    that loads it through PEFT (``size mismatch``), so it is refused where it enters.
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    path = finetune.path / ADAPTER_CONFIG
+    known = LoraConfig.__dataclass_fields__
+    try:
+        config = LoraConfig(**{k: v for k, v in cfg.items() if k in known and k != "peft_type"})
+    except (TypeError, ValueError) as exc:
+        raise InvalidModelError(f"{path}: not a valid LoRA config ({exc})") from exc
+    all_linear = config.target_modules == "all-linear"
+    rank_pattern = config.rank_pattern or {}
+    for module_name, pair in sorted(pairs.items()):
+        if not (all_linear or check_target_module_exists(config, module_name)):
+            raise InvalidModelError(
+                f"{path}: the weights hold {module_name!r}, which target_modules {config.target_modules!r} "
+                "does not name; PEFT would drop it. Fix target_modules or re-save the adapter"
+            )
+        rank = rank_pattern.get(get_pattern_key(rank_pattern, module_name), config.r)
+        if "lora_A" in pair and pair["lora_A"].shape[0] != rank:
+            raise InvalidModelError(
+                f"{path}: r={rank} for {module_name!r}, but its lora_A has rank {pair['lora_A'].shape[0]}; "
+                "fix r (or rank_pattern) or re-save the adapter"
+            )
 
 
 def iter_full_weights(finetune: Finetune, base: BaseModel) -> Iterator[tuple[str, torch.Tensor]]:

@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from delta_router.errors import OutputExistsError
+
 DEFAULT_HOME = Path("~/.cache/delta_router")
 
 
@@ -45,12 +47,57 @@ def sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def refuse_existing(path: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Check an output directory before any compute; return it as a Path.
+
+    Refuses (``OutputExistsError``) a path that is a file, a non-empty directory unless ``force``,
+    and, even with ``force``, a path that is or contains one of ``inputs`` (writing it would delete
+    what the command reads).
+    """
+    path = Path(path)
+    for source in inputs:
+        if _is_within(Path(source), path):
+            raise OutputExistsError(f"--out {path} would replace the input {source}: choose another --out")
+    if path.is_file():
+        raise OutputExistsError(f"{path} is a file, not a directory: choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise OutputExistsError(
+            f"{path} already exists and is not empty: choose another --out or pass --force"
+        )
+    return path
+
+
+def refuse_existing_file(path: str | Path, force: bool) -> Path:
+    """Check an output file before any compute: not a directory, and not an existing file unless ``force``."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a directory: give a file path for --out")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists: choose another --out or pass --force")
+    return path
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``.
+
+    The file gets the usual permissions (0666 less the umask), not the temp file's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -67,26 +114,31 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp directory next to ``path``; on success it is renamed to ``path``.
+def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temp directory next to ``path``; on success it replaces ``path``.
 
-    On any error the temp directory is removed and ``path`` is left as it was.
+    An existing non-empty ``path`` is refused unless ``force`` (``refuse_existing``). The old
+    directory is moved aside, the new one renamed in, and only then the old one deleted; if the
+    rename fails the old one is put back. On any error the temp directory is removed and ``path``
+    is left as it was. Directories get 0777 less the umask, not ``mkdtemp``'s 0700.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists")
+    path = refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+        if not path.exists():
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+            return
+        old = tmp.with_suffix(".old")
+        os.replace(path, old)
+        try:
             os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

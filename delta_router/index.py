@@ -15,6 +15,7 @@ then replaces ``meta.json`` atomically, so a crash mid-save leaves the previous 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -33,6 +34,7 @@ from delta_router.errors import (
     UnknownModelError,
 )
 from delta_router.home import atomic_write_bytes, atomic_write_text, sha256_file
+from delta_router.model_ids import check_model_id
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,9 @@ class ModelIndex:
 
     # ---- mutation ------------------------------------------------------------------------------
     def add(self, embedding: Embedding, tags: dict[str, str] | None = None, replace: bool = False):
-        """Add one embedding. Refuses another space, and an existing id unless ``replace``."""
+        """Add one embedding. Refuses an invalid id (``model_ids``), another space, and an existing
+        id unless ``replace``."""
+        check_model_id(embedding.model_id)
         self._check_space(embedding.space, f"model {embedding.model_id!r}")
         if embedding.model_id in self._entries:
             if not replace:
@@ -174,8 +178,10 @@ class ModelIndex:
             vector = np.asarray(query, dtype=np.float32).reshape(-1)
             if self.space is not None and vector.shape[0] != self.space.dim:
                 raise SpaceMismatchError(f"query has dimension {vector.shape[0]}, the index {self.space.dim}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         exclude = exclude or set()
-        if not self._entries or k <= 0:
+        if not self._entries:
             return []
         index = self._index()
         want = min(k + len(exclude), len(self._entries))
@@ -227,11 +233,9 @@ class ModelIndex:
             arrays["faiss"] = faiss.serialize_index(self._index())
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        tmp_data = directory / "data.npz.pending"
-        atomic_write_bytes(tmp_data, buf.getvalue())
-        digest = sha256_file(tmp_data)
+        digest = hashlib.sha256(buf.getbuffer()).hexdigest()
         data_name = f"data-{digest[:16]}.npz"
-        tmp_data.replace(directory / data_name)
+        atomic_write_bytes(directory / data_name, buf.getvalue())
         meta = {
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
@@ -263,26 +267,39 @@ class ModelIndex:
         if not meta_path.is_file():
             raise IndexFormatError(f"{directory} is not a model index (no {META_FILE})")
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
             version = int(meta["format_version"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise IndexFormatError(f"{meta_path}: corrupt index metadata ({exc})") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise IndexFormatError(f"{meta_path}: corrupt index metadata ({exc!r})") from exc
         if version > FORMAT_VERSION:
             raise IndexFormatError(
                 f"{directory} was written by a newer delta-router (index format {version}; this "
                 f"version reads up to {FORMAT_VERSION}). Upgrade delta-router to read it."
             )
+        try:
+            return cls._from_meta(directory, meta)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise IndexFormatError(f"{meta_path}: corrupt index metadata ({exc!r})") from exc
+
+    @classmethod
+    def _from_meta(cls, directory: Path, meta: dict) -> ModelIndex:
         data_path = directory / meta["data_file"]
         if not data_path.is_file() or sha256_file(data_path) != meta["data_sha256"]:
             raise IndexFormatError(f"{data_path}: missing or corrupt (checksum mismatch)")
         space = EmbeddingSpace.from_dict(meta["space"]) if meta["space"] else None
         index = cls(space, meta["kind"], **meta["params"])
-        index._next_id = meta["next_id"]
+        index._next_id = int(meta["next_id"])
         with np.load(data_path) as data:
             vectors = data["vectors"]
+            if len(vectors) != len(meta["entries"]):
+                raise IndexFormatError(
+                    f"{data_path}: {len(vectors)} vectors for {len(meta['entries'])} entries in {META_FILE}"
+                )
             for row, item in enumerate(meta["entries"]):
                 embedding = Embedding.from_dict(item["embedding"], vector=vectors[row].copy())
-                index._entries[embedding.model_id] = IndexEntry(item["faiss_id"], embedding, item["tags"])
+                index._entries[embedding.model_id] = IndexEntry(
+                    int(item["faiss_id"]), embedding, dict(item["tags"])
+                )
             if "faiss" in data:
                 index._faiss = faiss.deserialize_index(data["faiss"])
         return index

@@ -36,9 +36,9 @@ from delta_router.finetune import (
     LoraFactors,
     load_lora_factors,
 )
-from delta_router.home import atomic_directory, atomic_write_text
+from delta_router.home import atomic_directory, atomic_write_text, refuse_existing
 from delta_router.lora_batch import lora_hooks
-from delta_router.merge import PROVENANCE_FILE, refuse_existing
+from delta_router.merge import PROVENANCE_FILE
 from delta_router.sequences import answer_logprobs, collate, encode
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class LoraHub:
         for module, (a, b, _) in self.compose(self.weights_).factors.items():
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (b / self.scale).contiguous()
-        with atomic_directory(out_dir, overwrite=force) as tmp:
+        with atomic_directory(out_dir, force=force) as tmp:
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2))
             record = {

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from unittest import mock
 
@@ -26,11 +27,13 @@ import yaml
 from delta_router.base import DEFAULT_BASE, BaseModel, resolve_base
 from delta_router.errors import MergeError
 from delta_router.finetune import Finetune
-from delta_router.home import atomic_directory, atomic_write_text, cache_dir
+from delta_router.home import atomic_directory, atomic_write_text, cache_dir, refuse_existing
 
 logger = logging.getLogger(__name__)
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "merge_recipes"
+# The recipes: the repository's top-level merge_recipes/, installed as delta_router.merge_recipes
+# (pyproject.toml maps it), so they are found the same way in a checkout and from a wheel.
+RECIPE_DIR = Path(str(resources.files("delta_router.merge_recipes")))
 # Recipes with a PEFT ``add_weighted_adapter`` counterpart (output stays a small LoRA adapter).
 # "cat" stacks the weighted factors, so the merged delta is exactly sum_i w_i B_i A_i. The "*_svd"
 # combinations apply TIES / DARE-TIES to the full deltas B_i A_i, exactly as mergekit does, then
@@ -104,14 +107,6 @@ class MergeRecipe:
         return config
 
 
-def refuse_existing(out_dir: str | Path, force: bool) -> Path:
-    """``out_dir`` as a Path; FileExistsError if it exists and ``force`` is not set."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} already exists: choose another --out or pass --force")
-    return out_dir
-
-
 def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
@@ -127,7 +122,7 @@ def materialize(finetune: Finetune, base: BaseModel) -> Path:
 
     logger.info("materialising %s into a full model (once)", finetune.path)
     model = PeftModel.from_pretrained(base.load_model(), str(finetune.path)).merge_and_unload()
-    with atomic_directory(target, overwrite=True) as tmp:
+    with atomic_directory(target, force=True) as tmp:
         model.save_pretrained(tmp)
         base.load_tokenizer().save_pretrained(tmp)
     return target
@@ -188,7 +183,7 @@ class Merger:
             raise MergeError(f"recipe {self.recipe.source} is not a valid mergekit config:\n{exc}") from exc
         options = MergeOptions(random_seed=self.seed, quiet=not self.progress, copy_tokenizer=True)
         clock = time.perf_counter()
-        with atomic_directory(out_dir, overwrite=force) as tmp:
+        with atomic_directory(out_dir, force=force) as tmp:
             try:
                 run_merge(config, str(tmp), options)
             except (RuntimeError, ValueError, KeyError) as exc:
@@ -245,7 +240,7 @@ class Merger:
             )
         for name in names:
             model.delete_adapter(name)
-        with atomic_directory(out_dir, overwrite=force) as tmp:
+        with atomic_directory(out_dir, force=force) as tmp:
             model.save_pretrained(str(tmp), selected_adapters=["default"])
             extra = {"output": "adapter", "peft_combination": combination, "density": density, "rank": rank}
             _write_provenance(tmp, self, finetunes, weights, scores, {**extra, **(provenance or {})})

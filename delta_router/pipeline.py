@@ -19,9 +19,9 @@ from pathlib import Path
 from delta_router.base import BaseModel
 from delta_router.data import Record
 from delta_router.finetune import Finetune
-from delta_router.home import cache_dir
+from delta_router.home import cache_dir, refuse_existing
 from delta_router.index import ModelIndex
-from delta_router.merge import Merger, materialize, refuse_existing
+from delta_router.merge import WEIGHTINGS, Merger, MergeRecipe, materialize
 from delta_router.scoring import Score, score_records
 from delta_router.selector import Selection, TaskSelector, read_examples
 
@@ -71,7 +71,12 @@ def build_merged_model(
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if rank is not None and output != "adapter":
         raise ValueError("rank sets the rank of a merged adapter: it needs output='adapter'")
-    out_dir = refuse_existing(out_dir, force)  # before minutes of compute, not after
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    recipe = MergeRecipe.load(recipe)  # every check before minutes of compute, not after
+    out_dir = refuse_existing(out_dir, force)
     held_out = read_examples(eval_examples) if eval_examples is not None else None
     clock = time.perf_counter()
     selector = TaskSelector(index, method=method, progress=progress)

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from delta_router.base import BaseFingerprint
 from delta_router.data import Record
 from delta_router.embed import pooled_hidden_states
 from delta_router.errors import DataError, IncompatibleBaseError
-from delta_router.home import atomic_directory
+from delta_router.home import atomic_directory, atomic_write_text
+from delta_router.sequences import clip_text
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ class QueryEncoder:
         device = next(self.body.parameters()).device
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
-                list(texts[start : start + self.batch_size]),
+                [clip_text(t, self.max_length) for t in texts[start : start + self.batch_size]],
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
@@ -141,13 +143,15 @@ class Router:
         encoder: QueryEncoder,
         base: BaseFingerprint,
         examples: Mapping[str, Sequence[str]],
+        progress: bool = False,
         **options,
     ) -> Router:
         """Profiles from a few query texts per model id (``{model_id: [text, ...]}``)."""
         empty = [m for m, texts in examples.items() if not texts]
         if empty or not examples:
             raise DataError(f"every model needs profile examples; none for {empty or 'any model'}")
-        means = np.stack([encoder(list(texts)).mean(0).numpy() for texts in examples.values()])
+        bar = tqdm(examples.values(), desc="profiles", unit="model", disable=not progress)
+        means = np.stack([encoder(list(texts)).mean(0).numpy() for texts in bar])
         center = means.mean(0)
         profiles = _unit(means - center)
         logger.info("router fitted on %d models", len(profiles))
@@ -217,8 +221,11 @@ class Router:
         )  # fmt: skip
 
     # ---- persistence ---------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """``router.json`` + ``profiles.npy``, written to a temp dir and renamed."""
+    def save(self, directory: str | Path, force: bool = False) -> Path:
+        """``router.json`` + ``profiles.npy``, written to a temp dir and renamed.
+
+        An existing non-empty ``directory`` is refused unless ``force``.
+        """
         meta = {
             "format": ROUTER_FORMAT,
             "model_ids": self.model_ids,
@@ -231,9 +238,9 @@ class Router:
             "threshold": self.threshold,
             "temperature": self.temperature,
         }
-        with atomic_directory(Path(directory), overwrite=True) as tmp:
+        with atomic_directory(Path(directory), force=force) as tmp:
             np.save(tmp / "profiles.npy", np.vstack([self.profiles, self.center[None]]))
-            (tmp / "router.json").write_text(json.dumps(meta, indent=2))
+            atomic_write_text(tmp / "router.json", json.dumps(meta, indent=2))
         return Path(directory)
 
     @classmethod

@@ -122,6 +122,8 @@ class TaskSelector:
         index.space.check_same(self.embedder.space, "the index", "the selector's embedder")
 
     def select(self, examples: str | Path | Sequence[Record | dict], k: int = 3) -> Selection:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         records = read_examples(examples)
         if k > len(self.index):
             raise DataError(f"k={k} but the index holds only {len(self.index)} models")

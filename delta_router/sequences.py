@@ -7,12 +7,30 @@ finetune is scored on exactly the kind of text it was trained on.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 IGNORE_INDEX = -100
 ANSWER_SEPARATOR = " "  # between the prompt's "### Response:" and the answer text
+# No token of these vocabularies spans more characters, so a text cut at this many characters per
+# token of budget still fills the budget; huge inputs never reach the tokenizer whole.
+MAX_CHARS_PER_TOKEN = 32
+
+logger = logging.getLogger(__name__)
+
+
+def clip_text(text: str, max_tokens: int, keep: str = "head") -> str:
+    """``text`` cut to ``max_tokens * MAX_CHARS_PER_TOKEN`` characters (its head or tail), with a warning.
+
+    Tokenising then truncates to ``max_tokens`` exactly; this bounds the tokenizer's memory.
+    """
+    limit = max_tokens * MAX_CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    logger.warning("a text of %d characters was cut to fit %d tokens", len(text), max_tokens)
+    return text[:limit] if keep == "head" else text[len(text) - limit :]
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,8 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int = 256, eos: bool
     Over ``max_length`` tokens, the continuation keeps at most half of the budget (its head) and the
     prompt keeps its tail, so the ``### Response:`` marker right before the answer survives.
     """
+    prompt = clip_text(prompt, max_length, keep="tail")
+    answer = clip_text(answer, max_length)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     cont_ids = tokenizer(ANSWER_SEPARATOR + answer, add_special_tokens=False)["input_ids"]
     if eos and tokenizer.eos_token_id is not None:

@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from delta_router.base import DEFAULT_BASE, BaseModel, resolve_base
-from delta_router.errors import DeltaRouterError
-from delta_router.home import atomic_directory, atomic_write_text
+from delta_router.errors import DeltaRouterError, OutputExistsError
+from delta_router.home import atomic_directory, atomic_write_text, refuse_existing
 from delta_router.sequences import TokenSequence, answer_logprobs, collate, encode
 
 if TYPE_CHECKING:
@@ -161,10 +161,12 @@ class LoraTrainer:
                 logger.info("%s: already trained with this data and config, reusing it", out_dir)
                 return previous
             if not overwrite:
-                raise DeltaRouterError(
+                raise OutputExistsError(
                     f"{out_dir} holds an adapter trained with other data or settings: "
                     "choose another --out or pass overwrite=True / --force"
                 )
+        else:
+            refuse_existing(out_dir, overwrite)  # a directory this trainer did not write
         if len(records) == 0:
             raise DeltaRouterError("no training records")
 
@@ -204,7 +206,7 @@ class LoraTrainer:
             wall_time_s=round(time.perf_counter() - started, 2),
             versions=_versions(),
         )
-        with atomic_directory(out_dir, overwrite=True) as tmp:
+        with atomic_directory(out_dir, force=True) as tmp:  # checked above
             model.save_pretrained(str(tmp))
             atomic_write_text(tmp / TRAINING_FILE, json.dumps(run.to_dict(), indent=2))
         checkpoint.unlink(missing_ok=True)

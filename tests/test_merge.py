@@ -67,8 +67,10 @@ def test_bad_recipes_and_existing_output_are_refused(tiny_base, adapters, tmp_pa
         Merger(tiny_base, bad, progress=False).merge(adapters[:2], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--force"):
         Merger(tiny_base, "linear", progress=False).merge(adapters[:2], tmp_path / "exists")
+    assert (tmp_path / "exists" / "notes.txt").read_text() == "mine"
 
 
 def test_adapter_merge_stays_small_and_equals_the_linear_full_merge(tiny_base, adapters, tmp_path):

@@ -122,22 +122,60 @@ def test_concurrent_requests_are_batched(client):
     assert after["batches"] - before["batches"] < len(prompts)  # some requests shared a forward
 
 
+def test_chat_stream_names_the_routed_adapter_in_its_header(client):
+    digits = query_text(synthetic_domain("digits", seed=7).test[0])
+    messages = [{"role": "user", "content": digits}]
+    request = {"model": "auto", "messages": messages, "max_tokens": 4, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=request) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert response.status_code == 200 and chunks
+    assert response.headers["x-delta-router-adapter"] == "digits"
+    assert {c["model"] for c in chunks} == {"digits"}
+
+
+def test_text_parts_n_1_and_extreme_seeds_are_accepted(client):
+    def answer(content, **extra) -> list:
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "n": 1} | extra
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"]
+
+    parts = [{"type": "text", "text": "Name a fruit"}, {"type": "text", "text": "item."}]
+    assert answer(parts) == answer("Name a fruit\nitem.")
+    for seed in (-(2**63), 2**64 - 1):
+        assert len(answer("Name a fruit item.", temperature=0.7, seed=seed)) == 1
+
+
+STREAMED = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+IMAGE = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}]
+
+
 @pytest.mark.parametrize(
-    ("body", "status", "needle"),
+    ("path", "body", "status", "needle"),
     [
-        ("{not json", 400, "not valid JSON"),
-        ({"model": "nope", "prompt": "hi"}, 404, "does not exist"),
-        ({"prompt": "hi", "max_tokens": 65}, 400, "limit"),
-        ({"prompt": "word " * 600, "max_tokens": 8}, 400, "context length"),
-        ({"prompt": "   "}, 400, "prompt is empty"),
-        ({"max_tokens": 4}, 400, "prompt"),
-        ({"prompt": ["a", "b"]}, 400, "one prompt"),
-        ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ("completions", "{not json", 400, "not valid JSON"),
+        ("completions", b'{"prompt": "caf\xe9"}', 400, "not valid JSON"),  # Latin-1, not UTF-8
+        ("completions", "", 400, "must be a JSON object"),
+        ("completions", "[1, 2]", 400, "must be a JSON object"),
+        ("completions", '"hi"', 400, "must be a JSON object"),
+        ("completions", {"model": "nope", "prompt": "hi"}, 404, "does not exist"),
+        ("completions", {"prompt": "hi", "max_tokens": 65}, 400, "limit"),
+        ("completions", {"prompt": "word " * 600, "max_tokens": 8}, 400, "context length"),
+        ("completions", {"prompt": "   "}, 400, "prompt is empty"),
+        ("completions", {"max_tokens": 4}, 400, "prompt"),
+        ("completions", {"prompt": ["a", "b"]}, 400, "one prompt"),
+        ("completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ("completions", {"prompt": "hi", "n": 5}, 400, "only n=1 is supported"),
+        ("completions", {"prompt": "hi", "temperature": 0.5, "seed": 2**70}, 400, "seed"),
+        ("completions", {"prompt": "hi", "temperature": 0.5, "seed": -(2**63) - 1}, 400, "seed"),
+        ("chat/completions", STREAMED | {"temperature": 0.5, "seed": 2**70}, 400, "seed"),
+        ("chat/completions", STREAMED | {"n": 2}, 400, "only n=1 is supported"),
+        ("chat/completions", {"messages": IMAGE}, 400, "only text content parts"),
     ],
 )
-def test_bad_completion_requests_get_openai_errors(client, body, status, needle):
-    data = {"content": body} if isinstance(body, str) else {"json": body}
-    response = client.post("/v1/completions", headers={"content-type": "application/json"}, **data)
+def test_bad_requests_get_openai_errors(client, path, body, status, needle):
+    data = {"content": body} if isinstance(body, str | bytes) else {"json": body}
+    response = client.post(f"/v1/{path}", headers={"content-type": "application/json"}, **data)
     assert response.status_code == status
     error = response.json()["error"]
     assert needle in error["message"] and error["type"] == "invalid_request_error"

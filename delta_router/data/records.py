@@ -105,21 +105,36 @@ def load_records(path: str | Path, mapping: dict[str, str] | None = None) -> lis
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
             try:
-                yield f"{path}:{lineno}", json.loads(line)
+                line = raw.decode("utf-8")
+                if line.strip():
+                    yield f"{path}:{lineno}", json.loads(line)
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from exc
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from exc
 
 
+CSV_FIELD_LIMIT = 1 << 28  # characters; csv's default (128 KiB) refuses long documents
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[str, object]]:
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
-        for row in reader:
-            yield f"{path}:{reader.line_num}", row
+        try:
+            for row in reader:
+                if None in row:  # more cells than header columns
+                    raise DataError(f"{path}:{reader.line_num}: more cells than the header has columns")
+                yield f"{path}:{reader.line_num}", row
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from exc
 
 
 def _dataset_rows(path: Path) -> Iterator[tuple[str, object]]:

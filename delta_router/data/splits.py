@@ -96,7 +96,7 @@ def load_domain(
         },
         "files": {},
     }
-    with atomic_directory(directory, overwrite=True) as tmp:
+    with atomic_directory(directory, force=True) as tmp:
         for filename, split in files.items():
             write_records(tmp / filename, split)
             manifest["files"][filename] = sha256_file(tmp / filename)

@@ -2,10 +2,14 @@
 
 ``/v1/completions``, ``/v1/chat/completions`` (``stream: true`` -> server-sent events),
 ``/v1/models``, ``/health``. ``model: "auto"`` routes, an adapter id pins it, ``"base"`` is the
-base model. Every response names what served it (``model``, ``x_delta_router.adapter`` and the
-``X-Delta-Router-Adapter`` header). Bad requests get OpenAI-style JSON errors with a 4xx status.
+base model. Every response, streamed or not, names what served it (``model``,
+``x_delta_router.adapter`` and the ``X-Delta-Router-Adapter`` header). Bad requests, malformed
+bodies included, get OpenAI-style JSON errors with a 4xx status.
 
-Differences from OpenAI: ``temperature`` defaults to 0 (greedy, deterministic); ``n`` is 1.
+Differences from OpenAI: ``temperature`` defaults to 0 (greedy, deterministic); ``n`` must be 1;
+one prompt per completion request; no streaming on ``/v1/completions``; message ``content`` is text
+(a string, or a list of text parts joined with newlines); ``seed`` is within torch's range
+(-2**63 .. 2**64-1).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
+from starlette.exceptions import HTTPException
 
 from delta_router.probes import PAPER_PREAMBLES, alpaca_prompt
 from delta_router.route import BASE_ADAPTER
@@ -36,10 +41,12 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 # ---- request bodies -----------------------------------------------------------------------------
@@ -48,9 +55,17 @@ class SamplingFields(BaseModel):
     max_tokens: int = Field(default=32, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
+    n: int = 1
+
+    @field_validator("n")
+    @classmethod
+    def one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -74,6 +89,18 @@ class CompletionBody(SamplingFields):
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def join_text_parts(cls, value):
+        """OpenAI's list of content parts, ``[{"type": "text", "text": ...}]``, as one string."""
+        if not isinstance(value, list):
+            return value
+        if not all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+        ):
+            raise ValueError('only text content parts ({"type": "text", "text": "..."}) are supported')
+        return "\n".join(p["text"] for p in value)
 
 
 class ChatBody(SamplingFields):
@@ -124,7 +151,17 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512) -> FastAP
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         if first.get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        if tuple(first.get("loc", ())) == ("body",):  # empty, a list, a string, not sent as JSON
+            message = "the request body must be a JSON object (Content-Type: application/json)"
+            return error_response(400, message)
         return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, err: HTTPException):
+        """FastAPI's own errors: a body it cannot decode, an unknown path or method."""
+        if isinstance(err.__cause__, UnicodeDecodeError):
+            return error_response(400, "the request body is not valid JSON (not UTF-8)", code="invalid_json")
+        return error_response(err.status_code, str(err.detail), headers=err.headers)
 
     def served_names() -> list[str]:
         return ([AUTO] if scheduler.router else []) + [BASE_MODEL_NAME, *backend.model_ids()]
@@ -195,8 +232,11 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512) -> FastAP
         except Exception as err:  # noqa: BLE001 - the worker's error, reported to this client
             raise ApiError(500, f"generation failed: {err}") from err
 
+    def adapter_header(job: Job) -> dict:
+        return {"X-Delta-Router-Adapter": served_by(job)["adapter"]}
+
     def respond(payload: dict, job: Job) -> JSONResponse:
-        return JSONResponse(payload, headers={"X-Delta-Router-Adapter": served_by(job)["adapter"]})
+        return JSONResponse(payload, headers=adapter_header(job))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
@@ -218,7 +258,12 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512) -> FastAP
         job = make_job(body, prompt, route_text)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return StreamingResponse(stream_chat(job, ident, created), media_type="text/event-stream")
+            scheduler.submit(job)
+            first = await job.events.get()  # the worker routes before it emits: the adapter is known
+            if first[0] == "error":
+                raise ApiError(500, f"generation failed: {first[1]}")
+            events = stream_chat(job, ident, created, first)
+            return StreamingResponse(events, media_type="text/event-stream", headers=adapter_header(job))
         result = await finish(job)
         info = served_by(job)
         message = {"role": "assistant", "content": result.text}
@@ -229,7 +274,7 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512) -> FastAP
         }  # fmt: skip
         return respond(payload, job)
 
-    async def stream_chat(job: Job, ident: str, created: int):
+    async def stream_chat(job: Job, ident: str, created: int, event: tuple):
         def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
             payload = {
                 "id": ident, "object": "chat.completion.chunk", "created": created,
@@ -238,13 +283,9 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512) -> FastAP
             }  # fmt: skip
             return f"data: {json.dumps(payload)}\n\n"
 
-        scheduler.submit(job)
-        started = False
+        yield chunk({"role": "assistant", "content": ""}, x_delta_router=served_by(job))
         while True:
-            kind, payload = await job.events.get()
-            if not started and kind != "error":  # routed by now: the first chunk names the adapter
-                yield chunk({"role": "assistant", "content": ""}, x_delta_router=served_by(job))
-                started = True
+            kind, payload = event
             if kind == "text":
                 yield chunk({"content": payload})
             elif kind == "done":
@@ -254,6 +295,7 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512) -> FastAP
                 error = {"error": {"message": f"generation failed: {payload}", "type": "server_error"}}
                 yield f"data: {json.dumps(error)}\n\n"
                 break
+            event = await job.events.get()
         yield "data: [DONE]\n\n"
 
     return app

@@ -1,0 +1,1 @@
+"""mergekit recipe templates (YAML), shipped in the wheel as ``delta_router.merge_recipes``."""

@@ -1,0 +1,208 @@
+"""A table of bad command lines: each gets one ``error:`` line, exit status 2, and loses nothing.
+
+Every case runs in a fresh copy of a small workspace (an index of two adapters, a router, a notes
+directory, example files); after the command, every file that was there is still there, unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from delta_router.cli import main
+from delta_router.data import write_records
+from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
+
+
+@pytest.fixture(scope="module")
+def template(tiny_base, adapters, tmp_path_factory) -> Path:
+    """The workspace every case copies: ``idx/``, ``router/``, ``notes/``, examples, adapters."""
+    root = tmp_path_factory.mktemp("workspace")
+    for i in range(2):
+        shutil.copytree(adapters[i], root / f"adapter-{i}")
+    adapters_ = [str(root / "adapter-0"), str(root / "adapter-1")]
+    assert main(["index", "add", *adapters_, "--index", str(root / "idx"), "--base", str(tiny_base),
+                 "--id", "fruit", "--id", "digits"]) == 0  # fmt: skip
+    for name in SYNTHETIC_WORDS:
+        write_records(root / f"{name}.jsonl", synthetic_domain(name).train[0][:8])
+    assert main(["route", "fit", "--index", str(root / "idx"), "--out", str(root / "router"),
+                 "--examples", f"fruit={root / 'fruit.jsonl'}", "--examples",
+                 f"digits={root / 'digits.jsonl'}"]) == 0  # fmt: skip
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("mine, not the tool's")
+    return root
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+# ---- ways to spoil the workspace before a command ----------------------------------------------
+def edit_json(path: str, change: Callable[[object], object]) -> Callable[[Path], None]:
+    def spoil(root: Path) -> None:
+        file = root / path
+        file.write_text(json.dumps(change(json.loads(file.read_text()))))
+
+    return spoil
+
+
+def adapter_config(**changes) -> Callable[[Path], None]:
+    return edit_json("adapter-0/adapter_config.json", lambda cfg: {**cfg, **changes})
+
+
+def meta(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(data: dict) -> dict:
+        change(data)
+        return data
+
+    return edit_json("idx/meta.json", apply)
+
+
+def write(path: str, text: str) -> Callable[[Path], None]:
+    return lambda root: (root / path).write_text(text)
+
+
+def busy_port(root: Path) -> None:
+    """Occupy a port for the case (the socket lives as long as the test)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    busy_port.sockets.append(sock)
+    (root / "port").write_text(str(sock.getsockname()[1]))
+
+
+busy_port.sockets = []
+
+ADD = "index add {root}/adapter-0 --index {root}/idx"
+# (case, spoil the workspace, argv with {root}, {port}, a fragment of the one error line)
+CASES = [
+    ("route fit --out the index it reads", None,
+     "route fit --index {root}/idx --examples fruit={root}/fruit.jsonl --out {root}/idx --force",
+     "would replace the input"),
+    ("route fit --out a non-empty directory", None,
+     "route fit --index {root}/idx --examples fruit={root}/fruit.jsonl --out {root}/notes", "--force"),
+    ("train --out a non-empty directory", None,
+     "train --data {root}/fruit.jsonl --out {root}/notes --max-steps 1", "--force"),
+    ("embed --out an index's meta.json", None,
+     "embed {root}/adapter-0 --out {root}/idx/meta.json", "already exists"),
+    ("embed --out a directory", None, "embed {root}/adapter-0 --out {root}/notes --force", "is a directory"),
+    ("index add --index a directory of other files", None,
+     "index add {root}/adapter-0 --index {root}/notes", "not a model index"),
+    ("an id with a dot", None, ADD + " --id lora-v1.5", "invalid model id"),
+    ("an id that is a path", None, ADD + " --id ../../x", "invalid model id"),
+    ("an empty id", None, "index add {root}/adapter-0 --index {root}/idx --id=", "invalid model id"),
+    ("a reserved id", None, ADD + " --id base", "invalid model id"),
+    ("adapter config: wrong rank", adapter_config(r=4),
+     ADD + " --id other", "r=4"),
+    ("adapter config: wrong target modules", adapter_config(target_modules=["k_proj"]),
+     ADD + " --id other", "target_modules"),
+    ("adapter config: a JSON list", write("adapter-0/adapter_config.json", "[1, 2]"),
+     ADD + " --id other", "JSON object"),
+    ("adapter config: another PEFT type", adapter_config(peft_type="IA3"),
+     ADD + " --id other", "IA3"),
+    ("meta.json without data_file", meta(lambda m: m.pop("data_file")),
+     "index list --index {root}/idx", "corrupt index metadata"),
+    ("meta.json with more entries than vectors", meta(lambda m: m["entries"].append(m["entries"][0])),
+     "index list --index {root}/idx", "entries"),
+    ("meta.json with a string space", meta(lambda m: m.update(space="paper")),
+     "index list --index {root}/idx", "corrupt index metadata"),
+    ("meta.json that is not UTF-8", lambda root: (root / "idx/meta.json").write_bytes(b"\xff\xfe{"),
+     "index info --index {root}/idx", "corrupt index metadata"),
+    ("examples: malformed JSONL line", write("bad.jsonl", '{"instruction": "a", "output": "b"}\n{oops\n'),
+     "select --examples {root}/bad.jsonl --index {root}/idx -k 1", "bad.jsonl:2"),
+    ("examples: a CSV row longer than its header", write("bad.csv", "instruction,output\na,b,c\n"),
+     "select --examples {root}/bad.csv --index {root}/idx -k 1", "bad.csv:2"),
+    ("route query --top-k 0", None, "route query hello --router {root}/router --top-k 0", "--top-k"),
+    ("index search -k 0", None, "index search --id fruit --index {root}/idx -k 0", "-k"),
+    ("select -k -1", None, "select --examples {root}/fruit.jsonl --index {root}/idx -k -1", "-k"),
+    ("build with an unknown recipe", None,
+     "build --examples {root}/fruit.jsonl --index {root}/idx -k 1 --recipe nope --out {root}/m",
+     "no merge recipe"),
+    ("build --out the index", None,
+     "build --examples {root}/fruit.jsonl --index {root}/idx -k 1 --out {root}/idx --force",
+     "would replace the input"),
+    ("--kind hnsw on a flat index", None,
+     ADD + " --id other --kind hnsw", "new index only"),
+    ("index remove of one id twice", None, "index remove fruit fruit --index {root}/idx", "more than once"),
+    ("serve on a busy port", busy_port, "serve --index {root}/idx --port {port}", "cannot listen"),
+    ("--threshold out of range", None, "route query hi --router {root}/router --threshold 2", "--threshold"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, spoil, argv, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_error_line_and_loses_nothing(
+    template, tmp_path, capsys, case, spoil, argv, message
+):
+    root = shutil.copytree(template, tmp_path / "ws")
+    if spoil is not None:
+        spoil(root)
+    before = snapshot(root)
+    port = (root / "port").read_text() if (root / "port").exists() else ""
+    with _returns() as outcome:
+        outcome.code = main(argv.format(root=root, port=port).split(" "))
+    err = capsys.readouterr().err
+    assert outcome.code == 2, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+    assert snapshot(root) == before  # nothing changed, nothing left behind
+
+
+class _returns:
+    """``main`` returns 2 on our errors; argparse exits 2 on its own: read both the same way."""
+
+    code: int | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is SystemExit:
+            self.code = exc.code
+            return True
+        return False
+
+
+def test_a_default_id_is_made_to_fit_the_rule(template, tmp_path, capsys):
+    root = shutil.copytree(template, tmp_path / "ws")
+    shutil.copytree(root / "adapter-0", root / "lora-v1.5")
+    assert main(["index", "add", str(root / "lora-v1.5"), "--index", str(root / "idx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == ["lora-v1_5"]
+
+
+def test_force_replaces_only_what_it_names(template, tmp_path, capsys):
+    root = shutil.copytree(template, tmp_path / "ws")
+    argv = ["route", "fit", "--index", str(root / "idx"), "--examples", f"fruit={root / 'fruit.jsonl'}"]
+    assert main([*argv, "--out", str(root / "notes"), "--force", "--json"]) == 0
+    assert (root / "notes" / "router.json").exists() and not (root / "notes" / "todo.txt").exists()
+    leftovers = [p.name for p in root.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # no temp or .old directories left beside it
+
+
+def test_outputs_follow_the_umask(template, tmp_path, capsys):
+    import os
+
+    root = shutil.copytree(template, tmp_path / "ws")
+    old = os.umask(0o022)
+    try:
+        out = root / "router2"
+        argv = ["route", "fit", "--index", str(root / "idx"), "--examples", f"fruit={root / 'fruit.jsonl'}"]
+        assert main([*argv, "--out", str(out), "--json"]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "router.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_version_and_verbose_after_the_subcommand(template, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and "delta-router" in capsys.readouterr().out
+    assert main(["index", "info", "--index", str(template / "idx"), "-v", "--json"]) == 0
