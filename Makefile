@@ -40,7 +40,7 @@ COMPARE_ARGS ?= --k 1 --k 3 --k 5 --recipe linear --recipe ties --seeds 5 --limi
 LORAHUB_ARGS ?= --domain sentiment --domain science --domain biomedical --k 3 --recipe linear \
 	--seeds 5 --limit 40 --lorahub 5
 ablations: install
-	$(BIN)/delta-router -v zoo build --spec full
+	$(BIN)/delta-router -v zoo build --zoo full
 	$(BIN)/delta-router -v ablations --zoo full --out reports
 	$(BIN)/delta-router -v compare --zoo full $(COMPARE_ARGS) --out reports/compare
 	$(BIN)/delta-router -v compare --zoo full $(LORAHUB_ARGS) --out reports/compare-lorahub

@@ -8,7 +8,7 @@
 3. Load test: uvicorn on 127.0.0.1, 200 requests from 8 concurrent clients, mixed domains
    (``auto`` and pinned adapters), 1 in 10 malformed: server errors, 4xx answers, p50/p95 latency.
 
-    python benchmarks/route_serve.py            # full zoo (built by `delta-router zoo build --spec full`)
+    python benchmarks/route_serve.py            # full zoo (built by `delta-router zoo build --zoo full`)
 """
 
 from __future__ import annotations

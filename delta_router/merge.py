@@ -238,6 +238,7 @@ class Merger:
             model.add_weighted_adapter(
                 names, peft_weights, "default", combination_type=combination, density=density, **options
             )
+        model.set_adapter("default")  # deleting the active adapter would warn
         for name in names:
             model.delete_adapter(name)
         with atomic_directory(out_dir, force=force) as tmp:

@@ -179,7 +179,7 @@ class LoraTrainer:
         losses: list[float] = state["losses"]
         started = time.perf_counter() - state["wall_time_s"]
 
-        bar = tqdm(total=steps, initial=len(losses), desc=f"train {out_dir.name}", disable=not self.progress)
+        bar = tqdm(total=steps, initial=len(losses), desc="train", disable=not self.progress)
         model.train()
         for step in range(len(losses), steps):
             loss = self._step(model, [sequences[i] for i in schedule[step]])
