@@ -25,9 +25,7 @@ def silhouette(vectors: np.ndarray, labels: Sequence[str]) -> float:
     """Mean silhouette score with cosine distance, in [-1, 1] (needs 2+ labels, 2+ items in one)."""
     from sklearn.metrics import silhouette_score
 
-    distances = np.clip(1.0 - cosine_similarities(vectors), 0.0, 2.0)
-    np.fill_diagonal(distances, 0.0)
-    return float(silhouette_score(distances, list(labels), metric="precomputed"))
+    return float(silhouette_score(np.asarray(vectors, dtype=np.float64), list(labels), metric="cosine"))
 
 
 @dataclass(frozen=True)
