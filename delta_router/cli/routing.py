@@ -1,0 +1,165 @@
+"""``route`` and ``serve``: fit and query a router, serve an index over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from collections.abc import Sequence
+
+from rich.table import Table
+
+from delta_router.base import resolve_base
+from delta_router.cli.common import PORT, POSITIVE, add_zoo_option, console, emit, float_in
+from delta_router.embed import POOLINGS
+from delta_router.errors import DeltaRouterError
+from delta_router.home import refuse_existing
+from delta_router.index import ModelIndex
+
+
+def _router_examples(args: argparse.Namespace) -> dict[str, list[str]]:
+    from delta_router.data import load_records
+    from delta_router.route import query_text
+
+    examples = {}
+    for pair in args.examples or []:
+        model_id, sep, path = pair.partition("=")
+        if not sep:
+            raise DeltaRouterError(f"--examples expects MODEL_ID=FILE, got {pair!r}")
+        examples[model_id] = [query_text(r) for r in load_records(path)[: args.per_model]]
+    return examples
+
+
+def cmd_route_fit(args: argparse.Namespace) -> None:
+    from delta_router.route import QueryEncoder, Router
+    from delta_router.zoo import Zoo
+
+    if bool(args.zoo) == bool(args.examples):
+        raise DeltaRouterError("give the models' examples: --zoo NAME or --examples MODEL_ID=FILE ...")
+    index = ModelIndex.load(args.index)
+    examples = _router_examples(args)
+    unknown = [m for m in examples if m not in index]
+    if unknown:
+        raise DeltaRouterError(f"not in the index {args.index}: {', '.join(unknown)}")
+    if index.space is None:
+        raise DeltaRouterError(f"{args.index} is empty: add models before fitting a router")
+    refuse_existing(args.out, args.force, inputs=(args.index,))  # every check before any compute
+    base = resolve_base(index.space.base_name)
+    encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
+    progress = not args.json
+    if args.zoo:
+        zoo = Zoo(args.zoo, base, progress=False)
+        router = Router.fit_zoo(zoo, encoder, args.per_model, progress=progress)
+    else:
+        router = Router.fit(encoder, base.fingerprint, examples, base_name=base.name, progress=progress)
+    unknown = [m for m in router.model_ids if m not in index]
+    if unknown:
+        raise DeltaRouterError(f"not in the index {args.index}: {', '.join(unknown)}")
+    router.save(args.out, force=args.force)
+    emit(args, {"router": args.out, "models": router.model_ids}, _ids_table(router.model_ids, args.out))
+
+
+def _ids_table(ids: Sequence[str], where: str) -> Table:
+    table = Table(title=f"router at {where}: {len(ids)} models")
+    table.add_column("model id")
+    for model_id in ids:
+        table.add_row(model_id)
+    return table
+
+
+def cmd_route_query(args: argparse.Namespace) -> None:
+    from delta_router.route import QueryEncoder, Router
+
+    router = Router.load(args.router, top_k=args.top_k, threshold=args.threshold)
+    base = resolve_base(router.base_name)
+    router.check_base(base.fingerprint, f"base {router.base_name}")
+    encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), **router.encoder_options)
+    decisions = router.route(encoder, args.queries)
+    table = Table(title="routing")
+    for col in ("query", "served by", "weights", "best cosine"):
+        table.add_column(col)
+    for query, d in zip(args.queries, decisions, strict=True):
+        table.add_row(query[:60], d.target, ", ".join(f"{w:.2f}" for w in d.weights), f"{d.score:.3f}")
+    emit(args, [d.to_dict() | {"query": q} for q, d in zip(args.queries, decisions, strict=True)], table)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from delta_router.route import Router
+    from delta_router.serving import build_app
+
+    listener = _listen(args.host, args.port)  # a busy port fails here, before any loading
+    router = Router.load(args.router, top_k=args.top_k, threshold=args.threshold) if args.router else None
+    index = ModelIndex.load(args.index)
+    app = build_app(
+        index, router, args.backend, args.max_loaded, args.max_batch, args.max_tokens, args.device
+    )
+    url = f"http://{args.host}:{args.port}/v1"
+    info = {"url": url, "index": str(args.index), "models": len(index), "router": args.router,
+            "backend": args.backend}  # fmt: skip
+    if args.json:
+        print(json.dumps(info), flush=True)
+    else:
+        console.print(f"serving {args.index} on {url} (router: {args.router or 'none'})")
+    config = uvicorn.Config(app, log_level="info" if args.verbose else "warning")
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket for the server; a clear error if the address is taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise DeltaRouterError(f"cannot resolve --host {host!r} ({exc})") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise DeltaRouterError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port"
+        ) from exc
+    return sock
+
+
+def add_commands(sub, common: argparse.ArgumentParser) -> None:
+    """``route fit``, ``route query`` and ``serve``."""
+    route = sub.add_parser("route", help="route queries to the best finetune").add_subparsers(
+        dest="action", required=True
+    )
+    p = route.add_parser("fit", parents=[common], help="task profiles of an index's models")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--out", required=True, help="router directory to write")
+    add_zoo_option(p, None)
+    p.add_argument("--examples", action="append", metavar="MODEL_ID=FILE", help="examples of a model's task")
+    p.add_argument("--per-model", type=POSITIVE, default=32, help="examples per model (default 32)")
+    p.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling (default: mean)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_route_fit)
+    query = route.add_parser("query", parents=[common], help="where would these queries go?")
+    query.add_argument("queries", nargs="+", metavar="TEXT", help="query texts")
+    query.add_argument("--router", required=True, help="router directory")
+    query.set_defaults(func=cmd_route_query)
+
+    serve = sub.add_parser(
+        "serve", parents=[common], help="OpenAI-compatible server over an index's adapters"
+    )
+    serve.add_argument("--index", required=True, help="index directory")
+    serve.add_argument("--router", help='router directory (enables model "auto")')
+    serve.add_argument("--backend", choices=("peft", "vllm"), default="peft", help="generation backend")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=PORT, default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--device", default="cpu", help="torch device of the peft backend")
+    serve.add_argument("--max-loaded", type=POSITIVE, default=8, help="adapters kept loaded (LRU)")
+    serve.add_argument("--max-batch", type=POSITIVE, default=8, help="requests per batched forward")
+    serve.add_argument("--max-tokens", type=POSITIVE, default=512, help="largest max_tokens accepted")
+    serve.set_defaults(func=cmd_serve)
+    for p in (query, serve):
+        p.add_argument("--top-k", type=POSITIVE, default=1, help="adapters per query (weighted mix if > 1)")
+        p.add_argument(
+            "--threshold", type=float_in(-1.0, 1.0), help="best cosine below this -> the base model"
+        )

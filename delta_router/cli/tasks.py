@@ -1,0 +1,115 @@
+"""``select``, ``build`` and ``lorahub``: rank the index's finetunes for a task's examples, merge them."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.table import Table
+
+from delta_router.cli.common import POSITIVE, console, emit, selection_table
+from delta_router.home import refuse_existing
+from delta_router.index import ModelIndex
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from delta_router.selector import TaskSelector
+
+    index = ModelIndex.load(args.index)
+    selector = TaskSelector(index, method=args.method, progress=not args.json)
+    selection = selector.select(args.examples, k=args.k)
+    title = f"closest finetunes to {args.examples} ({selection.method}, {selection.num_examples} examples)"
+    emit(args, selection.to_dict(), selection_table(selection, title))
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from delta_router.pipeline import build_merged_model
+
+    refuse_existing(args.out, args.force, inputs=(args.index,))
+    result = build_merged_model(
+        args.examples, ModelIndex.load(args.index), args.out, k=args.k, recipe=args.recipe,
+        method=args.method, weighting=args.weighting, eval_examples=args.eval, seed=args.seed,
+        output=args.output, rank=args.rank, force=args.force, progress=not args.json,
+    )  # fmt: skip
+    if args.json:
+        emit(args, result.to_dict())
+        return
+    console.print(selection_table(result.selection, f"selected for {args.examples}"))
+    console.print(f"merged ({args.output}) with {args.recipe}, {args.weighting} weights: {result.out_dir}")
+    if result.scores:
+        table = Table(title=f"held-out scores on {args.eval}")
+        for col in ("model", "n", "acc", "nll / token"):
+            table.add_column(col)
+        for name, score in result.scores.items():
+            acc = "-" if score.acc is None else f"{score.acc:.3f}"
+            table.add_row(name, str(score.n), acc, f"{score.nll:.4f}")
+        console.print(table)
+    console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+
+
+def cmd_lorahub(args: argparse.Namespace) -> None:
+    from delta_router.lorahub import LoraHub
+    from delta_router.selector import TaskSelector, read_examples
+
+    refuse_existing(args.out, args.force, inputs=(args.index,))  # before minutes of compute, not after
+    selector = TaskSelector(ModelIndex.load(args.index), method=args.method, progress=not args.json)
+    selection = selector.select(args.examples, k=args.k)
+    adapters = [h.entry.embedding.path for h in selection.hits]
+    hub = LoraHub(selector.embedder.base, adapters, budget=args.budget, progress=not args.json)
+    hub.fit(read_examples(args.examples)[: args.fit_examples]).save(args.out, force=args.force)
+    weights = dict(zip(selection.model_ids, map(float, hub.weights_), strict=True))
+    payload = {
+        "out_dir": str(args.out),
+        "selection": selection.to_dict(),
+        "weights": weights,
+        "loss": hub.loss_,
+    }
+    table = Table(title=f"LoraHub weights, learnt on {args.fit_examples} examples (loss {hub.loss_:.4f})")
+    for col in ("rank", "model id", "cosine", "weight"):
+        table.add_column(col)
+    for hit in selection.hits:
+        table.add_row(str(hit.rank), hit.model_id, f"{hit.score:.4f}", f"{weights[hit.model_id]:+.3f}")
+    emit(args, payload, table)
+    if not args.json:
+        console.print(f"LoRA adapter written to {args.out}")
+
+
+def add_commands(sub, common: argparse.ArgumentParser) -> None:
+    """``select``, ``lorahub`` and ``build``: each ranks the index's finetunes for a task's examples."""
+    from delta_router.merge import WEIGHTINGS, available_recipes
+    from delta_router.selector import SELECTION_METHODS
+
+    commands = {}
+    for name, func, text in (("select", cmd_select, "rank indexed finetunes for examples of a task"),
+                             ("lorahub", cmd_lorahub, "select the top-k adapters, learn LoraHub weights"),
+                             ("build", cmd_build, "select the top-k for a task and merge them")):  # fmt: skip
+        p = commands[name] = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--examples", required=True, help="JSONL/CSV of the task's examples (>= 5, ~20)")
+        p.add_argument("--index", required=True, help="index directory")
+        p.add_argument("-k", "--k", type=POSITIVE, default=3, help="number of finetunes (default 3)")
+        p.add_argument("--method", choices=SELECTION_METHODS, default="finetune",
+                       help="how the task is embedded: finetune = the paper's few-shot LoRA (default); "
+                       "activations = the base's activations on the examples, no training")  # fmt: skip
+        p.set_defaults(func=func)
+
+    hub = commands["lorahub"]
+    hub.add_argument("--out", required=True, help="LoRA adapter directory to write")
+    hub.add_argument("--budget", type=POSITIVE, default=40, help="loss evaluations of the search (40)")
+    hub.add_argument(
+        "--fit-examples", type=POSITIVE, default=5, help="examples the weights are learnt on (5)"
+    )
+    hub.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+    build = commands["build"]
+    build.add_argument("--out", required=True, help="output model directory")
+    build.add_argument("--recipe", default="ties",
+                       help=f"merge recipe: {', '.join(available_recipes())} or a YAML path")  # fmt: skip
+    build.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="merge weights")
+    build.add_argument("--output", choices=("model", "adapter"), default="model",
+                       help="model: a full model via mergekit (default); adapter: one LoRA")  # fmt: skip
+    build.add_argument("--rank", type=POSITIVE, help="rank of a ties / dare_ties merged adapter "
+                       "(--output adapter; default: the sum of the adapters' ranks)")  # fmt: skip
+    build.add_argument(
+        "--eval", metavar="FILE", help="held-out examples: score merged vs best single vs random"
+    )
+    build.add_argument("--seed", type=int, default=0, help="merge / random-baseline seed")
+    build.add_argument("--force", action="store_true", help="replace a non-empty --out")
