@@ -357,7 +357,13 @@ class DeltaEmbedder:
         """PEFT's path: attach the adapter, one probe per forward, unload."""
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(self.model, str(finetune.path))
+        try:
+            peft_model = PeftModel.from_pretrained(self.model, str(finetune.path))
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
+            # PEFT may have changed the model before it failed: load a clean base next time.
+            self.__dict__.pop("model", None)
+            self._live = "base"
+            raise InvalidModelError(f"{finetune.path}: PEFT cannot load this adapter ({exc})") from exc
         try:
             peft_model.eval()
             return self._pooled(self.probes.texts, batch_size=1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -72,7 +74,8 @@ class Finetune:
         path = self.path / ADAPTER_CONFIG
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            json.dumps(config, ensure_ascii=False).encode("utf-8")  # no lone surrogates ("\ud800")
+        except (ValueError, RecursionError) as exc:  # bad UTF-8, JSON or Unicode; too deep; too many digits
             raise InvalidModelError(f"{path}: corrupt JSON ({exc})") from exc
         if not isinstance(config, dict):
             raise InvalidModelError(
@@ -107,6 +110,7 @@ def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseMode
     cfg = finetune.adapter_config
     if cfg.get("peft_type", "LORA") != "LORA":
         raise InvalidModelError(f"{finetune.path}: peft_type {cfg.get('peft_type')} is not LORA")
+    _check_config_values(finetune.path / ADAPTER_CONFIG, cfg)
     weights_file = finetune.path / ADAPTER_WEIGHTS
     try:
         with safe_open(str(weights_file), framework="pt") as fh:
@@ -122,9 +126,12 @@ def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseMode
     for key, tensor in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)
         for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in name:
-                module_name = name.split(marker)[0]
+            module_name, marker, param = name.partition(f".{part}.")
+            if marker and param.rpartition(".")[2] == "weight":  # not lora_B.bias (lora_bias)
+                if tensor.dim() != 2:
+                    raise InvalidModelError(
+                        f"{weights_file}: {key} has shape {tuple(tensor.shape)}; a LoRA factor is a matrix"
+                    )
                 pairs.setdefault(module_name, {})[part] = tensor
                 break
         else:
@@ -133,6 +140,16 @@ def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseMode
         raise InvalidModelError(f"{weights_file}: no lora_A/lora_B tensors found")
 
     _check_config_describes_weights(finetune, cfg, pairs)
+    for saved in cfg.get("modules_to_save") or []:  # PEFT loads these modules' weights from the file
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            if not module_name.endswith(saved):  # PEFT's match (peft.utils.other._set_trainable)
+                continue
+            for param, _ in module.named_parameters():
+                if f"{PEFT_PREFIX}{module_name}.{param}" not in tensors:
+                    raise InvalidModelError(
+                        f"{weights_file}: modules_to_save names {saved!r}, but the file has no "
+                        f"{PEFT_PREFIX}{module_name}.{param}; re-save the adapter"
+                    )
     modules = dict(model.named_modules())
     alpha = float(cfg.get("lora_alpha", 8))
     factors = {}
@@ -158,6 +175,99 @@ def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseMode
         scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
         factors[module_name] = (a, b, scale)
     return LoraFactors(factors, plain)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_int(value: object) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _is_number(value: object) -> bool:
+    """A finite number that converts to a float (JSON integers have no size limit)."""
+    if not (_is_int(value) or isinstance(value, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _is_names(value: object, allow_str: bool = True) -> bool:
+    """A list of strings (or, with ``allow_str``, one string: a regular expression)."""
+    if isinstance(value, str):
+        return allow_str
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# init_lora_weights values PEFT accepts (peft.tuners.lora.layer.LoraLayer.update_layer)
+_PEFT_INITS = re.compile(r"(?i:gaussian|olora)|pissa(_niter_[0-9]{1,9})?|orthogonal|eva|loftq|lora_ga|mica")
+# the fields of adapter_config.json read here or by PEFT's module matching: (check, what PEFT writes)
+_CONFIG_FIELDS = {
+    "r": (_is_positive_int, "a positive integer"),
+    "lora_alpha": (_is_number, "a number"),
+    "target_modules": (_is_names, "a list of module names or a regular expression"),
+    "exclude_modules": (lambda v: v is None or _is_names(v), "null, a list of module names or a regex"),
+    "modules_to_save": (lambda v: v is None or _is_names(v, allow_str=False), "null or a list of names"),
+    "layers_to_transform": (
+        lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+        "null, a layer index or a list of them",
+    ),
+    "layers_pattern": (lambda v: v is None or _is_names(v), "null, a name or a list of names"),
+    "rank_pattern": (
+        lambda v: v is None or (isinstance(v, dict) and all(map(_is_positive_int, v.values()))),
+        "an object mapping module patterns to positive integers",
+    ),
+    "alpha_pattern": (
+        lambda v: v is None or (isinstance(v, dict) and all(map(_is_number, v.values()))),
+        "an object mapping module patterns to numbers",
+    ),
+    "use_dora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    # read by PEFT when it builds a layer (the reference path)
+    "bias": (lambda v: v in ("none", "all", "lora_only"), '"none", "all" or "lora_only"'),
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v <= 1, "a probability"),
+    "init_lora_weights": (
+        lambda v: isinstance(v, bool) or (isinstance(v, str) and _PEFT_INITS.fullmatch(v) is not None),
+        "true, false or an initialisation PEFT runs when it loads an adapter (not corda: it needs data)",
+    ),
+}  # fmt: skip
+# the regular expressions PEFT builds from the config's names (peft.utils.other.get_pattern_key,
+# peft.tuners.tuners_utils.check_target_module_exists)
+_PATTERN_FORMS = {
+    "target_modules": "{}",
+    "exclude_modules": "{}",
+    "modules_to_save": r"(^|.*\.){}($|\..*)",
+    "layers_pattern": r"(?:^|.*?\.){}\.(?P<idx>\d+)\.",
+    "rank_pattern": r"(.*\.)?({})$",
+    "alpha_pattern": r"(.*\.)?({})$",
+}
+
+
+def _check_config_values(path: Path, cfg: dict) -> None:
+    """Each field PEFT's loading depends on has the type PEFT writes (JSON allows any value)."""
+    if "target_modules" not in cfg:
+        raise InvalidModelError(
+            f"{path}: no target_modules (PEFT saves the names of the adapted modules there)"
+        )
+    for name, (valid, expected) in _CONFIG_FIELDS.items():
+        if name in cfg and not valid(cfg[name]):
+            raise InvalidModelError(f"{path}: {name} is {reprlib.repr(cfg[name])}; expected {expected}")
+    for name, form in _PATTERN_FORMS.items():
+        names = cfg.get(name) or ()
+        if name == "target_modules" and names == "all-linear":
+            continue
+        for pattern in [names] if isinstance(names, str) else names:  # a list's items, a dict's keys
+            try:
+                re.compile(form.format(pattern))
+            except re.error as exc:
+                raise InvalidModelError(
+                    f"{path}: {name} holds {reprlib.repr(pattern)}, not a valid regular expression ({exc})"
+                ) from exc
 
 
 def _check_config_describes_weights(finetune: Finetune, cfg: dict, pairs: dict[str, dict]) -> None:

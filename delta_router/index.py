@@ -268,8 +268,11 @@ class ModelIndex:
             raise IndexFormatError(f"{directory} is not a model index (no {META_FILE})")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            json.dumps(meta, ensure_ascii=False).encode("utf-8")  # no lone surrogates ("\ud800") to print
             version = int(meta["format_version"])
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+            # ValueError: bad UTF-8 or JSON or Unicode too; RecursionError: nested too deep;
+            # OverflowError: int(Infinity)
             raise IndexFormatError(f"{meta_path}: corrupt index metadata ({exc!r})") from exc
         if version > FORMAT_VERSION:
             raise IndexFormatError(
@@ -278,28 +281,87 @@ class ModelIndex:
             )
         try:
             return cls._from_meta(directory, meta)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
             raise IndexFormatError(f"{meta_path}: corrupt index metadata ({exc!r})") from exc
 
     @classmethod
     def _from_meta(cls, directory: Path, meta: dict) -> ModelIndex:
-        data_path = directory / meta["data_file"]
+        import dataclasses
+        from reprlib import repr as short  # messages stay one short line whatever the file holds
+
+        from delta_router.base import BaseFingerprint
+
+        meta_path = directory / META_FILE
+
+        def corrupt(detail: str) -> IndexFormatError:
+            return IndexFormatError(f"{meta_path}: corrupt index metadata ({detail})")
+
+        def check(data: object, kind: type, where: str) -> None:
+            """``data`` is an object whose str/int fields have the types of ``kind``'s fields."""
+            if not isinstance(data, dict):
+                raise corrupt(f"{where} is {short(data)}, not a JSON object")
+            for item in dataclasses.fields(kind):  # annotations are strings (postponed evaluation)
+                expected = {"str": str, "int": int}.get(item.type)
+                value = data.get(item.name)
+                if expected and item.name in data and (type(value) is not expected):
+                    raise corrupt(f"{where}.{item.name} is {short(value)}, not {item.type}")
+
+        def check_space(data: object, where: str) -> None:
+            check(data, EmbeddingSpace, where)
+            check(data.get("base"), BaseFingerprint, f"{where}.base")
+
+        data_file = meta["data_file"]
+        if not isinstance(data_file, str) or Path(data_file).name != data_file:
+            raise corrupt(f"data_file {short(data_file)} is not a file name in {directory}")
+        data_path = directory / data_file
         if not data_path.is_file() or sha256_file(data_path) != meta["data_sha256"]:
             raise IndexFormatError(f"{data_path}: missing or corrupt (checksum mismatch)")
-        space = EmbeddingSpace.from_dict(meta["space"]) if meta["space"] else None
-        index = cls(space, meta["kind"], **meta["params"])
-        index._next_id = int(meta["next_id"])
+        space = None
+        if meta["space"]:
+            check_space(meta["space"], "space")
+            space = EmbeddingSpace.from_dict(meta["space"])
+        params = meta["params"]
+        if not isinstance(params, dict) or not all(
+            (type(v) is int and v > 0) or (k == "ivf_nlist" and v is None) for k, v in params.items()
+        ):
+            raise corrupt(f"params {short(params)} are not positive integers")
+        index = cls(space, meta["kind"], **params)
+        next_id = meta["next_id"]
+        if type(next_id) is not int or not 0 <= next_id < 2**63:  # faiss ids are int64
+            raise corrupt(f"next_id {short(next_id)} is not a faiss id")
+        index._next_id = next_id
         with np.load(data_path) as data:
             vectors = data["vectors"]
             if len(vectors) != len(meta["entries"]):
                 raise IndexFormatError(
                     f"{data_path}: {len(vectors)} vectors for {len(meta['entries'])} entries in {META_FILE}"
                 )
+            faiss_ids = set()
             for row, item in enumerate(meta["entries"]):
+                check(item, IndexEntry, f"entries[{row}]")
+                check(item["embedding"], Embedding, f"entries[{row}].embedding")
+                check_space(item["embedding"].get("space"), f"entries[{row}].embedding.space")
+                tags = item["tags"]
+                if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+                    raise corrupt(f"entries[{row}].tags {short(tags)} are not string tags")
                 embedding = Embedding.from_dict(item["embedding"], vector=vectors[row].copy())
-                index._entries[embedding.model_id] = IndexEntry(
-                    int(item["faiss_id"]), embedding, dict(item["tags"])
-                )
+                if embedding.space != space or embedding.vector.shape != (space.dim,):
+                    raise corrupt(
+                        f"entries[{row}] ({short(embedding.model_id)}) is not in the index's embedding "
+                        "space, or its vector has another dimension"
+                    )
+                faiss_id = item["faiss_id"]
+                if (
+                    embedding.model_id in index._entries
+                    or faiss_id in faiss_ids
+                    or not 0 <= faiss_id < next_id
+                ):
+                    raise corrupt(
+                        f"entries[{row}] ({short(embedding.model_id)}, faiss id {faiss_id}) repeats a model "
+                        "id or a faiss id, or its faiss id is not in 0..next_id-1"
+                    )
+                faiss_ids.add(faiss_id)
+                index._entries[embedding.model_id] = IndexEntry(faiss_id, embedding, dict(tags))
             if "faiss" in data:
                 index._faiss = faiss.deserialize_index(data["faiss"])
         return index

@@ -66,26 +66,37 @@ class ProbeSet:
         path = Path(path)
         if not path.is_file():
             raise ProbeError(f"probe file {path} does not exist")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProbeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         if path.suffix == ".jsonl":
             texts = []
-            for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            for lineno, line in enumerate(content.splitlines(), 1):
                 if not line.strip():
                     continue
-                try:
+                try:  # ValueError: also numbers past the int/str conversion limit
                     row = json.loads(line)
                     texts.append(row["text"] if isinstance(row, dict) else row)
-                except (json.JSONDecodeError, KeyError) as exc:
+                except (ValueError, RecursionError, KeyError) as exc:
                     raise ProbeError(
                         f'{path}:{lineno}: expected a JSON object with a "text" field ({exc})'
                     ) from exc
         else:
             try:
-                texts = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
+                texts = json.loads(content)
+            except (ValueError, RecursionError) as exc:
                 raise ProbeError(f"{path}: not valid JSON ({exc})") from exc
             if not isinstance(texts, list):
                 raise ProbeError(f"{path}: expected a JSON list of probe strings")
-        return cls(path.stem, tuple(texts))
+        try:
+            json.dumps(texts, ensure_ascii=False).encode("utf-8")  # a tokenizer refuses lone surrogates
+        except UnicodeEncodeError as exc:
+            raise ProbeError(f"{path}: not valid Unicode text ({exc})") from exc
+        try:
+            return cls(path.stem, tuple(texts))
+        except ProbeError as exc:
+            raise ProbeError(f"{path}: {exc}") from exc
 
     @classmethod
     def resolve(cls, spec: str | Path | Sequence[str] | ProbeSet) -> ProbeSet:

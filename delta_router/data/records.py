@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import reprlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,13 +111,17 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
             try:
                 line = raw.decode("utf-8")
                 if line.strip():
-                    yield f"{path}:{lineno}", json.loads(line)
+                    row = json.loads(line)
+                    json.dumps(row, ensure_ascii=False).encode("utf-8")  # no lone surrogates ("\ud800")
+                    yield f"{path}:{lineno}", row
             except UnicodeDecodeError as exc:
                 raise DataError(
                     f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})"
                 ) from exc
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from exc
+            except (ValueError, RecursionError) as exc:  # too deep, too many digits, a lone surrogate
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc})") from exc
 
 
 CSV_FIELD_LIMIT = 1 << 28  # characters; csv's default (128 KiB) refuses long documents
@@ -207,10 +212,10 @@ def _choices(value: object) -> tuple[str, ...] | None:
     if isinstance(value, str):  # CSV cells hold a JSON list
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"choices must be a list of strings, got {value!r}") from exc
+        except (ValueError, RecursionError) as exc:  # also too deep, or an integer of too many digits
+            raise DataError(f"choices must be a JSON list of strings, got {reprlib.repr(value)}") from exc
     if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
-        raise DataError(f"choices must be a list of strings, got {value!r}")
+        raise DataError(f"choices must be a list of strings, got {reprlib.repr(value)}")
     return tuple(value)
 
 
@@ -218,7 +223,10 @@ def _answer(value: object) -> int | None:
     if value is None or value == "":
         return None
     if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # "²" is a digit to isdigit but not to int; so are 5000 digits
+            pass
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise DataError(f"answer must be an integer index into choices, got {value!r}")
+    raise DataError(f"answer must be an integer index into choices, got {reprlib.repr(value)}")
