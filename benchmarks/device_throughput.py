@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from delta_router import DeltaEmbedder
-from delta_router.evaluation import LmEvaluator
+from delta_router.evaluation.harness import LmEvaluator
 from delta_router.testing import RandomAdapterFactory
 
 

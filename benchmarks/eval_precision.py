@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from delta_router import Zoo
-from delta_router.evaluation import LmEvaluator, load_for_eval, task_name, write_tasks
+from delta_router.evaluation.harness import LmEvaluator, load_for_eval, task_name, write_tasks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -18,7 +18,7 @@ from datetime import date
 import torch
 
 from delta_router import Zoo
-from delta_router.evaluation import LmEvaluator, load_for_eval, task_name, write_tasks
+from delta_router.evaluation.harness import LmEvaluator, load_for_eval, task_name, write_tasks
 
 
 def main() -> None:

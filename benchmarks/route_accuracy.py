@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from delta_router import Zoo
-from delta_router.route import QueryEncoder, Router, query_text
-from delta_router.scoring import score_records
+from delta_router.evaluation.scoring import score_records
+from delta_router.routing.router import QueryEncoder, Router, query_text
 
 
 class ArrowVotes:

@@ -27,7 +27,7 @@ import httpx
 import torch
 
 from delta_router import Zoo
-from delta_router.route import Router, query_text
+from delta_router.routing.router import Router, query_text
 from delta_router.serving.app import create_app
 from delta_router.serving.backends import GenerationRequest, PeftBackend
 from delta_router.serving.scheduler import BatchScheduler

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from delta_router import Merger, TaskSelector, Zoo
-from delta_router.selector import SELECTION_METHODS
+from delta_router.search.selector import SELECTION_METHODS
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from delta_router.probes import PAPER_PREAMBLES, alpaca_prompt
-from delta_router.train import LORA_TARGETS
+from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
+from delta_router.training.trainer import LORA_TARGETS
 
 
 def make_tiny_tokenizer(extra_text: list[str] | None = None, vocab_size: int = 400):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from delta_router.data import DOMAINS, load_domain
-from delta_router.evaluation import write_tasks
+from delta_router.evaluation.harness import write_tasks
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

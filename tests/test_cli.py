@@ -88,10 +88,10 @@ def test_bad_input_is_one_clear_error_line(tiny_base, adapters, tmp_path, capsys
 
 
 def test_demo_builds_a_zoo_and_finds_each_domain(tiny_base, capsys, monkeypatch):
-    from delta_router import zoo
     from delta_router.testing import SYNTHETIC_WORDS as WORDS
     from delta_router.testing import synthetic_domain
-    from delta_router.train import TrainConfig
+    from delta_router.training.trainer import TrainConfig
+    from delta_router.zoo import zoo
 
     tiny = zoo.ZooSpec("small", tuple(WORDS), parts=2, train_size=24,
                        train=TrainConfig(max_steps=5, batch_size=8, learning_rate=1e-2))  # fmt: skip

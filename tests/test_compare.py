@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from scipy import stats
 
-from delta_router.compare import (
+from delta_router.experiments.compare import (
     CompareConfig,
     Row,
     SelectionComparison,
@@ -20,10 +20,10 @@ from delta_router.compare import (
     write_report,
 )
 from delta_router.home import cache_dir
-from delta_router.merge import PROVENANCE_FILE
+from delta_router.merging.merger import PROVENANCE_FILE
 from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
-from delta_router.train import TrainConfig
-from delta_router.zoo import Zoo, ZooSpec
+from delta_router.training.trainer import TrainConfig
+from delta_router.zoo.zoo import Zoo, ZooSpec
 
 TINY_TRAIN = TrainConfig(max_steps=5, batch_size=8, learning_rate=1e-2)
 
@@ -139,7 +139,7 @@ def test_comparison_runs_every_condition_and_caches(tiny_zoo, tmp_path):
 
 
 def test_every_ablation_runs_on_a_tiny_zoo(tiny_base, tmp_path):
-    from delta_router.ablations import ABLATIONS, Ablations
+    from delta_router.experiments.ablations import ABLATIONS, Ablations
 
     spec = ZooSpec("tiny-ablate", tuple(SYNTHETIC_WORDS), parts=2, mixtures=(("fruit", "digits"),),
                    robustness_domains=("fruit",), train_size=24, train=TINY_TRAIN)  # fmt: skip

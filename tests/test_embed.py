@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from delta_router import DeltaEmbedder
-from delta_router.finetune import Finetune
+from delta_router.models.finetunes import Finetune
 from delta_router.testing import RandomAdapterFactory, merge_adapter
 
 
@@ -115,7 +115,7 @@ def test_dora_adapter_falls_back_to_the_peft_path(tiny_base, tmp_path):
     dora = RandomAdapterFactory(tiny_base, targets=("q_proj", "v_proj"), use_dora=True)
     path = dora.make(tmp_path / "dora", seed=3, scale=0.1)
     embedder = DeltaEmbedder(tiny_base, cache=False, progress=False)
-    from delta_router.finetune import load_lora_factors
+    from delta_router.models.finetunes import load_lora_factors
 
     assert not load_lora_factors(Finetune.open(path), embedder.model, embedder.base).plain
     ref = DeltaEmbedder(tiny_base, method="reference", cache=False, progress=False)

@@ -8,11 +8,11 @@ import math
 import pytest
 import yaml
 
-from delta_router.base import resolve_base
 from delta_router.cli import main
 from delta_router.data import Record, write_records
-from delta_router.evaluation import LmEvaluator, load_for_eval, write_tasks
-from delta_router.scoring import score_records
+from delta_router.evaluation.harness import LmEvaluator, load_for_eval, write_tasks
+from delta_router.evaluation.scoring import score_records
+from delta_router.models.base import resolve_base
 from delta_router.testing import synthetic_domain
 
 
@@ -85,7 +85,7 @@ def test_shared_context_scoring_equals_lm_eval_per_request(tiny_base):
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from delta_router.shared_context import SharedContextHFLM
+    from delta_router.evaluation.shared_context import SharedContextHFLM
 
     model, tokenizer = load_for_eval("base", resolve_base(tiny_base))
     gen = torch.Generator().manual_seed(0)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from delta_router import DeltaEmbedder
-from delta_router.base import resolve_base
-from delta_router.evaluation import LmEvaluator, load_for_eval, write_tasks
-from delta_router.route import BASE_ADAPTER
+from delta_router.evaluation.harness import LmEvaluator, load_for_eval, write_tasks
+from delta_router.models.base import resolve_base
+from delta_router.routing.router import BASE_ADAPTER
 from delta_router.serving.backends import GenerationRequest, PeftBackend
 from delta_router.testing import synthetic_domain
 

@@ -117,7 +117,7 @@ def test_crash_mid_save_keeps_the_previous_index(embeddings, tmp_path, monkeypat
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("delta_router.index.atomic_write_text", crash)
+    monkeypatch.setattr("delta_router.search.index.atomic_write_text", crash)
     with pytest.raises(OSError, match="disk full"):
         index.save(tmp_path / "idx")
     monkeypatch.undo()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from delta_router.errors import MergeError
-from delta_router.lora_batch import lora_hooks
-from delta_router.lorahub import LoraHub
-from delta_router.merge import PROVENANCE_FILE
+from delta_router.merging.lorahub import LoraHub
+from delta_router.merging.merger import PROVENANCE_FILE
+from delta_router.models.lora_batch import lora_hooks
 from delta_router.testing import RandomAdapterFactory, synthetic_domain
 
 

@@ -8,10 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from delta_router.base import resolve_base
 from delta_router.errors import MergeError
-from delta_router.finetune import Finetune
-from delta_router.merge import (
+from delta_router.merging.merger import (
     PROVENANCE_FILE,
     Merger,
     MergeRecipe,
@@ -19,6 +17,8 @@ from delta_router.merge import (
     magnitude_prune,
     materialize,
 )
+from delta_router.models.base import resolve_base
+from delta_router.models.finetunes import Finetune
 
 
 def test_the_issue_recipes_are_all_there():

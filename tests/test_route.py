@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from delta_router.base import resolve_base
 from delta_router.errors import DataError, IncompatibleBaseError
-from delta_router.route import QueryEncoder, Router, query_text
+from delta_router.models.base import resolve_base
+from delta_router.routing.router import QueryEncoder, Router, query_text
 from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
 
 

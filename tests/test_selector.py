@@ -7,10 +7,10 @@ import json
 import pytest
 
 from delta_router.errors import DataError
-from delta_router.selector import TaskSelector
+from delta_router.search.selector import TaskSelector
 from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
-from delta_router.train import TrainConfig
-from delta_router.zoo import Zoo, ZooSpec
+from delta_router.training.trainer import TrainConfig
+from delta_router.zoo.zoo import Zoo, ZooSpec
 
 FEW_SHOT = TrainConfig(max_steps=5, batch_size=8, learning_rate=1e-2)
 
@@ -71,11 +71,11 @@ def test_build_command_selects_merges_and_scores(zoo_index, tiny_base, tmp_path,
     """The headline flow on the tiny model: 20 examples -> that domain's models -> merged model."""
     from transformers import AutoModelForCausalLM
 
-    from delta_router import selector
     from delta_router.cli import main
-    from delta_router.merge import PROVENANCE_FILE
+    from delta_router.merging.merger import PROVENANCE_FILE
+    from delta_router.search import selector
 
-    monkeypatch.setattr(selector, "ZOO_TRAIN_CONFIG", FEW_SHOT)
+    monkeypatch.setattr(selector, "FEWSHOT_TRAIN_CONFIG", FEW_SHOT)
     index_dir = tmp_path / "index"
     zoo_index.save(index_dir)
     rows = [r.to_dict() for r in examples("digits", 30)]
@@ -116,8 +116,8 @@ def test_build_command_selects_merges_and_scores(zoo_index, tiny_base, tmp_path,
 def test_lorahub_command_learns_weights_for_the_selected_adapters(zoo_index, tiny_base, tmp_path, capsys):
     from peft import PeftModel
 
-    from delta_router.base import resolve_base
     from delta_router.cli import main
+    from delta_router.models.base import resolve_base
 
     index_dir = tmp_path / "index"
     zoo_index.save(index_dir)

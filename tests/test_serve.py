@@ -9,8 +9,8 @@ import types
 import pytest
 from fastapi.testclient import TestClient
 
-from delta_router.base import resolve_base
-from delta_router.route import BASE_ADAPTER, RouteDecision, Router, query_text
+from delta_router.models.base import resolve_base
+from delta_router.routing.router import BASE_ADAPTER, RouteDecision, Router, query_text
 from delta_router.serving.app import create_app
 from delta_router.serving.backends import GenerationRequest, PeftBackend, VllmBackend
 from delta_router.serving.scheduler import BatchScheduler
@@ -214,7 +214,7 @@ def test_vllm_requests_are_built_without_vllm_installed(monkeypatch, tiny_base, 
 def test_cli_route_fit_query_then_serve_the_index(tiny_base, adapters, tmp_path, capsys):
     from delta_router.cli import main
     from delta_router.data import write_records
-    from delta_router.index import ModelIndex
+    from delta_router.search.index import ModelIndex
     from delta_router.serving import build_app
 
     def run_json(*argv: str):

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from delta_router.base import resolve_base
 from delta_router.data import Record
+from delta_router.data.sequences import IGNORE_INDEX, collate, encode
 from delta_router.errors import DeltaRouterError
-from delta_router.scoring import score_records
-from delta_router.sequences import IGNORE_INDEX, collate, encode
-from delta_router.train import TRAINING_FILE, LoraTrainer, TrainConfig, batch_order
+from delta_router.evaluation.scoring import score_records
+from delta_router.models.base import resolve_base
+from delta_router.training.trainer import TRAINING_FILE, LoraTrainer, TrainConfig, batch_order
 
 RECORDS = [Record("Repeat the fruit.", f"item {i}", "apple apple apple") for i in range(24)]
 FAST = TrainConfig(max_steps=6, batch_size=4, micro_batch_size=2, learning_rate=1e-2, checkpoint_every=2)

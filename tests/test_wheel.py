@@ -30,7 +30,7 @@ import torch
 
 torch.set_num_threads(1)
 import delta_router
-from delta_router.merge import RECIPE_DIR, Merger, available_recipes
+from delta_router.merging.merger import RECIPE_DIR, Merger, available_recipes
 from delta_router.testing import RandomAdapterFactory, make_tiny_base
 from transformers import AutoModelForCausalLM
 

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from delta_router.clustering import nearest_neighbours, silhouette
+from delta_router.evaluation.clustering import nearest_neighbours, silhouette
 from delta_router.testing import SYNTHETIC_WORDS as WORDS
 from delta_router.testing import synthetic_domain
-from delta_router.train import TrainConfig
-from delta_router.zoo import ROBUSTNESS_VARIANTS, Zoo, ZooSpec
-from delta_router.zoo_report import build_report
+from delta_router.training.trainer import TrainConfig
+from delta_router.zoo.report import build_report
+from delta_router.zoo.zoo import ROBUSTNESS_VARIANTS, Zoo, ZooSpec
 
 
 @pytest.fixture()
@@ -50,7 +50,7 @@ def test_tiny_zoo_clusters_by_domain_and_is_cached(tiny_zoo, monkeypatch):
     vectors = np.stack([e.embedding.vector for e in entries])
     assert silhouette(vectors, [e.tags["domain"] for e in entries]) > 0.5
 
-    from delta_router.train import LoraTrainer
+    from delta_router.training.trainer import LoraTrainer
 
     monkeypatch.setattr(LoraTrainer, "_step", lambda *a: pytest.fail("a second build retrained"))
     again = tiny_zoo.build()

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from delta_router.base import DEFAULT_BASE, EMBEDDED_BASES
-from delta_router.embed import METHODS, NORMALIZATIONS, POOLINGS, DeltaEmbedder
+from delta_router.embedding.embedder import METHODS, NORMALIZATIONS, POOLINGS, DeltaEmbedder
+from delta_router.embedding.probes import BUILTIN_PROBE_SETS
 from delta_router.errors import DeltaRouterError
-from delta_router.index import ModelIndex
-from delta_router.probes import BUILTIN_PROBE_SETS
+from delta_router.models.base import DEFAULT_BASE, EMBEDDED_BASES
+from delta_router.search.index import ModelIndex
 
 console = Console()
 

@@ -67,7 +67,7 @@ def _training_records(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from delta_router.train import TRAINING_FILE, LoraTrainer, TrainConfig
+    from delta_router.training.trainer import TRAINING_FILE, LoraTrainer, TrainConfig
 
     if not (Path(args.out) / TRAINING_FILE).exists():  # a run of ours is checked by the trainer
         refuse_existing(args.out, args.force)
@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> None:
-    from delta_router.zoo import Zoo
+    from delta_router.zoo.zoo import Zoo
 
     zoo = Zoo(args.zoo, args.base, progress=not args.json)
     index = zoo.build()
@@ -101,8 +101,8 @@ def cmd_zoo_build(args: argparse.Namespace) -> None:
 
 
 def cmd_zoo_report(args: argparse.Namespace) -> None:
-    from delta_router.zoo import Zoo
-    from delta_router.zoo_report import build_report
+    from delta_router.zoo.report import build_report
+    from delta_router.zoo.zoo import Zoo
 
     report = build_report(Zoo(args.zoo, args.base, progress=not args.json), args.eval_size, not args.json)
     if args.json:

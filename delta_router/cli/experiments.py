@@ -9,15 +9,15 @@ from pathlib import Path
 
 from rich.table import Table
 
-from delta_router.base import resolve_base
 from delta_router.cli.common import NON_NEGATIVE, POSITIVE, add_base_option, add_zoo_option, console, emit
 from delta_router.errors import DeltaRouterError
 from delta_router.home import atomic_write_text, refuse_existing_file
+from delta_router.models.base import resolve_base
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from delta_router.data import load_domain, load_records
-    from delta_router.evaluation import LmEvaluator, load_for_eval, task_name, write_tasks
+    from delta_router.evaluation.harness import LmEvaluator, load_for_eval, task_name, write_tasks
 
     if args.out:
         refuse_existing_file(args.out, args.force)
@@ -47,9 +47,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from delta_router.compare import CompareConfig, SelectionComparison, gain_table, summarize, write_report
-    from delta_router.selector import read_examples
-    from delta_router.zoo import Zoo
+    from delta_router.experiments.compare import (
+        CompareConfig,
+        SelectionComparison,
+        gain_table,
+        summarize,
+        write_report,
+    )
+    from delta_router.search.selector import read_examples
+    from delta_router.zoo.zoo import Zoo
 
     zoo = Zoo(args.zoo, args.base, progress=False)
     config = CompareConfig(
@@ -74,8 +80,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_ablations(args: argparse.Namespace) -> None:
-    from delta_router.ablations import ABLATIONS, Ablations
-    from delta_router.zoo import Zoo
+    from delta_router.experiments.ablations import ABLATIONS, Ablations
+    from delta_router.zoo.zoo import Zoo
 
     unknown = sorted(set(args.only or []) - set(ABLATIONS))
     if unknown:
@@ -91,7 +97,7 @@ def cmd_ablations(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from delta_router.demo import run_demo
+    from delta_router.experiments.demo import run_demo
 
     with console.status(f"resolving base {args.base} (a first fetch takes ~1 min)"):
         base = resolve_base(args.base)
@@ -134,7 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
-    from delta_router.selector import SELECTION_METHODS
+    from delta_router.search.selector import SELECTION_METHODS
 
     p = sub.add_parser("eval", parents=[common], help="score models with lm-eval on held-out splits")
     p.add_argument("models", nargs="+", metavar="MODEL", help="'base', a LoRA adapter dir or a model dir")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from rich.table import Table
 
-from delta_router.base import EMBEDDED_BASES, fetch_embedded_base, resolve_base
 from delta_router.cli.common import (
     POSITIVE,
     add_base_option,
@@ -18,11 +17,12 @@ from delta_router.cli.common import (
     emit,
     parse_tags,
 )
-from delta_router.embed import Embedding
+from delta_router.embedding.embedder import Embedding
 from delta_router.errors import DeltaRouterError, DuplicateModelError
 from delta_router.home import atomic_write_text, refuse_existing_file
-from delta_router.index import INDEX_KINDS, ModelIndex
 from delta_router.model_ids import RULE, check_model_id
+from delta_router.models.base import EMBEDDED_BASES, fetch_embedded_base, resolve_base
+from delta_router.search.index import INDEX_KINDS, ModelIndex
 
 
 def _load_or_new_index(args: argparse.Namespace) -> ModelIndex:
@@ -104,7 +104,7 @@ def cmd_index_add(args: argparse.Namespace) -> None:
     embedder = embedder_from_args(args, index)
     _check_ids(args)
     if not args.replace:  # refuse duplicates before spending any compute
-        from delta_router.finetune import Finetune
+        from delta_router.models.finetunes import Finetune
 
         ids = args.id or [Finetune.open(p).model_id for p in args.paths]
         for model_id in ids:

@@ -9,17 +9,17 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from delta_router.base import resolve_base
 from delta_router.cli.common import PORT, POSITIVE, add_zoo_option, console, emit, float_in
-from delta_router.embed import POOLINGS
+from delta_router.embedding.embedder import POOLINGS
 from delta_router.errors import DeltaRouterError
 from delta_router.home import refuse_existing
-from delta_router.index import ModelIndex
+from delta_router.models.base import resolve_base
+from delta_router.search.index import ModelIndex
 
 
 def _router_examples(args: argparse.Namespace) -> dict[str, list[str]]:
     from delta_router.data import load_records
-    from delta_router.route import query_text
+    from delta_router.routing.router import query_text
 
     examples = {}
     for pair in args.examples or []:
@@ -31,8 +31,8 @@ def _router_examples(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def cmd_route_fit(args: argparse.Namespace) -> None:
-    from delta_router.route import QueryEncoder, Router
-    from delta_router.zoo import Zoo
+    from delta_router.routing.router import QueryEncoder, Router
+    from delta_router.zoo.zoo import Zoo
 
     if bool(args.zoo) == bool(args.examples):
         raise DeltaRouterError("give the models' examples: --zoo NAME or --examples MODEL_ID=FILE ...")
@@ -68,7 +68,7 @@ def _ids_table(ids: Sequence[str], where: str) -> Table:
 
 
 def cmd_route_query(args: argparse.Namespace) -> None:
-    from delta_router.route import QueryEncoder, Router
+    from delta_router.routing.router import QueryEncoder, Router
 
     router = Router.load(args.router, top_k=args.top_k, threshold=args.threshold)
     base = resolve_base(router.base_name)
@@ -86,7 +86,7 @@ def cmd_route_query(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from delta_router.route import Router
+    from delta_router.routing.router import Router
     from delta_router.serving import build_app
 
     listener = _listen(args.host, args.port)  # a busy port fails here, before any loading

@@ -8,11 +8,11 @@ from rich.table import Table
 
 from delta_router.cli.common import POSITIVE, console, emit, selection_table
 from delta_router.home import refuse_existing
-from delta_router.index import ModelIndex
+from delta_router.search.index import ModelIndex
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from delta_router.selector import TaskSelector
+    from delta_router.search.selector import TaskSelector
 
     index = ModelIndex.load(args.index)
     selector = TaskSelector(index, method=args.method, progress=not args.json)
@@ -22,7 +22,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    from delta_router.pipeline import build_merged_model
+    from delta_router.merging.build import build_merged_model
 
     refuse_existing(args.out, args.force, inputs=(args.index,))
     result = build_merged_model(
@@ -47,8 +47,8 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_lorahub(args: argparse.Namespace) -> None:
-    from delta_router.lorahub import LoraHub
-    from delta_router.selector import TaskSelector, read_examples
+    from delta_router.merging.lorahub import LoraHub
+    from delta_router.search.selector import TaskSelector, read_examples
 
     refuse_existing(args.out, args.force, inputs=(args.index,))  # before minutes of compute, not after
     selector = TaskSelector(ModelIndex.load(args.index), method=args.method, progress=not args.json)
@@ -75,8 +75,8 @@ def cmd_lorahub(args: argparse.Namespace) -> None:
 
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
     """``select``, ``lorahub`` and ``build``: each ranks the index's finetunes for a task's examples."""
-    from delta_router.merge import WEIGHTINGS, available_recipes
-    from delta_router.selector import SELECTION_METHODS
+    from delta_router.merging.merger import WEIGHTINGS, available_recipes
+    from delta_router.search.selector import SELECTION_METHODS
 
     commands = {}
     for name, func, text in (("select", cmd_select, "rank indexed finetunes for examples of a task"),

@@ -9,9 +9,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
 from delta_router.errors import DataError
 from delta_router.home import atomic_write_text
-from delta_router.probes import PAPER_PREAMBLES, alpaca_prompt
 
 FIELDS = ("instruction", "input", "output", "choices", "answer")
 

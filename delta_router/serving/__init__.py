@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from delta_router.base import resolve_base
 from delta_router.errors import DataError
-from delta_router.index import ModelIndex
-from delta_router.route import Router
+from delta_router.models.base import resolve_base
+from delta_router.routing.router import Router
+from delta_router.search.index import ModelIndex
 
 logger = logging.getLogger(__name__)
 

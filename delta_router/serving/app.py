@@ -27,8 +27,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from delta_router.probes import PAPER_PREAMBLES, alpaca_prompt
-from delta_router.route import BASE_ADAPTER
+from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
+from delta_router.routing.router import BASE_ADAPTER
 from delta_router.serving.backends import GenerationRequest, GenerationResult
 from delta_router.serving.scheduler import AUTO, BatchScheduler, Job, run_job
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from delta_router.base import BaseModel
 from delta_router.errors import IncompatibleBaseError, InvalidModelError
-from delta_router.route import BASE_ADAPTER, QueryEncoder, RouteDecision
+from delta_router.models.base import BaseModel
+from delta_router.routing.router import BASE_ADAPTER, QueryEncoder, RouteDecision
 
 logger = logging.getLogger(__name__)
 

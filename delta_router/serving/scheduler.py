@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from delta_router.route import RouteDecision, Router
+from delta_router.routing.router import RouteDecision, Router
 from delta_router.serving.backends import GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)

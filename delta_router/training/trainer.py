@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from delta_router.base import DEFAULT_BASE, BaseModel, resolve_base
+from delta_router.data.sequences import TokenSequence, answer_logprobs, collate, encode
 from delta_router.errors import DeltaRouterError, OutputExistsError
 from delta_router.home import atomic_directory, atomic_write_text, refuse_existing
-from delta_router.sequences import TokenSequence, answer_logprobs, collate, encode
+from delta_router.models.base import DEFAULT_BASE, BaseModel, resolve_base
 
 if TYPE_CHECKING:
     from delta_router.data import Record

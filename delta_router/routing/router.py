@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from delta_router.base import BaseFingerprint
 from delta_router.data import Record
-from delta_router.embed import pooled_hidden_states
+from delta_router.data.sequences import clip_text
+from delta_router.embedding.embedder import pooled_hidden_states
 from delta_router.errors import DataError, IncompatibleBaseError
 from delta_router.home import atomic_directory, atomic_write_text
-from delta_router.sequences import clip_text
+from delta_router.models.base import BaseFingerprint
 
 logger = logging.getLogger(__name__)
 

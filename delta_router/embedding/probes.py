@@ -1,7 +1,8 @@
 """Probe prompts: the fixed, generic inputs on which hidden-state shifts are measured.
 
 The paper's probe set is five Alpaca-style templates with a generic task and input. The same
-template family renders training examples (``alpaca_prompt``), so probes and data agree.
+template family renders training examples (``data.templates.alpaca_prompt``), so probes and data
+agree.
 """
 
 from __future__ import annotations
@@ -12,25 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
 from delta_router.errors import ProbeError
 
-ALPACA_TEMPLATE = "{preamble}\n\n### Instruction:\n{instruction} Input:{input}\n\n### Response:"
-
-PAPER_PREAMBLES: tuple[str, ...] = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.",
-    "The task described below requires a response that completes the request accurately.",
-    "Below is a description of a task. Provide a response that aligns with the requirements.",
-    "The following instruction outlines a task. Generate a response that meets the specified request.",
-    "You are given an instruction and input. Write a response that completes the task as requested.",
-)
 PAPER_TASK = "Please provide a response."
 PAPER_INPUT = "Input."
-
-
-def alpaca_prompt(instruction: str, input: str = "", preamble: str = PAPER_PREAMBLES[0]) -> str:
-    """Render one prompt in the probes' Alpaca template (no response text)."""
-    return ALPACA_TEMPLATE.format(preamble=preamble, instruction=instruction, input=input)
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,13 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from delta_router.clustering import cosine_similarities, save_figure, silhouette, tsne_plot
-from delta_router.embed import DeltaEmbedder
-from delta_router.finetune import ADAPTER_WEIGHTS
+from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
+from delta_router.embedding.embedder import DeltaEmbedder
+from delta_router.embedding.probes import PAPER_INPUT, ProbeSet
+from delta_router.evaluation.clustering import cosine_similarities, save_figure, silhouette, tsne_plot
 from delta_router.home import atomic_write_text
-from delta_router.probes import PAPER_INPUT, PAPER_PREAMBLES, ProbeSet, alpaca_prompt
-from delta_router.selector import SELECTION_METHODS, TaskSelector
+from delta_router.models.finetunes import ADAPTER_WEIGHTS
+from delta_router.search.selector import SELECTION_METHODS, TaskSelector
 
 logger = logging.getLogger(__name__)
 

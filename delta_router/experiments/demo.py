@@ -13,13 +13,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from delta_router.base import DEFAULT_BASE, BaseModel, resolve_base
 from delta_router.home import cache_dir
-from delta_router.index import SearchHit
-from delta_router.pipeline import BuildResult, build_merged_model
-from delta_router.route import QueryEncoder, RouteDecision, Router, query_text
-from delta_router.zoo import Zoo
-from delta_router.zoo_report import ZooReport, build_report
+from delta_router.merging.build import BuildResult, build_merged_model
+from delta_router.models.base import DEFAULT_BASE, BaseModel, resolve_base
+from delta_router.routing.router import QueryEncoder, RouteDecision, Router, query_text
+from delta_router.search.index import SearchHit
+from delta_router.zoo.report import ZooReport, build_report
+from delta_router.zoo.zoo import Zoo
 
 logger = logging.getLogger(__name__)
 

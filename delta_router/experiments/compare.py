@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from delta_router.clustering import save_figure
 from delta_router.data import Record
-from delta_router.evaluation import LmEvaluator, load_for_eval, task_name, write_tasks
+from delta_router.evaluation.clustering import save_figure
+from delta_router.evaluation.harness import LmEvaluator, load_for_eval, task_name, write_tasks
 from delta_router.home import atomic_write_text, cache_dir
-from delta_router.lorahub import LoraHub
-from delta_router.merge import PROVENANCE_FILE, Merger, MergeRecipe
-from delta_router.selector import TaskSelector
-from delta_router.train import records_hash
+from delta_router.merging.lorahub import LoraHub
+from delta_router.merging.merger import PROVENANCE_FILE, Merger, MergeRecipe
+from delta_router.search.selector import TaskSelector
+from delta_router.training.trainer import records_hash
 
 logger = logging.getLogger(__name__)
 

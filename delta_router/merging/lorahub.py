@@ -25,10 +25,13 @@ from safetensors.torch import save_file
 from scipy.optimize import minimize
 from tqdm.auto import tqdm
 
-from delta_router.base import BaseModel, resolve_base
 from delta_router.data import Record
+from delta_router.data.sequences import answer_logprobs, collate, encode
 from delta_router.errors import MergeError
-from delta_router.finetune import (
+from delta_router.home import atomic_directory, atomic_write_text, refuse_existing
+from delta_router.merging.merger import PROVENANCE_FILE
+from delta_router.models.base import BaseModel, resolve_base
+from delta_router.models.finetunes import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,
@@ -36,10 +39,7 @@ from delta_router.finetune import (
     LoraFactors,
     load_lora_factors,
 )
-from delta_router.home import atomic_directory, atomic_write_text, refuse_existing
-from delta_router.lora_batch import lora_hooks
-from delta_router.merge import PROVENANCE_FILE
-from delta_router.sequences import answer_logprobs, collate, encode
+from delta_router.models.lora_batch import lora_hooks
 
 logger = logging.getLogger(__name__)
 

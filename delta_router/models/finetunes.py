@@ -20,10 +20,10 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 
-from delta_router.base import BaseModel, read_config, safetensors_files, shape_signature
 from delta_router.errors import IncompatibleBaseError, InvalidModelError
 from delta_router.home import sha256_files
 from delta_router.model_ids import check_model_id, id_from_name
+from delta_router.models.base import BaseModel, read_config, safetensors_files, shape_signature
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

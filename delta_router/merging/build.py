@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from delta_router.base import BaseModel
 from delta_router.data import Record
-from delta_router.finetune import Finetune
+from delta_router.evaluation.scoring import Score, score_records
 from delta_router.home import cache_dir, refuse_existing
-from delta_router.index import ModelIndex
-from delta_router.merge import WEIGHTINGS, Merger, MergeRecipe, materialize
-from delta_router.scoring import Score, score_records
-from delta_router.selector import Selection, TaskSelector, read_examples
+from delta_router.merging.merger import WEIGHTINGS, Merger, MergeRecipe, materialize
+from delta_router.models.base import BaseModel
+from delta_router.models.finetunes import Finetune
+from delta_router.search.index import ModelIndex
+from delta_router.search.selector import Selection, TaskSelector, read_examples
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ How a finetune's activations are computed (``method``):
 
 - ``"batched"`` (default): the base is loaded once and only the transformer body runs (no LM
   head). LoRA adapters are applied without touching the base weights, by forward hooks that add
-  the low-rank update per group of rows (``delta_router.lora_batch``), so ``adapters_per_batch``
+  the low-rank update per group of rows (``delta_router.models.lora_batch``), so ``adapters_per_batch``
   adapters x all probes run in one padded forward. A full finetune is streamed into the live
   model tensor by tensor (one model in memory); the base is streamed back before the next adapter.
 - ``"reference"``: PEFT's ``PeftModel.from_pretrained`` per adapter, one probe per forward, then
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from delta_router.base import DEFAULT_BASE, BaseFingerprint, BaseModel, resolve_base
+from delta_router.data.sequences import clip_text
+from delta_router.embedding.probes import ProbeSet
 from delta_router.errors import IncompatibleBaseError, InvalidModelError, SpaceMismatchError
-from delta_router.finetune import Finetune, LoraFactors, iter_full_weights, load_lora_factors
 from delta_router.home import atomic_write_bytes, cache_dir
-from delta_router.lora_batch import lora_hooks
-from delta_router.probes import ProbeSet
-from delta_router.sequences import clip_text
+from delta_router.models.base import DEFAULT_BASE, BaseFingerprint, BaseModel, resolve_base
+from delta_router.models.finetunes import Finetune, LoraFactors, iter_full_weights, load_lora_factors
+from delta_router.models.lora_batch import lora_hooks
 
 logger = logging.getLogger(__name__)
 

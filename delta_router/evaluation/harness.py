@@ -4,7 +4,7 @@
 paths, offline), one per domain:
 
 - multiple-choice records -> ``output_type: multiple_choice`` (``acc``, ``acc_norm``), scored by
-  loglikelihood exactly like ``delta_router.scoring`` (same prompt, same answer separator);
+  loglikelihood exactly like ``delta_router.evaluation.scoring`` (same prompt, same answer separator);
 - free-form records -> ``loglikelihood`` of the reference answer, reported as ``loglik``: the mean
   over documents of the answer's summed log-probability (nats; lm-eval's ``perplexity`` would be
   its exp, which overflows past ~709 nats, i.e. a few hundred tokens), and, where the
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import yaml
 
-from delta_router.base import BaseModel
 from delta_router.data import Record
+from delta_router.data.sequences import ANSWER_SEPARATOR
 from delta_router.errors import DataError
-from delta_router.finetune import Finetune
 from delta_router.home import atomic_write_text, cache_dir, sha256_files
-from delta_router.sequences import ANSWER_SEPARATOR
+from delta_router.models.base import BaseModel
+from delta_router.models.finetunes import Finetune
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class LmEvaluator:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
-        from delta_router.shared_context import SharedContextHFLM
+        from delta_router.evaluation.shared_context import SharedContextHFLM
 
         tasks = list(tasks or self.tasks)
         unknown = sorted(set(tasks) - set(self.tasks))

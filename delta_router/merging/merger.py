@@ -24,10 +24,10 @@ from unittest import mock
 import torch
 import yaml
 
-from delta_router.base import DEFAULT_BASE, BaseModel, resolve_base
 from delta_router.errors import MergeError
-from delta_router.finetune import Finetune
 from delta_router.home import atomic_directory, atomic_write_text, cache_dir, refuse_existing
+from delta_router.models.base import DEFAULT_BASE, BaseModel, resolve_base
+from delta_router.models.finetunes import Finetune
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from delta_router.base import DEFAULT_BASE, BaseModel, resolve_base
 from delta_router.data import DomainSplits, Record, load_domain
-from delta_router.embed import DeltaEmbedder
+from delta_router.embedding.embedder import DeltaEmbedder
 from delta_router.home import cache_dir
-from delta_router.index import ModelIndex
-from delta_router.train import LoraTrainer, TrainConfig
+from delta_router.models.base import DEFAULT_BASE, BaseModel, resolve_base
+from delta_router.search.index import ModelIndex
+from delta_router.search.selector import FEWSHOT_TRAIN_CONFIG
+from delta_router.training.trainer import LoraTrainer, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +94,13 @@ class ZooSpec:
 
 # Sized for a 2-core CPU (benchmarks/RESULTS.md): 128-token examples, 6 steps of 16 (full, ~40 min)
 # or 4 steps (small, for `make demo`: the two small data wheels plus the base, ~8 min).
-ZOO_TRAIN_CONFIG = TrainConfig(max_steps=6, max_length=128)
 ZOO_SPECS: dict[str, ZooSpec] = {
     "full": ZooSpec(
         "full",
         ("commonsense", "math", "biomedical", "legal", "code", "science", "sentiment"),
         mixtures=(("math", "code"), ("biomedical", "science"), ("legal", "sentiment")),
         robustness_domains=("sentiment",),
-        train=ZOO_TRAIN_CONFIG,
+        train=FEWSHOT_TRAIN_CONFIG,  # zoo and task finetunes alike: comparable deltas
     ),
     "small": ZooSpec(
         "small",

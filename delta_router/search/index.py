@@ -26,7 +26,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from delta_router.embed import Embedding, EmbeddingSpace
+from delta_router.embedding.embedder import Embedding, EmbeddingSpace
 from delta_router.errors import (
     DuplicateModelError,
     IndexFormatError,
@@ -289,7 +289,7 @@ class ModelIndex:
         import dataclasses
         from reprlib import repr as short  # messages stay one short line whatever the file holds
 
-        from delta_router.base import BaseFingerprint
+        from delta_router.models.base import BaseFingerprint
 
         meta_path = directory / META_FILE
 

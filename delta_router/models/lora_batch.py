@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from delta_router.finetune import LoraFactors
+from delta_router.models.finetunes import LoraFactors
 
 # per target module, per group: (A [r, in], (scale * B)^T [r, out]), or None if not targeted
 GroupFactors = list[tuple[torch.Tensor, torch.Tensor] | None]

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from delta_router.clustering import Neighbour, nearest_neighbours, silhouette, tsne_plot
+from delta_router.evaluation.clustering import Neighbour, nearest_neighbours, silhouette, tsne_plot
+from delta_router.evaluation.scoring import Score, score_records
 from delta_router.home import atomic_write_text
-from delta_router.index import IndexEntry
-from delta_router.scoring import Score, score_records
-from delta_router.zoo import Zoo
+from delta_router.search.index import IndexEntry
+from delta_router.zoo.zoo import Zoo
 
 logger = logging.getLogger(__name__)
 

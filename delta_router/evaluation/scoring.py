@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from delta_router.sequences import ANSWER_SEPARATOR, TokenSequence, collate, continuation_logprobs, encode
+from delta_router.data.sequences import (
+    ANSWER_SEPARATOR,
+    TokenSequence,
+    collate,
+    continuation_logprobs,
+    encode,
+)
 
 if TYPE_CHECKING:
     from delta_router.data import Record

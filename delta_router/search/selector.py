@@ -22,17 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from delta_router.data import Record, load_records
-from delta_router.embed import DeltaEmbedder
+from delta_router.data.sequences import ANSWER_SEPARATOR
+from delta_router.embedding.embedder import DeltaEmbedder
 from delta_router.errors import DataError
 from delta_router.home import cache_dir
-from delta_router.index import ModelIndex, SearchHit
-from delta_router.sequences import ANSWER_SEPARATOR
-from delta_router.train import LoraTrainer, TrainConfig, records_hash
-from delta_router.zoo import ZOO_TRAIN_CONFIG
+from delta_router.search.index import ModelIndex, SearchHit
+from delta_router.training.trainer import LoraTrainer, TrainConfig, records_hash
 
 logger = logging.getLogger(__name__)
 
 SELECTION_METHODS = ("finetune", "activations")
+# The few-shot LoRA of a task's examples: 6 steps of 16 128-token examples (seconds on 2 cores). The
+# zoo's finetunes are trained with it too, so task and zoo deltas are comparable.
+FEWSHOT_TRAIN_CONFIG = TrainConfig(max_steps=6, max_length=128)
 MIN_EXAMPLES = 5
 
 
@@ -100,7 +102,7 @@ def read_examples(examples: str | Path | Sequence[Record | dict]) -> list[Record
 class TaskSelector:
     """Selects finetunes for a task: ``TaskSelector(index).select(examples, k=3)``.
 
-    The few-shot finetune uses the full zoo's recipe by default (``ZOO_TRAIN_CONFIG``), so the
+    The few-shot finetune uses ``FEWSHOT_TRAIN_CONFIG`` by default (the full zoo's recipe), so the
     task's vector is comparable with the zoo's; ~1 min on 2 CPU cores.
     """
 
@@ -117,7 +119,7 @@ class TaskSelector:
         if index.space is None or len(index) == 0:
             raise DataError("the index is empty: add finetunes before selecting from it")
         self.index, self.method, self.progress = index, method, progress
-        self.train_config = train_config or ZOO_TRAIN_CONFIG
+        self.train_config = train_config or FEWSHOT_TRAIN_CONFIG
         self.embedder = embedder or DeltaEmbedder.for_space(index.space, progress=progress)
         index.space.check_same(self.embedder.space, "the index", "the selector's embedder")
 

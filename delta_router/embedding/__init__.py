@@ -1,0 +1,1 @@
+"""Embedding: probes -> activations -> Delta Activations (``DeltaEmbedder``) in one ``EmbeddingSpace``."""

@@ -1,0 +1,2 @@
+"""Evaluation: lm-eval integration (shared-context scoring), answer log-likelihood scoring and
+clustering metrics."""

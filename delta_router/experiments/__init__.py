@@ -1,0 +1,1 @@
+"""Experiments: the paper's ablations, selection-vs-random comparisons and the demo (pull in matplotlib)."""

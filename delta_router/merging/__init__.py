@@ -1,0 +1,1 @@
+"""Merging: mergekit / PEFT merges (``Merger``), LoraHub combinations, and the select -> merge build."""

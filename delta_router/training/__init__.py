@@ -1,0 +1,1 @@
+"""Training: LoRA finetuning (``LoraTrainer``) on prompt + continuation token sequences."""

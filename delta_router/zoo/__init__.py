@@ -1,0 +1,1 @@
+"""The model zoo: specs, building (train, embed, index; cached) and its report."""
