@@ -10,13 +10,15 @@ nothing: the CLI can configure the environment (offline mode) before torch and t
 from __future__ import annotations
 
 import importlib
+import warnings
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "DEFAULT_BASE": "delta_router.models.base",
     "BaseFingerprint": "delta_router.models.base",
-    "BaseModel": "delta_router.models.base",
+    "BaseLM": "delta_router.models.base",
+    "BaseModel": "delta_router.models.base",  # deprecated alias of BaseLM (warns)
     "resolve_base": "delta_router.models.base",
     "DeltaEmbedder": "delta_router.embedding.embedder",
     "Embedding": "delta_router.embedding.embedder",
@@ -33,12 +35,17 @@ _EXPORTS = {
     "TrainConfig": "delta_router.training.trainer",
     "Zoo": "delta_router.zoo.zoo",
 }
-__all__ = sorted(_EXPORTS)
+_DEPRECATED = {"BaseModel": "BaseLM"}  # old public name -> its new name
+__all__ = sorted(set(_EXPORTS) - set(_DEPRECATED))
 
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'delta_router' has no attribute {name!r}")
+    if name in _DEPRECATED:
+        warnings.warn(
+            f"delta_router.{name} is deprecated: use {_DEPRECATED[name]}", DeprecationWarning, stacklevel=2
+        )
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value  # later look-ups skip this function
     return value

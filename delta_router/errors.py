@@ -56,5 +56,12 @@ class OutputExistsError(DeltaRouterError, FileExistsError):
     """An output path exists and the command would replace what it did not create (pass --force)."""
 
 
+class StoredFieldError(DeltaRouterError, ValueError):
+    """A stored record (a dataclass as JSON) has a missing, unknown or wrong-typed field.
+
+    A ValueError too, so a reader that wraps parse errors (the index) adds its file's name.
+    """
+
+
 class InvalidModelIdError(DeltaRouterError):
     """A model id breaks the id rule (see ``delta_router.model_ids``)."""

@@ -1,7 +1,7 @@
 """The model id rule, checked wherever an id enters (``Finetune.open``, ``ModelIndex.add``, the server).
 
 An id is 1-64 characters of ASCII letters, digits, ``_``, ``-`` and ``+``, starting with a letter or a
-digit, and is none of the names the server gives the base and the router (``base``, ``auto``).
+digit, and is none of the sentinels below (``base``, ``auto``, ``__base__``).
 The rule keeps every indexed model servable: PEFT refuses adapter names with ``.``, and ids appear
 in URLs (``/v1/adapters/{id}``) and file names. A default id taken from a directory name is made to
 fit (``lora-v1.5`` -> ``lora-v1_5``).
@@ -17,7 +17,11 @@ from delta_router.errors import InvalidModelIdError
 logger = logging.getLogger(__name__)
 
 MAX_LENGTH = 64
-RESERVED = frozenset({"base", "auto", "__base__"})
+# The sentinels, defined here (the lowest layer that knows model names) and imported everywhere:
+BASE_MODEL_NAME = "base"  # the base model, as users name it: ``eval base``, the server's ``model``
+AUTO_MODEL_NAME = "auto"  # the server's "let the router choose"
+BASE_ADAPTER = "__base__"  # no adapter: a router's fallback target and a mixed batch's base rows
+RESERVED = frozenset({BASE_MODEL_NAME, AUTO_MODEL_NAME, BASE_ADAPTER})
 _VALID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*")
 _INVALID_CHARS = re.compile(r"[^A-Za-z0-9_+-]")
 

@@ -137,3 +137,28 @@ def test_magnitude_prune_keeps_what_peft_keeps(density):
         expected = magnitude_based_pruning(tensor, density)
         assert torch.equal(magnitude_prune(tensor, density), expected)
         assert int((expected != 0).sum()) == int(density * tensor.numel())
+
+
+def test_peft_ties_still_prunes_through_the_function_merge_adapters_patches(tiny_base, adapters):
+    """``merge_adapters`` swaps in ``magnitude_prune`` for PEFT's ``magnitude_based_pruning``: fail
+    loudly if PEFT renames it, changes its signature, or stops calling it on the TIES path."""
+    import inspect
+    from unittest import mock
+
+    from peft import PeftModel
+    from peft.utils import merge_utils
+
+    original = merge_utils.magnitude_based_pruning
+    assert list(inspect.signature(original).parameters) == ["tensor", "density"]
+    assert list(inspect.signature(magnitude_prune).parameters) == ["tensor", "density"]
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base), str(adapters[0]), adapter_name="a"
+    )
+    model.load_adapter(str(adapters[1]), adapter_name="b")
+    combination = MergeRecipe.load("ties").adapter_combination
+    with mock.patch.object(merge_utils, "magnitude_based_pruning", wraps=original) as spy:
+        model.add_weighted_adapter(
+            ["a", "b"], [1.0, 1.0], "merged", combination_type=combination, density=0.5, svd_rank=4
+        )
+    assert spy.call_count > 0
+    assert all(call.args[1:] == (0.5,) or call.kwargs.get("density") == 0.5 for call in spy.call_args_list)

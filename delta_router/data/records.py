@@ -12,6 +12,7 @@ from pathlib import Path
 from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
 from delta_router.errors import DataError
 from delta_router.home import atomic_write_text
+from delta_router.serialize import to_json
 
 FIELDS = ("instruction", "input", "output", "choices", "answer")
 
@@ -47,23 +48,57 @@ class Record:
 
     def to_dict(self) -> dict:
         """One JSONL row: ``instruction, input, output`` and, for multiple choice, ``choices, answer``."""
-        row: dict = {"instruction": self.instruction, "input": self.input, "output": self.output}
-        if self.choices is not None:
-            row["choices"] = list(self.choices)
-        if self.answer is not None:
-            row["answer"] = self.answer
-        return row
+        return {key: value for key, value in to_json(self).items() if value is not None}
 
     @classmethod
-    def from_dict(cls, row: dict) -> Record:
-        """Inverse of ``to_dict`` (trusted rows; use ``load_records`` for user files)."""
-        choices = row.get("choices")
+    def from_dict(cls, row: object, mapping: dict[str, str] | None = None) -> Record:
+        """A record from one row (a dict): the inverse of ``to_dict``.
+
+        The one set of rules by which a row becomes a Record, whoever gives it: ``load_records``
+        (user files), the selector's example dicts, the split cache. Fields are read by name, by
+        ``mapping``'s column names, or as ``prompt``/``completion``; ``instruction`` and ``output``
+        must be present; texts are strings (numbers are converted, other types refused); ``choices``
+        is a list of strings (or its JSON, from CSV) and ``answer`` an index into it. Whether a text
+        may be blank is the caller's rule (``load_records`` refuses blank ones). ``DataError`` names
+        the field.
+        """
+        if not isinstance(row, dict):
+            raise DataError(f"expected a JSON object, got {type(row).__name__}")
+        if mapping is None and "instruction" not in row and "prompt" in row and "completion" in row:
+            row = {**row, "instruction": row["prompt"], "input": "", "output": row["completion"]}
+        mapping = mapping or {}
+        columns = {field: mapping.get(field, field) for field in FIELDS}
+        taken = set(mapping.values())  # a column mapped to one field is not read as another by its name
+        values = {
+            field: row[column]
+            for field, column in columns.items()
+            if column in row and (field in mapping or column not in taken)
+        }
+
+        def text(field: str, required: bool) -> str:
+            if field not in values:
+                if not required:
+                    return ""
+                present = ", ".join(map(str, row)) or "none"
+                raise DataError(
+                    f"missing required field {field!r} (column {columns[field]!r}); the row has columns: "
+                    f"{present}. Pass a mapping, e.g. {{{field!r}: '<column>'}}"
+                )
+            value = values[field]
+            if value is None:
+                return ""
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            if not isinstance(value, str):
+                raise DataError(f"field {field!r} must be a string, got {type(value).__name__}")
+            return value
+
         return cls(
-            row["instruction"],
-            row.get("input", ""),
-            row["output"],
-            None if choices is None else tuple(choices),
-            row.get("answer"),
+            text("instruction", True),
+            text("input", False),
+            text("output", True),
+            _choices(values.get("choices")),
+            _answer(values.get("answer")),
         )
 
 
@@ -161,49 +196,15 @@ def _dataset_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _record_from_row(row: object, mapping: dict[str, str] | None, where: str) -> Record:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if mapping is None and "instruction" not in row and "prompt" in row and "completion" in row:
-        row = {**row, "instruction": row["prompt"], "input": "", "output": row["completion"]}
-    mapping = mapping or {}
-    columns = {field: mapping.get(field, field) for field in FIELDS}
-    taken = set(mapping.values())  # a column mapped to one field is not read as another by its name
-    values = {
-        field: row[column]
-        for field, column in columns.items()
-        if column in row and (field in mapping or column not in taken)
-    }
-
-    def text(field: str, required: bool) -> str:
-        if field not in values:
-            if not required:
-                return ""
-            present = ", ".join(map(str, row)) or "none"
-            raise DataError(
-                f"missing required field {field!r} (column {columns[field]!r}); the row has columns: "
-                f"{present}. Pass a mapping, e.g. {{{field!r}: '<column>'}}"
-            )
-        value = values[field]
-        if value is None:
-            value = ""
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        elif not isinstance(value, str):
-            raise DataError(f"field {field!r} must be a string, got {type(value).__name__}")
-        if required and not value.strip():
-            raise DataError(f"empty {field} (column {columns[field]!r})")
-        return value
-
+    """``Record.from_dict``, then no blank instruction or output; errors name ``where``."""
     try:
-        return Record(
-            text("instruction", True),
-            text("input", False),
-            text("output", True),
-            _choices(values.get("choices")),
-            _answer(values.get("answer")),
-        )
+        record = Record.from_dict(row, mapping)
+        for field in ("instruction", "output"):
+            if not getattr(record, field).strip():
+                raise DataError(f"empty {field} (column {(mapping or {}).get(field, field)!r})")
     except DataError as exc:
         raise DataError(f"{where}: {exc}") from exc
+    return record
 
 
 def _choices(value: object) -> tuple[str, ...] | None:

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
@@ -32,11 +32,13 @@ from tqdm.auto import tqdm
 
 from delta_router.data.sequences import clip_text
 from delta_router.embedding.probes import ProbeSet
+from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import IncompatibleBaseError, InvalidModelError, SpaceMismatchError
 from delta_router.home import atomic_write_bytes, cache_dir
-from delta_router.models.base import DEFAULT_BASE, BaseFingerprint, BaseModel, resolve_base
+from delta_router.models.base import DEFAULT_BASE, BaseFingerprint, BaseLM, resolve_base
 from delta_router.models.finetunes import Finetune, LoraFactors, iter_full_weights, load_lora_factors
 from delta_router.models.lora_batch import lora_hooks
+from delta_router.serialize import from_json, to_json
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +85,11 @@ class EmbeddingSpace:
             )
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "base": self.base.to_dict()}
+        return to_json(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> EmbeddingSpace:
-        return cls(**{**data, "base": BaseFingerprint.from_dict(data["base"])})
+        return from_json(cls, data)
 
 
 @dataclass
@@ -103,17 +105,18 @@ class Embedding:
     created: str  # ISO-8601 UTC time the vector was computed
 
     def to_dict(self, with_vector: bool = True) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k not in ("vector", "space")}
-        data["space"] = self.space.to_dict()
+        """``to_json`` in the layout indexes store: ``space``, then ``vector`` (if ``with_vector``), last."""
+        data = to_json(replace(self, vector=None))
+        data["space"] = data.pop("space")
+        del data["vector"]
         if with_vector:
             data["vector"] = self.vector.tolist()
         return data
 
     @classmethod
     def from_dict(cls, data: dict, vector: np.ndarray | None = None) -> Embedding:
-        fields = {k: v for k, v in data.items() if k not in ("vector", "space")}
-        vec = vector if vector is not None else np.asarray(data["vector"], dtype=np.float32)
-        return cls(vector=vec, space=EmbeddingSpace.from_dict(data["space"]), **fields)
+        """``from_json``; ``vector``, if given, is taken instead of the record's (indexes store it apart)."""
+        return from_json(cls, data, known=None if vector is None else {"vector": vector})
 
 
 def pooled_hidden_states(
@@ -145,12 +148,38 @@ def pooled_hidden_states(
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
-def delta_vector(finetuned: torch.Tensor, base: torch.Tensor, normalize: str = "none") -> np.ndarray:
-    """Mean over probes of ``finetuned - base`` (both ``[P, d]``); ``"probe"`` L2-normalises rows first."""
-    diff = finetuned - base
-    if normalize == "probe":
-        diff = diff / diff.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    return diff.mean(0).cpu().numpy().astype(np.float32)
+def encode_texts(
+    body: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layer: int = -1,
+    pooling: str = "last",
+    max_length: int = 2048,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Pooled hidden states of raw ``texts``, ``batch_size`` per padded forward: ``[N, d]`` fp32 on CPU.
+
+    Texts are cut to ``max_length`` tokens; ``device`` defaults to the body's. The one batched text
+    encoder: the selector's query activations (``DeltaEmbedder.text_activations``), the embedder's
+    reference path and the router's ``QueryEncoder`` all call it, so a text pooled for a router
+    profile and for a selection is tokenised, truncated and pooled the same way.
+    """
+    device = device or next(body.parameters()).device
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        chunk = [clip_text(t, max_length) for t in texts[start : start + batch_size]]
+        batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        with torch.inference_mode():
+            rows.append(pooled_hidden_states(body, ids, mask, layer, pooling).cpu())
+    return torch.cat(rows)
+
+
+def delta_vector(finetuned: torch.Tensor, base_acts: torch.Tensor, normalize: str = "none") -> np.ndarray:
+    """Mean over probes of ``finetuned - base_acts`` (both ``[P, d]``); ``"probe"``: unit rows first."""
+    diff = (finetuned - base_acts).cpu().numpy().astype(np.float32)
+    return (unit_rows(diff) if normalize == "probe" else diff).mean(0)
 
 
 class DeltaEmbedder:
@@ -163,7 +192,7 @@ class DeltaEmbedder:
 
     def __init__(
         self,
-        base: str | Path | BaseModel = DEFAULT_BASE,
+        base: str | Path | BaseLM = DEFAULT_BASE,
         probes: str | Path | Sequence[str] | ProbeSet = "paper",
         layer: int = -1,
         pooling: str = "last",
@@ -301,27 +330,8 @@ class DeltaEmbedder:
     def text_activations(self, texts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
         """The base's pooled activations on arbitrary texts (same layer/pooling): ``[N, d]`` fp32."""
         self._ensure_base()
-        return self._pooled(texts, batch_size)
-
-    def _pooled(self, texts: Sequence[str], batch_size: int) -> torch.Tensor:
-        """Pooled activations of the live model on ``texts``, ``batch_size`` per forward: ``[N, d]``."""
-        rows = []
-        for start in range(0, len(texts), batch_size):
-            chunk = [clip_text(t, self.max_tokens) for t in texts[start : start + batch_size]]
-            batch = self.tokenizer(
-                chunk, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-            )
-            with torch.inference_mode():
-                rows.append(
-                    pooled_hidden_states(
-                        self.body,
-                        batch["input_ids"].to(self.device),
-                        batch["attention_mask"].to(self.device),
-                        self.layer,
-                        self.pooling,
-                    ).cpu()
-                )
-        return torch.cat(rows)
+        options = (self.layer, self.pooling, self.max_tokens, batch_size, self.device)
+        return encode_texts(self.body, self.tokenizer, texts, *options)
 
     def activations(self, finetunes: Sequence[Finetune]) -> list[torch.Tensor]:
         """Pooled activations on the probes, ``[P, d]`` fp32 each, for a chunk of finetunes.
@@ -366,7 +376,8 @@ class DeltaEmbedder:
             raise InvalidModelError(f"{finetune.path}: PEFT cannot load this adapter ({exc})") from exc
         try:
             peft_model.eval()
-            return self._pooled(self.probes.texts, batch_size=1)
+            options = (self.layer, self.pooling, self.max_tokens, 1, self.device)
+            return encode_texts(self.body, self.tokenizer, self.probes.texts, *options)
         finally:
             peft_model.unload()
 

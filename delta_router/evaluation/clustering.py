@@ -11,14 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
+from delta_router.embedding.vectors import unit_rows
 from delta_router.home import atomic_write_bytes
 
 
 def cosine_similarities(vectors: np.ndarray) -> np.ndarray:
-    """[N, D] -> [N, N] cosine similarity matrix (float64)."""
-    x = np.asarray(vectors, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return x @ x.T
+    """[N, D] -> [N, N] cosine similarity matrix (float32): inner products of ``unit_rows``.
+
+    The project's one normaliser, so these cosines are the ones the index and the router compute.
+    """
+    unit = unit_rows(vectors)
+    return unit @ unit.T
 
 
 def silhouette(vectors: np.ndarray, labels: Sequence[str]) -> float:

@@ -3,8 +3,9 @@
 ``write_tasks`` turns held-out records into lm-eval task YAMLs that read local JSONL (absolute
 paths, offline), one per domain:
 
-- multiple-choice records -> ``output_type: multiple_choice`` (``acc``, ``acc_norm``), scored by
-  loglikelihood exactly like ``delta_router.evaluation.scoring`` (same prompt, same answer separator);
+- multiple-choice records -> ``output_type: multiple_choice`` (``acc``, ``acc_norm``): the accuracy
+  ``delta_router.evaluation.scoring`` computes (same prompt, same answer separator; its docstring
+  says what differs and why both exist);
 - free-form records -> ``loglikelihood`` of the reference answer, reported as ``loglik``: the mean
   over documents of the answer's summed log-probability (nats; lm-eval's ``perplexity`` would be
   its exp, which overflows past ~709 nats, i.e. a few hundred tokens), and, where the
@@ -32,8 +33,9 @@ from delta_router.data import Record
 from delta_router.data.sequences import ANSWER_SEPARATOR
 from delta_router.errors import DataError
 from delta_router.home import atomic_write_text, cache_dir, sha256_files
-from delta_router.models.base import BaseModel
-from delta_router.models.finetunes import Finetune
+from delta_router.model_ids import BASE_MODEL_NAME
+from delta_router.models.base import BaseLM
+from delta_router.models.finetunes import Finetune, fold_lora
 
 logger = logging.getLogger(__name__)
 
@@ -184,18 +186,16 @@ def _metric_name(key: str) -> str:
     return METRIC_NAMES.get(name, name)
 
 
-def load_for_eval(model: str | Path, base: BaseModel):
-    """``"base"``, a LoRA adapter directory or a full model directory -> (model, tokenizer), fp32 eval."""
+def load_for_eval(model: str | Path, base: BaseLM):
+    """``BASE_MODEL_NAME`` (``"base"``), a LoRA adapter directory or a full model directory -> (model,
+    tokenizer), fp32 eval."""
     tokenizer = base.load_tokenizer()
-    if str(model) == "base":
+    if str(model) == BASE_MODEL_NAME:
         return base.load_model(), tokenizer
     finetune = Finetune.open(model)
     if finetune.kind == "lora":
-        from peft import PeftModel
-
         # Folding the adapter into the weights scores the same model without LoRA's extra matmuls.
-        peft_model = PeftModel.from_pretrained(base.load_model(), str(finetune.path))
-        return peft_model.merge_and_unload().eval(), tokenizer
+        return fold_lora(base.load_model(), finetune.path), tokenizer
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(finetune.path), dtype="float32").eval(), tokenizer

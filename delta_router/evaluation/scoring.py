@@ -1,9 +1,31 @@
-"""Loglikelihood scoring of records: multiple-choice accuracy and answer NLL.
+"""Loglikelihood scoring of records in process: multiple-choice accuracy and answer NLL per token.
 
 Multiple-choice records (with ``choices``) are scored like lm-eval's ``multiple_choice`` tasks: the
 choice with the highest summed log-probability as a continuation of the prompt wins (``acc``), or
-the highest log-probability per byte of the choice (``acc_norm``). Records without choices get the
-mean negative log-likelihood per answer token (``nll``, lower is better).
+the highest log-probability per character of the choice (``acc_norm``, lm-eval's definition).
+Every record also gets the mean negative log-likelihood per token of its gold answer (``nll``,
+lower is better): the headline number of free-form records.
+
+Why this scorer and ``harness.LmEvaluator`` (lm-eval) both exist. ``eval`` and ``compare`` use
+lm-eval: standard task configs, generative exact match, the numbers reported. ``build --eval``,
+``zoo report`` and the training tests use this one. Same prompt (``Record.prompt``), same separator
+(``ANSWER_SEPARATOR``), same summed log-probability per choice, so on multiple choice ``acc`` and
+``acc_norm`` are lm-eval's (``tests/test_evaluation.py`` checks it). What differs:
+
+- ``nll``: lm-eval's multiple-choice tasks report no likelihood of the gold answer, and its free-form
+  ``loglik`` is the sum per document, which grows with the answer's length; ``nll`` is per answer
+  token, on every record. ``build``'s table and ``BuildResult`` report it for each model, and the
+  zoo report compares finetune and base of a free-form domain by it (cached as ``Score`` in the
+  zoo's ``scores.json``).
+- truncation: sequences are cut to ``max_length`` tokens exactly as training cuts them
+  (``sequences.encode``: the prompt's tail, the answer's head), so the zoo report scores a finetune
+  on text cut as it was trained on; lm-eval cuts the context on the left to the model's window.
+  Records shorter than ``max_length`` score the same either way.
+- tokenisation: prompt and answer are tokenised separately (as in training); lm-eval tokenises
+  them together and splits. The tokens differ only where a token would span the boundary.
+- in process: records in memory, no task files or datasets cache, any model object (the report
+  swaps adapters of one ``PeftModel`` in place). Speed is not the reason: on 20-200 records of a
+  small model neither is consistently faster (lm-eval adds under a second of setup per call).
 """
 
 from __future__ import annotations
@@ -16,12 +38,12 @@ import torch
 from tqdm.auto import tqdm
 
 from delta_router.data.sequences import (
-    ANSWER_SEPARATOR,
     TokenSequence,
     collate,
     continuation_logprobs,
     encode,
 )
+from delta_router.serialize import to_json
 
 if TYPE_CHECKING:
     from delta_router.data import Record
@@ -42,7 +64,7 @@ class Score:
         return self.acc if self.acc is not None else -self.nll
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "acc": self.acc, "acc_norm": self.acc_norm, "nll": self.nll}
+        return to_json(self)
 
 
 @torch.no_grad()
@@ -94,9 +116,9 @@ def score_records(
     for record in records:
         k = len(record.choices)
         lp = logprobs[offset : offset + k]
-        nbytes = torch.tensor([len((ANSWER_SEPARATOR + c).encode()) for c in record.choices])
+        nchars = torch.tensor([float(len(c)) for c in record.choices])  # lm-eval's acc_norm divisor
         correct += int(lp.argmax()) == record.answer
-        correct_norm += int((lp / nbytes).argmax()) == record.answer
+        correct_norm += int((lp / nchars).argmax()) == record.answer
         gold = seqs[offset + record.answer]
         nll_sum -= float(lp[record.answer])
         n_tokens += gold.n_continuation

@@ -26,7 +26,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,9 @@ from delta_router.evaluation.harness import LmEvaluator, load_for_eval, task_nam
 from delta_router.home import atomic_write_text, cache_dir
 from delta_router.merging.lorahub import LoraHub
 from delta_router.merging.merger import PROVENANCE_FILE, Merger, MergeRecipe
+from delta_router.model_ids import BASE_MODEL_NAME
 from delta_router.search.selector import TaskSelector
+from delta_router.serialize import to_json
 from delta_router.training.trainer import records_hash
 
 logger = logging.getLogger(__name__)
@@ -132,7 +134,7 @@ class Row:
         )
 
 
-# work directory -> (model to evaluate: "base" or a directory, extra fields for the cache entry)
+# work directory -> (model to evaluate: BASE_MODEL_NAME or a directory, extra fields for the cache entry)
 Builder = Callable[[Path], tuple[str | Path, dict]]
 
 
@@ -220,7 +222,7 @@ class SelectionComparison:
         def build(work_dir: Path) -> tuple[str | Path, dict]:
             paths = self._paths(models)
             if len(paths) <= 1:
-                return (paths[0] if paths else "base"), {}
+                return (paths[0] if paths else BASE_MODEL_NAME), {}
             if not work_dir.exists():
                 Merger(self.zoo.base, recipe, progress=False).merge_adapters(paths, work_dir)
             return work_dir, {}
@@ -428,7 +430,7 @@ def write_report(rows: Sequence[Row], out_dir: str | Path, command: str) -> Path
     """``compare.md`` (tables + command), ``compare.json`` (raw scores), ``compare.png``, ``gains.png``."""
     out_dir = Path(out_dir)
     summary = summarize(rows)
-    atomic_write_text(out_dir / "compare.json", json.dumps({"rows": [asdict(r) for r in rows],
+    atomic_write_text(out_dir / "compare.json", json.dumps({"rows": to_json(list(rows)),
                                                             "summary": summary}, indent=2))  # fmt: skip
     bars = bar_chart(summary, out_dir / "compare.png")
     gain_chart(summary, out_dir / "gains.png")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from delta_router.home import cache_dir
 from delta_router.merging.build import BuildResult, build_merged_model
-from delta_router.models.base import DEFAULT_BASE, BaseModel, resolve_base
+from delta_router.models.base import DEFAULT_BASE, BaseLM, resolve_base
 from delta_router.routing.router import QueryEncoder, RouteDecision, Router, query_text
 from delta_router.search.index import SearchHit
 from delta_router.zoo.report import ZooReport, build_report
@@ -40,7 +40,7 @@ class DemoResult:
         return sum(hits[0].entry.tags["domain"] == self.domains[q] for q, hits in self.queries.items())
 
 
-def run_demo(base: str | BaseModel = DEFAULT_BASE, zoo: str = "small", eval_size: int = 16) -> DemoResult:
+def run_demo(base: str | BaseLM = DEFAULT_BASE, zoo: str = "small", eval_size: int = 16) -> DemoResult:
     clock = time.perf_counter()
     resolved = resolve_base(base)
     seconds = {"fetch base": time.perf_counter() - clock}

@@ -20,7 +20,8 @@ from delta_router.data import Record
 from delta_router.evaluation.scoring import Score, score_records
 from delta_router.home import cache_dir, refuse_existing
 from delta_router.merging.merger import WEIGHTINGS, Merger, MergeRecipe, materialize
-from delta_router.models.base import BaseModel
+from delta_router.model_ids import BASE_MODEL_NAME
+from delta_router.models.base import BaseLM
 from delta_router.models.finetunes import Finetune
 from delta_router.search.index import ModelIndex
 from delta_router.search.selector import Selection, TaskSelector, read_examples
@@ -106,7 +107,7 @@ def compare_on_examples(
     selection: Selection,
     index: ModelIndex,
     merge: Callable[..., Path],
-    base: BaseModel,
+    base: BaseLM,
     seed: int = 0,
 ) -> dict[str, Score]:
     """Scores on ``records`` of the merged model, the top-1 candidate alone, a random-k merge (made
@@ -122,7 +123,7 @@ def compare_on_examples(
         random_dir = Path(tmp) / "random-merge"
         merge([index.get(i).embedding.path for i in random_ids], random_dir)
         models = {"merged": merged_dir, "best single": top1, f"random-{k} merge": random_dir}
-        models["base"] = base.path
+        models[BASE_MODEL_NAME] = base.path
         scores = {}
         for name, path in models.items():
             full = materialize(Finetune.open(path), base)

@@ -30,7 +30,7 @@ from delta_router.data.sequences import answer_logprobs, collate, encode
 from delta_router.errors import MergeError
 from delta_router.home import atomic_directory, atomic_write_text, refuse_existing
 from delta_router.merging.merger import PROVENANCE_FILE
-from delta_router.models.base import BaseModel, resolve_base
+from delta_router.models.base import BaseLM, resolve_base
 from delta_router.models.finetunes import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -52,7 +52,7 @@ class LoraHub:
 
     def __init__(
         self,
-        base: BaseModel | str,
+        base: BaseLM | str,
         adapters: Sequence[str | Path | Finetune],
         budget: int = 40,
         l1: float = 0.05,

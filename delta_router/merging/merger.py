@@ -26,8 +26,9 @@ import yaml
 
 from delta_router.errors import MergeError
 from delta_router.home import atomic_directory, atomic_write_text, cache_dir, refuse_existing
-from delta_router.models.base import DEFAULT_BASE, BaseModel, resolve_base
-from delta_router.models.finetunes import Finetune
+from delta_router.models.base import DEFAULT_BASE, BaseLM, resolve_base
+from delta_router.models.finetunes import Finetune, fold_lora
+from delta_router.versions import package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -111,17 +112,15 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def materialize(finetune: Finetune, base: BaseModel) -> Path:
+def materialize(finetune: Finetune, base: BaseLM) -> Path:
     """A full-model directory of ``finetune``: itself if full, else base + LoRA merged (cached)."""
     if finetune.kind == "full":
         return finetune.path
     target = cache_dir("materialized") / f"{finetune.content_hash[:24]}-{base.fingerprint.id}"
     if (target / "config.json").exists():
         return target
-    from peft import PeftModel
-
     logger.info("materialising %s into a full model (once)", finetune.path)
-    model = PeftModel.from_pretrained(base.load_model(), str(finetune.path)).merge_and_unload()
+    model = fold_lora(base.load_model(), finetune.path)
     with atomic_directory(target, force=True) as tmp:
         model.save_pretrained(tmp)
         base.load_tokenizer().save_pretrained(tmp)
@@ -133,7 +132,7 @@ class Merger:
 
     def __init__(
         self,
-        base: str | Path | BaseModel = DEFAULT_BASE,
+        base: str | Path | BaseLM = DEFAULT_BASE,
         recipe: str | Path | MergeRecipe = "ties",
         weighting: str = "uniform",
         seed: int = 0,
@@ -207,6 +206,12 @@ class Merger:
 
         TIES-style recipes return the best rank-``rank`` approximation of the merged delta of each
         layer (default: the sum of the adapters' ranks); linear ones are exact at any rank.
+
+        TIES prunes with ``magnitude_prune`` by patching ``peft.utils.merge_utils.magnitude_based_pruning``
+        for the duration of the merge: PEFT's ``add_weighted_adapter`` has no parameter or hook for a
+        pruning function, and a TIES of our own would duplicate PEFT's sign election, disjoint merge and
+        SVD refactoring. ``tests/test_merge.py`` fails if PEFT renames the function, changes its
+        signature or stops calling it on this path.
         """
         from peft import PeftModel
         from peft.utils import merge_utils
@@ -251,6 +256,9 @@ class Merger:
 def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """``tensor`` with all but its ``density`` fraction of largest magnitudes set to zero.
 
+    Patched in for PEFT's ``magnitude_based_pruning(tensor, density)`` during ``merge_adapters`` (same
+    signature; see there why a patch).
+
     PEFT's ``magnitude_based_pruning`` keeps the same entries (unless magnitudes tie exactly at the
     threshold) with a ``topk`` of that fraction of the tensor; a ``kthvalue`` threshold is ~4x faster
     on CPU (a 576x1536 delta: 45 -> 11 ms; a 3-adapter TIES merge of SmolLM2: 24 -> 14 s).
@@ -289,13 +297,7 @@ def _write_provenance(directory: Path, merger: Merger, finetunes, weights, score
             }
             for ft, w, s in zip(finetunes, weights, scores or [None] * len(finetunes), strict=True)
         ],  # fmt: skip
-        "versions": _versions(),
+        "versions": package_versions(),
         **extra,
     }
     atomic_write_text(directory / PROVENANCE_FILE, json.dumps(record, indent=2, default=str))
-
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    return {pkg: version(pkg) for pkg in ("delta-router", "mergekit", "torch", "transformers", "peft")}

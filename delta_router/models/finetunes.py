@@ -23,7 +23,7 @@ from safetensors import safe_open
 from delta_router.errors import IncompatibleBaseError, InvalidModelError
 from delta_router.home import sha256_files
 from delta_router.model_ids import check_model_id, id_from_name
-from delta_router.models.base import BaseModel, read_config, safetensors_files, shape_signature
+from delta_router.models.base import BaseLM, read_config, safetensors_files, shape_signature
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -105,7 +105,7 @@ class LoraFactors:
     plain: bool
 
 
-def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseModel) -> LoraFactors:
+def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseLM) -> LoraFactors:
     """Read and validate an adapter against the live base ``model`` (a causal LM)."""
     cfg = finetune.adapter_config
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -302,7 +302,7 @@ def _check_config_describes_weights(finetune: Finetune, cfg: dict, pairs: dict[s
             )
 
 
-def iter_full_weights(finetune: Finetune, base: BaseModel) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_weights(finetune: Finetune, base: BaseLM) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(name, tensor)`` of a full finetune, one tensor at a time, after a shape check."""
     mine, theirs = shape_signature(read_config(finetune.path)), shape_signature(base.config)
     if mine != theirs:
@@ -321,7 +321,19 @@ def iter_full_weights(finetune: Finetune, base: BaseModel) -> Iterator[tuple[str
             raise InvalidModelError(f"{file}: corrupt safetensors file ({exc})") from exc
 
 
-def _incompatible(finetune: Finetune, base: BaseModel, detail: str) -> None:
+def fold_lora(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """``model`` with the LoRA adapter at ``adapter_dir`` folded into its weights (in place), eval mode.
+
+    The one way a LoRA becomes a full model (``load_for_eval``, ``merging.materialize``,
+    ``testing.merge_adapter``): PEFT's ``merge_and_unload``, which knows every adapter variant PEFT
+    loads (DoRA, rank patterns, ...), so a folded model is the one PEFT would serve.
+    """
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval()
+
+
+def _incompatible(finetune: Finetune, base: BaseLM, detail: str) -> None:
     raise IncompatibleBaseError(
         f"{finetune.kind} finetune {finetune.model_id!r} at {finetune.path} (trained on "
         f"{finetune.claimed_base!r}) does not fit the base {base.describe()}: {detail}"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +27,17 @@ import torch
 from tqdm.auto import tqdm
 
 from delta_router.data import Record
-from delta_router.data.sequences import clip_text
-from delta_router.embedding.embedder import pooled_hidden_states
+from delta_router.embedding.embedder import encode_texts
+from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DataError, IncompatibleBaseError
 from delta_router.home import atomic_directory, atomic_write_text
+from delta_router.model_ids import BASE_ADAPTER
 from delta_router.models.base import BaseFingerprint
+from delta_router.serialize import to_json
 
 logger = logging.getLogger(__name__)
 
 ROUTER_FORMAT = 1
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 def query_text(record: Record) -> str:
@@ -47,6 +48,7 @@ def query_text(record: Record) -> str:
 class QueryEncoder:
     """The base's pooled hidden state of raw texts: ``__call__(texts) -> [N, d]`` fp32.
 
+    The router's settings bound to ``embedder.encode_texts``, the project's one batched text encoder.
     ``body`` is the transformer without its LM head (``model.base_model``); texts are cut to
     ``max_length`` tokens: on the full zoo, 128 tokens route as accurately as 256 at 60% of the
     cost, 64 lose ~2 points (``benchmarks/RESULTS.md``).
@@ -65,26 +67,8 @@ class QueryEncoder:
         self.layer, self.pooling, self.max_length, self.batch_size = layer, pooling, max_length, batch_size
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        rows = []
-        device = next(self.body.parameters()).device
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                [clip_text(t, self.max_length) for t in texts[start : start + self.batch_size]],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-            with torch.inference_mode():
-                pooled = pooled_hidden_states(
-                    self.body,
-                    batch["input_ids"].to(device),
-                    batch["attention_mask"].to(device),
-                    self.layer,
-                    self.pooling,
-                )
-            rows.append(pooled.float().cpu())
-        return torch.cat(rows)
+        options = (self.layer, self.pooling, self.max_length, self.batch_size)
+        return encode_texts(self.body, self.tokenizer, texts, *options)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, tokenizer, **options) -> QueryEncoder:
@@ -109,7 +93,7 @@ class RouteDecision:
         return "+".join(self.adapters) if self.adapters else BASE_ADAPTER
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"target": self.target}
+        return to_json(self) | {"target": self.target}
 
 
 class Router:
@@ -120,7 +104,7 @@ class Router:
         model_ids: Sequence[str],
         profiles: np.ndarray,
         center: np.ndarray,
-        base: BaseFingerprint,
+        base_fingerprint: BaseFingerprint,
         layer: int = -1,
         pooling: str = "mean",
         max_length: int = 128,
@@ -132,7 +116,8 @@ class Router:
         if len(model_ids) != len(profiles) or not len(model_ids):
             raise DataError(f"{len(model_ids)} model ids for {len(profiles)} profiles")
         self.model_ids, self.profiles, self.center = list(model_ids), profiles.astype(np.float32), center
-        self.base, self.layer, self.pooling, self.max_length = base, layer, pooling, max_length
+        self.base_fingerprint, self.layer, self.pooling = base_fingerprint, layer, pooling
+        self.max_length = max_length
         self.top_k, self.threshold, self.temperature = top_k, threshold, temperature
         self.base_name = base_name  # how to load the base again (embedded name, dir or HF id)
 
@@ -141,7 +126,7 @@ class Router:
     def fit(
         cls,
         encoder: QueryEncoder,
-        base: BaseFingerprint,
+        base_fingerprint: BaseFingerprint,
         examples: Mapping[str, Sequence[str]],
         progress: bool = False,
         **options,
@@ -153,10 +138,10 @@ class Router:
         bar = tqdm(examples.values(), desc="profiles", unit="model", disable=not progress)
         means = np.stack([encoder(list(texts)).mean(0).numpy() for texts in bar])
         center = means.mean(0)
-        profiles = _unit(means - center)
+        profiles = unit_rows(means - center)
         logger.info("router fitted on %d models", len(profiles))
         settings = (encoder.layer, encoder.pooling, encoder.max_length)
-        return cls(list(examples), profiles, center, base, *settings, **options)
+        return cls(list(examples), profiles, center, base_fingerprint, *settings, **options)
 
     @classmethod
     def fit_zoo(cls, zoo, encoder: QueryEncoder, per_model: int = 32, kinds=("domain",), **options) -> Router:
@@ -168,7 +153,7 @@ class Router:
     # ---- routing -------------------------------------------------------------------------------
     def similarities(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
         """Cosine similarity of encoded queries ``[Q, d]`` to every profile: ``[Q, M]``."""
-        queries = _unit(np.asarray(features, dtype=np.float32) - self.center)
+        queries = unit_rows(np.asarray(features, dtype=np.float32) - self.center)
         return queries @ self.profiles.T
 
     def decide(self, features: torch.Tensor | np.ndarray) -> list[RouteDecision]:
@@ -202,11 +187,12 @@ class Router:
         if theirs != self.encoder_options:
             raise DataError(f"router profiles use {self.encoder_options}, the query encoder {theirs}")
 
-    def check_base(self, base: BaseFingerprint, what: str = "the server's base") -> None:
-        if base.id != self.base.id:
+    def check_base(self, fingerprint: BaseFingerprint, what: str = "the server's base") -> None:
+        ours = self.base_fingerprint
+        if fingerprint.id != ours.id:
             raise IncompatibleBaseError(
-                f"this router was fitted on base {self.base.id} (hidden {self.base.hidden_size}); "
-                f"{what} is {base.id} (hidden {base.hidden_size})"
+                f"this router was fitted on base {ours.id} (hidden {ours.hidden_size}); "
+                f"{what} is {fingerprint.id} (hidden {fingerprint.hidden_size})"
             )
 
     def restricted(self, keep: Callable[[str], bool]) -> Router:
@@ -215,7 +201,7 @@ class Router:
         if not rows:
             raise DataError("no model left to route to")
         return Router(
-            [self.model_ids[i] for i in rows], self.profiles[rows], self.center, self.base,
+            [self.model_ids[i] for i in rows], self.profiles[rows], self.center, self.base_fingerprint,
             self.layer, self.pooling, self.max_length, self.top_k, self.threshold, self.temperature,
             self.base_name,
         )  # fmt: skip
@@ -229,7 +215,7 @@ class Router:
         meta = {
             "format": ROUTER_FORMAT,
             "model_ids": self.model_ids,
-            "base": self.base.to_dict(),
+            "base": self.base_fingerprint.to_dict(),
             "base_name": self.base_name,
             "layer": self.layer,
             "pooling": self.pooling,
@@ -256,19 +242,13 @@ class Router:
                 f"{directory}: router format {meta.get('format')}, this version reads {ROUTER_FORMAT}"
             )
         options = {k: meta[k] for k in ("top_k", "threshold", "temperature", "base_name")} | overrides
-        base = BaseFingerprint.from_dict(meta["base"])
         return cls(
             meta["model_ids"],
             matrix[:-1],
             matrix[-1],
-            base,
+            BaseFingerprint.from_dict(meta["base"]),
             meta["layer"],
             meta["pooling"],
             meta["max_length"],
             **options,
         )
-
-
-def _unit(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
-    return (matrix / np.maximum(norms, 1e-12)).astype(np.float32)

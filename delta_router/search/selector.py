@@ -75,28 +75,28 @@ class Selection:
 
 
 def read_examples(examples: str | Path | Sequence[Record | dict]) -> list[Record]:
-    """Examples from a JSONL/CSV file, or a list of Records / dicts (``instruction/input/output`` or
-    ``prompt/completion``); at least ``MIN_EXAMPLES``, none with an empty output."""
+    """Examples from a JSONL/CSV file, or a list of Records / dicts (read as ``Record.from_dict`` reads
+    a file's rows); at least ``MIN_EXAMPLES``, none with an empty output."""
     if isinstance(examples, (str, Path)):
         records = load_records(examples)
     else:
-        records = []
-        for i, row in enumerate(examples, 1):
-            if isinstance(row, Record):
-                records.append(row)
-            elif isinstance(row, dict) and "prompt" in row:
-                records.append(Record(str(row["prompt"]), "", str(row.get("completion", ""))))
-            elif isinstance(row, dict):
-                fields = (str(row.get(key, "")) for key in ("instruction", "input", "output"))
-                records.append(Record(*fields))
-            else:
-                raise DataError(f"example {i}: expected a Record or a dict, got {type(row).__name__}")
+        records = [_example(row, i) for i, row in enumerate(examples, 1)]
         for i, record in enumerate(records, 1):
             if not record.output.strip():
                 raise DataError(f"example {i} has an empty output")
     if len(records) < MIN_EXAMPLES:
         raise DataError(f"got {len(records)} examples; at least {MIN_EXAMPLES} are needed (20 is typical)")
     return records
+
+
+def _example(row: Record | dict, number: int) -> Record:
+    """A Record as is; a dict by ``Record.from_dict``'s rules (those of an examples file)."""
+    if isinstance(row, Record):
+        return row
+    try:
+        return Record.from_dict(row)
+    except DataError as exc:
+        raise DataError(f"example {number}: {exc}") from exc
 
 
 class TaskSelector:

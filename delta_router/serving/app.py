@@ -28,11 +28,9 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
-from delta_router.routing.router import BASE_ADAPTER
+from delta_router.model_ids import AUTO_MODEL_NAME, BASE_ADAPTER, BASE_MODEL_NAME
 from delta_router.serving.backends import GenerationRequest, GenerationResult
-from delta_router.serving.scheduler import AUTO, BatchScheduler, Job, run_job
-
-BASE_MODEL_NAME = "base"
+from delta_router.serving.scheduler import BatchScheduler, Job, run_job
 
 
 class ApiError(Exception):
@@ -51,7 +49,7 @@ def error_response(
 
 # ---- request bodies -----------------------------------------------------------------------------
 class SamplingFields(BaseModel):
-    model: str = AUTO
+    model: str = AUTO_MODEL_NAME
     max_tokens: int = Field(default=32, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -164,7 +162,7 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512) -> FastAP
         return error_response(err.status_code, str(err.detail), headers=err.headers)
 
     def served_names() -> list[str]:
-        return ([AUTO] if scheduler.router else []) + [BASE_MODEL_NAME, *backend.model_ids()]
+        return ([AUTO_MODEL_NAME] if scheduler.router else []) + [BASE_MODEL_NAME, *backend.model_ids()]
 
     @app.get("/health")
     def health() -> dict:

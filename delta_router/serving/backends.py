@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from delta_router.errors import IncompatibleBaseError, InvalidModelError
-from delta_router.models.base import BaseModel
-from delta_router.routing.router import BASE_ADAPTER, QueryEncoder, RouteDecision
+from delta_router.model_ids import BASE_ADAPTER
+from delta_router.models.base import BaseLM
+from delta_router.routing.router import QueryEncoder, RouteDecision
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class PeftBackend:
 
     def __init__(
         self,
-        base: BaseModel,
+        base: BaseLM,
         adapters: Mapping[str, str | Path],
         max_loaded: int = 8,
         device: str | torch.device = "cpu",
@@ -255,7 +256,7 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(
-        self, base: BaseModel, adapters: Mapping[str, str | Path], max_loaded: int = 8, **engine_options
+        self, base: BaseLM, adapters: Mapping[str, str | Path], max_loaded: int = 8, **engine_options
     ):
         self.base, self.adapters = base, {k: Path(v) for k, v in adapters.items()}
         self.max_loaded, self.engine_options = max_loaded, engine_options

@@ -16,17 +16,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from delta_router.model_ids import AUTO_MODEL_NAME
 from delta_router.routing.router import RouteDecision, Router
 from delta_router.serving.backends import GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
 
-AUTO = "auto"
-
 
 @dataclass
 class Job:
-    """One request in flight. ``route_text`` is what the router reads when ``adapter == AUTO``."""
+    """One request in flight. ``route_text`` is what the router reads when ``adapter == AUTO_MODEL_NAME``."""
 
     request: GenerationRequest
     route_text: str
@@ -86,7 +85,7 @@ class BatchScheduler:
 
     def _process(self, batch: list[Job]) -> None:
         try:
-            self._route([job for job in batch if job.request.adapter == AUTO])
+            self._route([job for job in batch if job.request.adapter == AUTO_MODEL_NAME])
         except Exception as err:  # noqa: BLE001 - report to the clients, keep serving
             self._fail(batch, err)
             return

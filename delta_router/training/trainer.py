@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,9 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from delta_router.data.sequences import TokenSequence, answer_logprobs, collate, encode
-from delta_router.errors import DeltaRouterError, OutputExistsError
+from delta_router.errors import DeltaRouterError, InvalidModelError, OutputExistsError
 from delta_router.home import atomic_directory, atomic_write_text, refuse_existing
-from delta_router.models.base import DEFAULT_BASE, BaseModel, resolve_base
+from delta_router.models.base import DEFAULT_BASE, BaseLM, resolve_base
+from delta_router.serialize import from_json, to_json
+from delta_router.versions import package_versions
 
 if TYPE_CHECKING:
     from delta_router.data import Record
@@ -60,11 +62,11 @@ class TrainConfig:
     checkpoint_every: int = 10
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "targets": list(self.targets)}
+        return to_json(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        return cls(**{**data, "targets": tuple(data["targets"])})
+        return from_json(cls, data)
 
     def with_options(self, **options) -> TrainConfig:
         """A copy with the options that are not None replaced."""
@@ -88,17 +90,17 @@ class TrainingRun:
     versions: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["adapter_dir"] = str(self.adapter_dir)
-        out["config"] = self.config.to_dict()
-        return out
+        return to_json(self)
 
     @classmethod
     def read(cls, adapter_dir: str | Path) -> TrainingRun:
-        data = json.loads((Path(adapter_dir) / TRAINING_FILE).read_text())
-        data["adapter_dir"] = Path(adapter_dir)
-        data["config"] = TrainConfig.from_dict(data["config"])
-        return cls(**data)
+        """The run recorded in ``adapter_dir``'s ``training.json`` (``adapter_dir`` is where it is now)."""
+        path = Path(adapter_dir) / TRAINING_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise InvalidModelError(f"{path}: corrupt JSON ({exc})") from exc
+        return from_json(cls, data, InvalidModelError, {"adapter_dir": Path(adapter_dir)})
 
 
 def records_hash(records: Sequence[Record]) -> str:
@@ -124,7 +126,7 @@ class LoraTrainer:
     """Finetunes LoRA adapters of one base: ``LoraTrainer(base).fit(records, out_dir)``."""
 
     def __init__(
-        self, base: str | Path | BaseModel = DEFAULT_BASE, config: TrainConfig | None = None, progress=True
+        self, base: str | Path | BaseLM = DEFAULT_BASE, config: TrainConfig | None = None, progress=True
     ):
         self.base = resolve_base(base)
         self.config = config or TrainConfig()
@@ -204,7 +206,7 @@ class LoraTrainer:
             final_loss=_tail_mean(losses),
             losses=losses,
             wall_time_s=round(time.perf_counter() - started, 2),
-            versions=_versions(),
+            versions=package_versions(),
         )
         with atomic_directory(out_dir, force=True) as tmp:  # checked above
             model.save_pretrained(str(tmp))
@@ -292,10 +294,3 @@ def _tail_mean(losses: list[float]) -> float:
     """Mean loss of the last quarter of the steps (at least one step)."""
     tail = losses[-max(1, len(losses) // 4) :]
     return sum(tail) / len(tail)
-
-
-def _versions() -> dict:
-    import peft
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}

@@ -22,6 +22,7 @@ from delta_router.evaluation.clustering import Neighbour, nearest_neighbours, si
 from delta_router.evaluation.scoring import Score, score_records
 from delta_router.home import atomic_write_text
 from delta_router.search.index import IndexEntry
+from delta_router.serialize import from_json, to_json
 from delta_router.zoo.zoo import Zoo
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class ZooReport:
             "silhouette_domain": self.silhouette_domain,
             "silhouette_with_robustness": self.silhouette_with_robustness,
             "neighbour_accuracy": self.neighbour_accuracy,
-            "neighbours": [n.__dict__ for n in self.neighbours],
+            "neighbours": to_json(self.neighbours),
             "eval_size": self.eval_size,
             "base_scores": {d: s.to_dict() for d, s in self.base_scores.items()},
             "member_scores": {m: s.to_dict() for m, s in self.member_scores.items()},
@@ -175,7 +176,7 @@ def _score_members(zoo: Zoo, report: ZooReport, entries: list[IndexEntry], eval_
         if key not in cache:
             cache[key] = scorer().to_dict()
             atomic_write_text(cache_file, json.dumps(cache, indent=2))
-        return Score(**cache[key])
+        return from_json(Score, cache[key])
 
     for domain, records in tests.items():
         report.base_scores[domain] = cached_score(
