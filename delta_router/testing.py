@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
+from delta_router.models.base import resolve_base
+from delta_router.models.finetunes import fold_lora
 from delta_router.training.trainer import LORA_TARGETS
 
 
@@ -126,14 +128,10 @@ class RandomAdapterFactory:
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Merge a LoRA adapter into its base with PEFT and save a full model directory."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(out_dir))
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out_dir))
+    """Merge a LoRA adapter into its base (``fold_lora``) and save a full model directory."""
+    base = resolve_base(base_dir)
+    fold_lora(base.load_model(), adapter_dir).save_pretrained(str(out_dir))
+    base.load_tokenizer().save_pretrained(str(out_dir))
     return Path(out_dir)
 
 
@@ -162,3 +160,53 @@ def synthetic_domain(name: str, n: int = 120, seed: int = 0):
     third = (n - 30) // 3
     train = [records[30 + i * third : 30 + (i + 1) * third] for i in range(3)]
     return DomainSplits(name, train, records[20:30], records[:20], {"domain": name, "seed": seed})
+
+
+def write_v1_index(directory: str | Path, rows, kind: str = "flat") -> Path:
+    """Write ``[(Embedding, tags), ...]`` as an index of format 1 (``meta.json`` + ``data-<sha>.npz``),
+    the layout before SQLite, for the migration tests."""
+    import hashlib
+    import io
+    import json
+
+    import numpy as np
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, vectors=np.stack([e.vector for e, _ in rows]).astype(np.float32))
+    digest = hashlib.sha256(buf.getbuffer()).hexdigest()
+    data_name = f"data-{digest[:16]}.npz"
+    (directory / data_name).write_bytes(buf.getvalue())
+    meta = {
+        "format_version": 1, "kind": kind, "params": {"hnsw_m": 32, "ivf_nlist": None},
+        "space": rows[0][0].space.to_dict(), "next_id": len(rows), "data_file": data_name,
+        "data_sha256": digest,
+        "entries": [{"faiss_id": i, "tags": tags, "embedding": e.to_dict(False)}
+                    for i, (e, tags) in enumerate(rows)],
+    }  # fmt: skip
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1))
+    return directory
+
+
+def snapshot(root: str | Path) -> dict[str, str]:
+    """Every file and directory under ``root`` -> a hash of its content, to assert nothing changed.
+
+    A SQLite database is hashed by its SQL dump: reading one rewrites its ``-shm`` index and may
+    fold its ``-wal`` journal into the main file, which changes bytes but no data (both skipped).
+    """
+    import contextlib
+    import hashlib
+    import sqlite3
+
+    root = Path(root)
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.name.endswith(("-wal", "-shm")):
+            continue
+        data = b"dir" if path.is_dir() else path.read_bytes()
+        if path.suffix == ".sqlite":
+            with contextlib.suppress(sqlite3.DatabaseError), contextlib.closing(sqlite3.connect(path)) as db:
+                data = "\n".join(db.iterdump()).encode()
+        out[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
+    return out

@@ -6,10 +6,11 @@ directory, example files); after the command, every file that was there is still
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import shutil
 import socket
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 
 from delta_router.cli import main
 from delta_router.data import write_records
-from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
+from delta_router.testing import SYNTHETIC_WORDS, snapshot, synthetic_domain
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +40,6 @@ def template(tiny_base, adapters, tmp_path_factory) -> Path:
     return root
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
-
-
 # ---- ways to spoil the workspace before a command ----------------------------------------------
 def edit_json(path: str, change: Callable[[object], object]) -> Callable[[Path], None]:
     def spoil(root: Path) -> None:
@@ -57,12 +53,15 @@ def adapter_config(**changes) -> Callable[[Path], None]:
     return edit_json("adapter-0/adapter_config.json", lambda cfg: {**cfg, **changes})
 
 
-def meta(change: Callable[[dict], None]) -> Callable[[Path], None]:
-    def apply(data: dict) -> dict:
-        change(data)
-        return data
+def sql(statement: str) -> Callable[[Path], None]:
+    """Run one SQL statement on the workspace index's database."""
 
-    return edit_json("idx/meta.json", apply)
+    def spoil(root: Path) -> None:
+        with contextlib.closing(sqlite3.connect(root / "idx" / "index.sqlite")) as db:
+            db.execute(statement)
+            db.commit()
+
+    return spoil
 
 
 def write(path: str, text: str) -> Callable[[Path], None]:
@@ -90,8 +89,8 @@ CASES = [
      "route fit --index {root}/idx --examples fruit={root}/fruit.jsonl --out {root}/notes", "--force"),
     ("train --out a non-empty directory", None,
      "train --data {root}/fruit.jsonl --out {root}/notes --max-steps 1", "--force"),
-    ("embed --out an index's meta.json", None,
-     "embed {root}/adapter-0 --out {root}/idx/meta.json", "already exists"),
+    ("embed --out an index's database", None,
+     "embed {root}/adapter-0 --out {root}/idx/index.sqlite", "already exists"),
     ("embed --out a directory", None, "embed {root}/adapter-0 --out {root}/notes --force", "is a directory"),
     ("index add --index a directory of other files", None,
      "index add {root}/adapter-0 --index {root}/notes", "not a model index"),
@@ -107,14 +106,16 @@ CASES = [
      ADD + " --id other", "JSON object"),
     ("adapter config: another PEFT type", adapter_config(peft_type="IA3"),
      ADD + " --id other", "IA3"),
-    ("meta.json without data_file", meta(lambda m: m.pop("data_file")),
-     "index list --index {root}/idx", "corrupt index metadata"),
-    ("meta.json with more entries than vectors", meta(lambda m: m["entries"].append(m["entries"][0])),
-     "index list --index {root}/idx", "entries"),
-    ("meta.json with a string space", meta(lambda m: m.update(space="paper")),
-     "index list --index {root}/idx", "corrupt index metadata"),
-    ("meta.json that is not UTF-8", lambda root: (root / "idx/meta.json").write_bytes(b"\xff\xfe{"),
-     "index info --index {root}/idx", "corrupt index metadata"),
+    ("index database without its space", sql("DELETE FROM meta WHERE key = 'space'"),
+     "index list --index {root}/idx", "corrupt index database"),
+    ("index database with a vector of another length", sql("UPDATE models SET vector = x'00000000'"),
+     "index search --id fruit --index {root}/idx", "vector"),
+    ("index database with a string space", sql("""UPDATE meta SET value = '"paper"' WHERE key = 'space'"""),
+     "index list --index {root}/idx", "corrupt index database"),
+    ("index database that is not SQLite", write("idx/index.sqlite", "not a database" * 100),
+     "index info --index {root}/idx", "corrupt index database"),
+    ("an index of format 1", lambda root: (root / "idx/index.sqlite").rename(root / "idx/meta.json"),
+     "index info --index {root}/idx", "index migrate"),
     ("examples: malformed JSONL line", write("bad.jsonl", '{"instruction": "a", "output": "b"}\n{oops\n'),
      "select --examples {root}/bad.jsonl --index {root}/idx -k 1", "bad.jsonl:2"),
     ("examples: a CSV row longer than its header", write("bad.csv", "instruction,output\na,b,c\n"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from delta_router.cli import main
+from delta_router.testing import snapshot
 
 
 def run_json(capsys, *argv: str):
@@ -78,13 +79,13 @@ def test_duplicate_ids_need_replace(tiny_base, adapters, tmp_path, capsys):
 def test_bad_input_is_one_clear_error_line(tiny_base, adapters, tmp_path, capsys, argv, message):
     idx = tmp_path / "idx"
     assert main(["index", "add", str(adapters[0]), "--index", str(idx), "--base", str(tiny_base)]) == 0
-    before = sorted(p.name for p in idx.iterdir())
+    before = snapshot(idx)
     capsys.readouterr()
     fill = {"tmp": tmp_path, "idx": idx, "base": tiny_base, "adapter": adapters[1]}
     assert main([a.format(**fill) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "Traceback" not in err
-    assert sorted(p.name for p in idx.iterdir()) == before  # nothing lost or half-written
+    assert snapshot(idx) == before  # nothing lost or half-written
 
 
 def test_demo_builds_a_zoo_and_finds_each_domain(tiny_base, capsys, monkeypatch):

@@ -9,7 +9,6 @@ disk changes. The ``@example`` cases are crashes the fuzzer found (kept as regre
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from delta_router.cli import main
 from delta_router.data import Record, load_records
 from delta_router.data.records import FIELDS
 from delta_router.errors import DataError, DeltaRouterError, ProbeError
+from delta_router.testing import snapshot
 
 # DELTA_ROUTER_FUZZ=N runs N times the examples, from a random seed; by default the runs are small and
 # derandomized, so the suite's result does not change from run to run
@@ -148,14 +148,6 @@ def json_file_texts(valid: object) -> st.SearchStrategy[bytes]:
         st.binary(max_size=64),
         st.just(b"\xef\xbb\xbf" + valid_bytes),  # a UTF-8 byte order mark
     )
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file and directory under ``root`` with a hash of its bytes."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in sorted(root.rglob("*"))
-    }
 
 
 def fresh_copy(template: Path, dest: Path) -> Path:
@@ -415,26 +407,76 @@ def test_fuzz_adapter_weights(tiny_base, adapter_template, tmp_path):
     run()
 
 
-# ---- 3. an index's meta.json -----------------------------------------------------------------------------
+# ---- 3. an index: the SQLite meta table, and meta.json of format 1 ---------------------------------------
 @pytest.fixture(scope="module")
-def index_template(tiny_base, adapters, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fuzz-index")
+def index_rows(tiny_base, adapters, tmp_path_factory) -> list:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DELTA_ROUTER_HOME", str(root / "home"))
+        patch.setenv("DELTA_ROUTER_HOME", str(tmp_path_factory.mktemp("fuzz-home")))
         embedder = DeltaEmbedder(tiny_base, progress=False, cache=False)
-        index = ModelIndex()
-        for i, adapter in enumerate(adapters[:2]):
-            index.add(embedder.embed_one(adapter, model_id=f"model-{i}"), tags={"domain": f"d{i}"})
-        return index.save(root / "idx")
+        return [
+            (embedder.embed_one(a, model_id=f"model-{i}"), {"domain": f"d{i}"})
+            for i, a in enumerate(adapters[:2])
+        ]
 
 
-def test_fuzz_index_meta(index_template, tmp_path, capsys):
-    valid = json.loads((index_template / "meta.json").read_text())
+@pytest.fixture(scope="module")
+def index_template(index_rows, tmp_path_factory) -> Path:
+    index = ModelIndex()
+    for embedding, tags in index_rows:
+        index.add(embedding, tags=tags)
+    return index.save(tmp_path_factory.mktemp("fuzz-index") / "idx")
+
+
+def check_loaded(index: ModelIndex) -> None:
+    """What the CLI shows of an index must be readable, and searches must work."""
+    for entry in index.list():
+        assert isinstance(entry.model_id, str) and isinstance(entry.tags, dict)
+        entry.embedding.space.describe()
+    if len(index):
+        first = index.list()[0]
+        assert index.search(first.embedding, k=1)[0].model_id == first.model_id
+        index.remove(first.model_id)  # in memory only (never saved)
+        index.search(first.embedding, k=2)
+
+
+def test_fuzz_index_meta_table(index_template, tmp_path, capsys):
+    """Every value of the ``meta`` table replaced by random JSON (or not JSON at all)."""
+    import sqlite3
+
+    from delta_router.search.index import DB_FILE
+
+    with sqlite3.connect(index_template / DB_FILE) as db:
+        keys = [row[0] for row in db.execute("SELECT key FROM meta")]
+
+    @settings(max_examples=examples(60), **FUZZ)
+    @given(key=st.sampled_from(keys), value=JSON.map(dumps) | st.text(max_size=20))
+    def run(key: str, value: str) -> None:
+        directory = fresh_copy(index_template, tmp_path / "idx")
+        with sqlite3.connect(directory / DB_FILE) as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+        before = snapshot(directory)
+        try:
+            check_loaded(ModelIndex.load(directory))
+        except DeltaRouterError as exc:
+            assert str(directory) in str(exc), exc
+        for command in ("list", "info"):
+            check_cli(["index", command, "--index", str(directory)], capsys, str(directory))
+        assert snapshot(directory) == before
+
+    run()
+
+
+def test_fuzz_index_meta_v1(index_rows, tmp_path, capsys):
+    """meta.json of a format-1 index: read for migration only, validated field by field."""
+    from delta_router.search.legacy import read_v1
+    from delta_router.testing import snapshot, write_v1_index
+
+    template = write_v1_index(tmp_path / "v1", index_rows)
+    valid = json.loads((template / "meta.json").read_text())
     embedding = ("entries", 0, "embedding")
     crashes = [
         DEEP,  # RecursionError from json.loads
         changed(valid, ("format_version",), float("inf")),  # OverflowError from int()
-        changed(valid, ("next_id",), float("inf")),  # the same
         changed(valid, (*embedding, "path"), [1]),  # rich's NotRenderableError in `index list`
         changed(valid, (*embedding, "model_id"), None),  # TypeError: sorting the entries by id
         changed(valid, ("space", "base", "weights_hash"), None),  # TypeError: describing the space
@@ -446,27 +488,18 @@ def test_fuzz_index_meta(index_template, tmp_path, capsys):
     @given(meta=json_file_texts(valid))
     @with_examples("meta", crashes)
     def run(meta: bytes) -> None:
-        directory = fresh_copy(index_template, tmp_path / "idx")
+        directory = fresh_copy(template, tmp_path / "idx")
         (directory / "meta.json").write_bytes(meta)
         before = snapshot(directory)
         try:
-            index = ModelIndex.load(directory)
+            read_v1(directory)
         except DeltaRouterError as exc:
             assert str(directory) in str(exc), exc
-        else:  # what the CLI shows of an index must be readable too, and searches must work
-            for entry in index.list():
-                assert isinstance(entry.model_id, str) and isinstance(entry.tags, dict)
-                entry.embedding.space.describe()
-            if index.space is not None:
-                index.space.describe()
-            if len(index):
-                first = index.list()[0]
-                assert index.search(first.embedding, k=1)[0].model_id == first.model_id
-                index.remove(first.model_id)  # in memory only: flat indexes rebuild, others refit
-                index.search(first.embedding, k=2)
-        for command in ("list", "info"):
-            check_cli(["index", command, "--index", str(directory)], capsys, str(directory))
         assert snapshot(directory) == before
+        if check_cli(["index", "migrate", "--index", str(directory)], capsys, str(directory)) == 0:
+            check_loaded(ModelIndex.load(directory))
+        else:
+            assert snapshot(directory) == before  # a refused migration changes nothing
 
     run()
 

@@ -1,8 +1,15 @@
-"""ModelIndex: round trips, search semantics, atomic saves, format and space checks."""
+"""ModelIndex: round trips, search semantics, tag filters, appends, concurrent writers, crashes,
+format and space checks, migration of format 1."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +21,8 @@ from delta_router.errors import (
     SpaceMismatchError,
     UnknownModelError,
 )
+from delta_router.search import index as index_module
+from delta_router.testing import write_v1_index
 
 
 @pytest.fixture()
@@ -21,7 +30,13 @@ def embeddings(tiny_base, adapters):
     return DeltaEmbedder(tiny_base, progress=False).embed(adapters)
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def random_embeddings(template, n: int, seed: int = 0, prefix: str = "m"):
+    """``n`` embeddings in ``template``'s space with random vectors (ids ``{prefix}-{i}``)."""
+    vectors = np.random.default_rng(seed).standard_normal((n, template.vector.shape[0])).astype(np.float32)
+    return [dataclasses.replace(template, vector=vectors[i], model_id=f"{prefix}-{i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["auto", "flat", "hnsw", "ivf"])
 def test_round_trip_save_load_search_remove(embeddings, tmp_path, kind):
     index = ModelIndex(kind=kind)
     for i, emb in enumerate(embeddings):
@@ -41,6 +56,7 @@ def test_round_trip_save_load_search_remove(embeddings, tmp_path, kind):
     assert loaded.get(embeddings[1].model_id).tags == {"domain": "odd"}
     np.testing.assert_array_equal(loaded.get(embeddings[1].model_id).embedding.vector,
                                   embeddings[1].vector)  # fmt: skip
+    assert hits[0].entry.embedding.path == embeddings[2].path
 
     loaded.remove(embeddings[2].model_id)
     assert embeddings[2].model_id not in loaded
@@ -48,8 +64,9 @@ def test_round_trip_save_load_search_remove(embeddings, tmp_path, kind):
     assert embeddings[2].model_id not in [h.model_id for h in after]
     assert len(after) == len(embeddings) - 1
     loaded.save(tmp_path / "idx")
-    assert len(ModelIndex.load(tmp_path / "idx")) == len(embeddings) - 1
-    assert len(list((tmp_path / "idx").glob("data-*.npz"))) == 1  # old data files cleaned up
+    reloaded = ModelIndex.load(tmp_path / "idx")
+    assert len(reloaded) == len(embeddings) - 1
+    assert embeddings[2].model_id not in [h.model_id for h in reloaded.search(embeddings[2], k=10)]
 
 
 def test_k_larger_than_index_and_exclude(embeddings):
@@ -60,6 +77,72 @@ def test_k_larger_than_index_and_exclude(embeddings):
     hits = index.search(embeddings[0], k=2, exclude={embeddings[0].model_id})
     assert len(hits) == 2 and embeddings[0].model_id not in [h.model_id for h in hits]
     assert ModelIndex().search(embeddings[0].vector, k=3) == []
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(embeddings[0], k=0)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_tag_filters_return_k_matching_hits(embeddings, kind):
+    index = ModelIndex(kind=kind)
+    for i, emb in enumerate(random_embeddings(embeddings[0], 60)):
+        index.add(emb, tags={"domain": ["math", "law", "code"][i % 3], "license": "mit" if i < 30 else "gpl"})
+    query = random_embeddings(embeddings[0], 1, seed=9, prefix="q")[0]
+    hits = index.search(query, k=5, where={"domain": "math", "license": "mit"})
+    assert len(hits) == 5 and all(h.entry.tags == {"domain": "math", "license": "mit"} for h in hits)
+    exact = ModelIndex(kind="flat")
+    for entry in index.list():
+        if entry.tags == {"domain": "math", "license": "mit"}:
+            exact.add(entry.embedding)
+    assert [h.model_id for h in hits] == [h.model_id for h in exact.search(query, k=5)]
+    assert index.search(query, k=5, where={"domain": "chemistry"}) == []
+
+
+def test_batched_search_equals_one_at_a_time(embeddings):
+    index = ModelIndex(kind="flat")
+    for emb in random_embeddings(embeddings[0], 30):
+        index.add(emb)
+    queries = random_embeddings(embeddings[0], 4, seed=3, prefix="q")
+    batched = index.search_many(queries, k=3)
+    assert [[h.model_id for h in hits] for hits in batched] == [
+        [h.model_id for h in index.search(q, k=3)] for q in queries
+    ]
+    matrix = np.stack([q.vector for q in queries])
+    assert [[h.model_id for h in hits] for hits in index.search_many(matrix, k=3)] == [
+        [h.model_id for h in hits] for hits in batched
+    ]
+
+
+def test_auto_kind_switches_to_a_graph_past_its_threshold(embeddings, monkeypatch):
+    monkeypatch.setattr(index_module, "AUTO_APPROXIMATE_AT", 10)
+    index = ModelIndex()
+    models = random_embeddings(embeddings[0], 12)
+    for emb in models[:9]:
+        index.add(emb)
+    assert index.structure == "flat" and index.search(models[0], k=1)[0].model_id == models[0].model_id
+    for emb in models[9:]:
+        index.add(emb)
+    assert index.structure == "hnsw" and index.search(models[11], k=1)[0].model_id == models[11].model_id
+
+
+def test_an_append_keeps_the_graph_and_a_reload_sees_it(embeddings, tmp_path):
+    models = random_embeddings(embeddings[0], 41)
+    index = ModelIndex(kind="hnsw")
+    for emb in models[:40]:
+        index.add(emb)
+    index.save(tmp_path / "idx")
+    graph = tmp_path / "idx" / index_module.GRAPH_FILE
+    written = graph.stat().st_mtime_ns
+
+    loaded = ModelIndex.load(tmp_path / "idx")
+    loaded.add(models[40], tags={"new": "yes"})
+    loaded.remove(models[0].model_id)
+    loaded.save(tmp_path / "idx")
+    assert graph.stat().st_mtime_ns == written  # 1 of 40 out of date: the graph is not rewritten
+
+    again = ModelIndex.load(tmp_path / "idx")
+    assert again.search(models[40], k=1)[0].model_id == models[40].model_id
+    assert models[0].model_id not in [h.model_id for h in again.search(models[0], k=5)]
+    assert again.get(models[40].model_id).tags == {"new": "yes"}
 
 
 def test_duplicate_id_needs_replace(embeddings):
@@ -108,42 +191,99 @@ def test_refuses_another_base(other_base, tmp_path, embeddings):
         index.add(foreign)
 
 
-def test_crash_mid_save_keeps_the_previous_index(embeddings, tmp_path, monkeypatch):
+# ---- on disk: writers, crashes, formats --------------------------------------------------------
+WRITER = """
+import dataclasses, sys, numpy as np
+from delta_router import ModelIndex
+directory, prefix, n, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rng = np.random.default_rng(seed)
+for i in range(n):
+    index = ModelIndex.load(directory)
+    template = index.list()[0].embedding
+    vector = rng.standard_normal(template.vector.shape[0]).astype(np.float32)
+    index.add(dataclasses.replace(template, vector=vector, model_id=f"{prefix}-{i}"), tags={"by": prefix})
+    index.save(directory)
+    print(i, flush=True)
+"""
+
+
+def _writer(directory, prefix: str, n: int, seed: int) -> subprocess.Popen:
+    argv = [sys.executable, "-c", textwrap.dedent(WRITER), str(directory), prefix, str(n), str(seed)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_adding_to_one_index_both_land(embeddings, tmp_path):
     index = ModelIndex()
     index.add(embeddings[0])
     index.save(tmp_path / "idx")
-    index.add(embeddings[1])
+    writers = [_writer(tmp_path / "idx", prefix, 15, seed) for seed, prefix in enumerate(("a", "b"))]
+    for writer in writers:
+        _, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err
+    loaded = ModelIndex.load(tmp_path / "idx")
+    assert len(loaded) == 31
+    assert {e.tags.get("by") for e in loaded.list()} == {None, "a", "b"}
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
 
-    monkeypatch.setattr("delta_router.search.index.atomic_write_text", crash)
-    with pytest.raises(OSError, match="disk full"):
-        index.save(tmp_path / "idx")
-    monkeypatch.undo()
-    survivor = ModelIndex.load(tmp_path / "idx")
-    assert [e.model_id for e in survivor.list()] == [embeddings[0].model_id]
+def test_kill_9_mid_write_leaves_a_loadable_index(embeddings, tmp_path):
+    index = ModelIndex()
+    index.add(embeddings[0])
+    index.save(tmp_path / "idx")
+    writer = _writer(tmp_path / "idx", "k", 10_000, 0)
+    for _ in range(5):  # let it commit a few, then kill it in the middle of the next ones
+        writer.stdout.readline()
+    time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    loaded = ModelIndex.load(tmp_path / "idx")
+    assert len(loaded) >= 6
+    assert loaded.search(loaded.get("k-0").embedding, k=1)[0].model_id == "k-0"
 
 
 def test_future_format_and_corruption_are_refused(embeddings, tmp_path):
     index = ModelIndex()
     index.add(embeddings[0])
     index.save(tmp_path / "idx")
-    meta_path = tmp_path / "idx" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-
-    meta_path.write_text(json.dumps({**meta, "format_version": 99}))
+    db_path = tmp_path / "idx" / index_module.DB_FILE
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'format_version'")
     with pytest.raises(IndexFormatError, match="newer delta-router"):
         ModelIndex.load(tmp_path / "idx")
-
-    meta_path.write_text(json.dumps(meta))
-    data = tmp_path / "idx" / meta["data_file"]
-    data.write_bytes(data.read_bytes()[:-10])
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE meta SET value = '{oops' WHERE key = 'space'")
     with pytest.raises(IndexFormatError, match="corrupt"):
         ModelIndex.load(tmp_path / "idx")
-
-    meta_path.write_text("{not json")
+    db_path.write_bytes(b"not a database at all" * 100)
     with pytest.raises(IndexFormatError, match="corrupt"):
         ModelIndex.load(tmp_path / "idx")
     with pytest.raises(IndexFormatError, match="not a model index"):
         ModelIndex.load(tmp_path / "missing")
+
+
+def test_saving_over_another_index_is_refused(embeddings, tmp_path):
+    for i in range(2):
+        index = ModelIndex()
+        index.add(embeddings[i])
+        if i == 0:
+            index.save(tmp_path / "idx")
+    with pytest.raises(IndexFormatError, match="already holds an index"):
+        index.save(tmp_path / "idx")
+    assert [e.model_id for e in ModelIndex.load(tmp_path / "idx").list()] == [embeddings[0].model_id]
+
+
+def test_format_1_is_refused_with_the_command_then_migrated_once(embeddings, tmp_path, capsys):
+    from delta_router.cli import main
+
+    rows = [(emb, {"domain": f"d{i}"}) for i, emb in enumerate(embeddings)]
+    old = write_v1_index(tmp_path / "old", rows)
+    with pytest.raises(IndexFormatError, match="index migrate --index"):
+        ModelIndex.load(old)
+    assert main(["index", "migrate", "--index", str(old)]) == 0
+    assert not (old / "meta.json").exists() and not list(old.glob("data-*.npz"))
+    migrated = ModelIndex.load(old)
+    assert [(e.model_id, e.tags) for e in migrated.list()] == sorted(
+        ((e.model_id, t) for e, t in rows), key=lambda r: r[0]
+    )
+    np.testing.assert_array_equal(migrated.get(embeddings[1].model_id).embedding.vector, embeddings[1].vector)
+    assert main(["index", "migrate", "--index", str(old)]) == 2
+    assert "already in index format" in capsys.readouterr().err

@@ -37,7 +37,7 @@ def _load_or_new_index(args: argparse.Namespace) -> ModelIndex:
     directory = Path(args.index)
     if directory.is_file() or (directory.is_dir() and any(directory.iterdir())):
         raise DeltaRouterError(f"{directory} exists and is not a model index: give a new or empty directory")
-    return ModelIndex(kind=args.kind or "flat")
+    return ModelIndex(kind=args.kind or "auto")
 
 
 def _embedding_table(embeddings: list[Embedding], title: str) -> Table:
@@ -168,7 +168,7 @@ def cmd_index_search(args: argparse.Namespace) -> None:
         query, exclude = index.get(args.id).embedding, {args.id}
     else:
         query, exclude = embedder_from_args(args, index).embed_one(args.query), set()
-    hits = index.search(query, k=args.k, exclude=exclude)
+    hits = index.search(query, k=args.k, exclude=exclude, where=parse_tags(args.where))
     rows = [{"rank": h.rank, "model_id": h.model_id, "score": h.score, "tags": h.entry.tags}
             for h in hits]  # fmt: skip
     table = Table(title=f"nearest to {args.id or args.query}")
@@ -180,12 +180,20 @@ def cmd_index_search(args: argparse.Namespace) -> None:
     emit(args, rows, table)
 
 
+def cmd_index_migrate(args: argparse.Namespace) -> None:
+    index = ModelIndex.migrate(args.index)
+    emit(args, {"index": str(args.index), "models": len(index)})
+    if not args.json:
+        console.print(f"migrated {args.index} ({len(index)} models)")
+
+
 def cmd_index_info(args: argparse.Namespace) -> None:
     index = ModelIndex.load(args.index)
     info = {
         "index": str(args.index),
         "models": len(index),
         "kind": index.kind,
+        "structure": index.structure,
         "space": index.space.describe() if index.space else None,
         "tags": sorted({k for e in index.list() for k in e.tags}),
     }
@@ -201,7 +209,11 @@ def _add_index_write_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="tag (repeatable)")
     p.add_argument("--replace", action="store_true", help="overwrite models already indexed")
-    p.add_argument("--kind", choices=INDEX_KINDS, help="FAISS kind of a new index (default flat)")
+    p.add_argument(
+        "--kind",
+        choices=INDEX_KINDS,
+        help="FAISS kind of a new index (default auto: exact, HNSW from 10,000 models)",
+    )
 
 
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
@@ -246,7 +258,12 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("-k", "--k", type=POSITIVE, default=5, help="number of results (default 5)")
     add_embedding_options(p)
     p.set_defaults(func=cmd_index_search)
+    p.add_argument(
+        "--where", action="append", metavar="KEY=VALUE", help="only models with this tag (repeatable)"
+    )
     p = index.add_parser("info", parents=[common], help="size, kind and embedding space")
     p.set_defaults(func=cmd_index_info)
+    p = index.add_parser("migrate", parents=[common], help="convert an index of format 1 (meta.json) once")
+    p.set_defaults(func=cmd_index_migrate)
     for action in index.choices.values():
         action.add_argument("--index", required=True, help="index directory")

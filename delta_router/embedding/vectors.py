@@ -1,17 +1,19 @@
 """Unit vectors: every cosine in the project (index, router, clustering) is an inner product of these.
 
-One normaliser, sklearn's ``normalize`` (zero rows stay zero), so FAISS, the router and the metrics
-agree on what a cosine is.
+One normaliser, so FAISS, the router and the metrics agree on what a cosine is. Plain numpy rather
+than sklearn's ``normalize``: it sits on the search hot path, where sklearn's input checks cost
+more than the arithmetic (tens of microseconds per query).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sklearn.preprocessing import normalize
 
 
 def unit_rows(vectors: ArrayLike) -> np.ndarray:
-    """``[N, d]`` (or one ``[d]`` vector) -> ``[N, d]`` float32, C-contiguous, rows of L2 norm 1."""
+    """``[N, d]`` (or one ``[d]`` vector) -> ``[N, d]`` float32, C-contiguous, rows of L2 norm 1
+    (zero rows stay zero)."""
     matrix = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-    return np.ascontiguousarray(normalize(matrix))
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return np.ascontiguousarray(matrix / np.maximum(norms, np.float32(1e-12)))

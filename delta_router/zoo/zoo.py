@@ -19,7 +19,7 @@ from pathlib import Path
 from delta_router.data import DomainSplits, Record, load_domain
 from delta_router.embedding.embedder import DeltaEmbedder
 from delta_router.home import cache_dir
-from delta_router.models.base import DEFAULT_BASE, BaseModel, resolve_base
+from delta_router.models.base import DEFAULT_BASE, BaseLM, resolve_base
 from delta_router.search.index import ModelIndex
 from delta_router.search.selector import FEWSHOT_TRAIN_CONFIG
 from delta_router.training.trainer import LoraTrainer, TrainConfig
@@ -118,7 +118,7 @@ class Zoo:
     def __init__(
         self,
         spec: str | ZooSpec = "small",
-        base: str | Path | BaseModel = DEFAULT_BASE,
+        base: str | Path | BaseLM = DEFAULT_BASE,
         root: str | Path | None = None,
         progress: bool = True,
         splits: dict[str, DomainSplits] | None = None,
@@ -175,14 +175,18 @@ class Zoo:
             logger.info("[%d/%d] %s ready (%.1fs)", n, len(members), member.id, timings[member.id])
         embedder = DeltaEmbedder(self.base, progress=self.progress)
         embeddings = embedder.embed([self.adapter_dir(m) for m in members], [m.id for m in members])
-        index = ModelIndex()
-        for member, embedding in zip(members, embeddings, strict=True):
-            index.add(embedding, tags=member.tags())
+        index = self.load_index() if ModelIndex.exists(self.index_dir) else ModelIndex()
+        for stale in set(index.model_ids()) - {m.id for m in members}:
+            index.remove(stale)
+        for member, embedding in zip(members, embeddings, strict=True):  # append what changed
+            known = member.id in index and index.get(member.id).embedding.content_hash
+            if known != embedding.content_hash:
+                index.add(embedding, tags=member.tags(), replace=True)
         index.save(self.index_dir)
         return index
 
     def load_index(self) -> ModelIndex:
-        return ModelIndex.load(self.index_dir)
+        return ModelIndex.load(self.index_dir, migrate=True)  # our own cache: convert it in place
 
 
 def _provenance(manifest: dict) -> dict:
