@@ -135,3 +135,25 @@ def test_free_form_records_get_an_nll_that_training_lowers(tiny_base, tmp_path, 
     finetuned = PeftModel.from_pretrained(base.load_model(), str(tmp_path / "ad"))
     after = score_records(finetuned, tokenizer, RECORDS[:6])
     assert after.nll < before.nll
+
+
+def test_a_huge_example_is_clipped_before_the_tokenizer_with_a_warning(tokenizer, caplog):
+    """A multi-megabyte field never reaches the tokenizer whole: the result equals a short one's."""
+    prompt = "word " * 1_000_000 + "\n\n### Response:"  # 5 MB
+    with caplog.at_level("WARNING", logger="delta_router.data.sequences"):
+        huge = encode(tokenizer, prompt, "the answer " * 500_000, max_length=64)
+    assert "was cut to fit 64 tokens" in caplog.text
+    short = encode(tokenizer, "word " * 400 + "\n\n### Response:", "the answer " * 300, max_length=64)
+    assert huge == short
+
+
+def test_embedder_and_router_clip_texts_to_their_context(tiny_base, caplog):
+    from delta_router import DeltaEmbedder
+    from delta_router.routing.router import QueryEncoder
+
+    embedder = DeltaEmbedder(tiny_base, progress=False)
+    huge = "word " * (embedder.max_tokens * 40)
+    with caplog.at_level("WARNING", logger="delta_router.data.sequences"):
+        acts = embedder.text_activations([huge, "word"])
+        routed = QueryEncoder.for_model(embedder.model, embedder.tokenizer, max_length=16)([huge])
+    assert acts.shape[0] == 2 and routed.shape[0] == 1 and "was cut" in caplog.text
