@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger(__name__).info("cache home: %s", home())
     try:
-        args.func(args)
+        code = args.func(args)
     except (DeltaRouterError, ValueError, OSError) as exc:
         logging.getLogger(__name__).debug("traceback", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

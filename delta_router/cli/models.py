@@ -85,10 +85,14 @@ def cmd_base_info(args: argparse.Namespace) -> None:
     emit(args, info, table)
 
 
-def cmd_embed(args: argparse.Namespace) -> None:
+def cmd_embed(args: argparse.Namespace) -> int:
+    if args.manifest:
+        return cmd_embed_manifest(args)
+    if not args.paths:
+        raise DeltaRouterError("give finetune PATHs to embed, or --manifest FILE")
     if args.index:
         cmd_index_add(args)
-        return
+        return 0
     if args.out:
         refuse_existing_file(args.out, args.force)
     _check_ids(args)
@@ -97,6 +101,32 @@ def cmd_embed(args: argparse.Namespace) -> None:
         atomic_write_text(Path(args.out), json.dumps([e.to_dict() for e in embeddings]))
     emit(args, [e.to_dict(with_vector=args.out is None) for e in embeddings],
           _embedding_table(embeddings, "Delta Activations"))  # fmt: skip
+    return 0
+
+
+def cmd_embed_manifest(args: argparse.Namespace) -> int:
+    """Every item of the manifest; exit status 1 when some failed (each is listed with its reason)."""
+    from delta_router.embedding.manifest import embed_manifest, read_manifest
+
+    if args.paths or args.id or args.out:
+        raise DeltaRouterError("--manifest takes the paths and ids from the file: drop PATHs, --id and --out")
+    if args.failures:
+        refuse_existing_file(args.failures, args.force)
+    items = read_manifest(args.manifest)
+    index = _load_or_new_index(args) if args.index else None
+    embedder = embedder_from_args(args, index)
+    result = embed_manifest(embedder, items, index, args.index, progress=not args.json)
+    if args.failures:
+        lines = [json.dumps(row) + "\n" for row in result.to_dict()["failed"]]
+        atomic_write_text(Path(args.failures), "".join(lines))
+    table = Table(title=f"{len(items)} items: {len(result.embedded)} embedded, {len(result.skipped)} "
+                  f"already indexed, {len(result.failures)} failed")  # fmt: skip
+    for col in ("line", "path", "reason"):
+        table.add_column(col, overflow="fold")
+    for item, reason in result.failures:
+        table.add_row(item.where, item.path, reason)
+    emit(args, result.to_dict(), table)
+    return 1 if result.failures else 0
 
 
 def cmd_index_add(args: argparse.Namespace) -> None:
@@ -229,7 +259,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
         p.set_defaults(func=func)
 
     p = sub.add_parser("embed", parents=[common], help="embed finetunes (LoRA or full)")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="LoRA adapter or full model directories")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="LoRA adapter or full model directories")
+    p.add_argument("--manifest", metavar="FILE",
+                   help="JSONL/CSV of path, id, tags: resumable; bad items listed, exit 1")  # fmt: skip
+    p.add_argument("--failures", metavar="FILE", help="with --manifest: write the failed items here (JSONL)")
     p.add_argument("--index", help="also add the embeddings to this index directory")
     p.add_argument("--out", help="write the embeddings (with vectors) to this JSON file")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")

@@ -1,0 +1,173 @@
+"""Embedding thousands of finetunes from a manifest: resumable, and one bad item never stops the job.
+
+A manifest is a JSONL file of ``{"path": ..., "id": ..., "tags": {...}}`` objects (``id`` and
+``tags`` optional), or a CSV file with a ``path`` column, an optional ``id`` column, and any other
+columns as tags. ``embed_manifest`` embeds the items in chunks; with an index it adds each chunk
+and commits it as it finishes, so an interrupted job resumes where it stopped: an item whose
+content is already indexed under its id is skipped (vectors are also cached by content hash).
+Items that cannot be embedded are collected with their reason, never raised.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from delta_router.embedding.embedder import DeltaEmbedder, Embedding
+from delta_router.errors import DataError, DeltaRouterError
+from delta_router.models.finetunes import Finetune
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ManifestItem:
+    """One line of a manifest: ``where`` is ``file:line`` for messages."""
+
+    where: str
+    path: str
+    model_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ManifestResult:
+    """What a manifest run did: embedded, skipped (already indexed) and failed items."""
+
+    embedded: list[Embedding] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failures: list[tuple[ManifestItem, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "embedded": [e.model_id for e in self.embedded],
+            "skipped": self.skipped,
+            "failed": [{"line": it.where, "path": it.path, "reason": why} for it, why in self.failures],
+        }
+
+
+def read_manifest(path: str | Path) -> list[ManifestItem]:
+    """The items of a ``.jsonl`` or ``.csv`` manifest. A malformed file is a ``DataError`` naming
+    the line; a bad item (missing file, bad id) is left for ``embed_manifest`` to report."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist")
+    if path.suffix not in (".jsonl", ".csv"):
+        raise DataError(f"{path}: a manifest is a .jsonl or .csv file")
+    items = []
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            rows = _csv_rows(fh) if path.suffix == ".csv" else _jsonl_rows(fh)
+            for line, row in rows:
+                items.append(_item(row, f"{path}:{line}"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 ({exc.reason})") from exc
+    if not items:
+        raise DataError(f"{path}: the manifest is empty")
+    return items
+
+
+def _jsonl_rows(fh):
+    for line, text in enumerate(fh, 1):
+        if text.strip():
+            try:
+                yield line, json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise DataError(f"{fh.name}:{line}: malformed JSON ({exc})") from exc
+
+
+def _csv_rows(fh):
+    reader = csv.DictReader(fh)
+    try:
+        for row in reader:
+            if None in row:
+                raise DataError(f"{fh.name}:{reader.line_num}: more cells than the header has columns")
+            tags = {k: v for k, v in row.items() if k not in ("path", "id") and v}
+            yield reader.line_num, {"path": row.get("path"), "id": row.get("id") or None, "tags": tags}
+    except csv.Error as exc:
+        raise DataError(f"{fh.name}:{reader.line_num}: malformed CSV ({exc})") from exc
+
+
+def _item(row: object, where: str) -> ManifestItem:
+    if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not row["path"]:
+        raise DataError(f'{where}: each line needs a "path" (a finetune directory)')
+    model_id, tags = row.get("id"), row.get("tags") or {}
+    if model_id is not None and not isinstance(model_id, str):
+        raise DataError(f"{where}: id must be a string, got {model_id!r}")
+    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+        raise DataError(f"{where}: tags must be an object of strings")
+    return ManifestItem(where, row["path"], model_id, dict(tags))
+
+
+def embed_manifest(
+    embedder: DeltaEmbedder,
+    items: list[ManifestItem],
+    index=None,
+    index_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ManifestResult:
+    """Embed every item; add each finished chunk to ``index`` and commit it to ``index_dir``.
+
+    Each item is opened first (a missing or unreadable finetune, a bad or repeated id fails that
+    item only); the rest are embedded in chunks of ``embedder.adapters_per_batch``, and a chunk
+    that fails is retried item by item so that only the bad items fail.
+    """
+    result = ManifestResult()
+    ready: list[tuple[ManifestItem, Finetune]] = []
+    seen: dict[str, str] = {}
+    for item in items:
+        try:
+            finetune = Finetune.open(item.path, item.model_id)
+        except DeltaRouterError as exc:
+            result.failures.append((item, str(exc)))
+            continue
+        if finetune.model_id in seen:
+            result.failures.append((item, f"id {finetune.model_id!r} repeats {seen[finetune.model_id]}"))
+            continue
+        seen[finetune.model_id] = item.where
+        if index is not None and finetune.model_id in index:
+            if index.get(finetune.model_id).embedding.content_hash == finetune.content_hash:
+                result.skipped.append(finetune.model_id)  # done in an earlier run
+                continue
+            result.failures.append((item, f"id {finetune.model_id!r} is indexed with other content"))
+            continue
+        ready.append((item, finetune))
+
+    size = embedder.adapters_per_batch
+    with tqdm(total=len(ready), desc="embedding", unit="model", disable=not progress) as bar:
+        for start in range(0, len(ready), size):
+            chunk = ready[start : start + size]
+            done = _embed_chunk(embedder, chunk, result)
+            if index is not None and done:
+                for (item, _), embedding in done:
+                    index.add(embedding, tags=item.tags)
+                index.save(index_dir)
+            result.embedded += [embedding for _, embedding in done]
+            bar.update(len(chunk))
+    position = {id(item): n for n, item in enumerate(items)}
+    result.failures.sort(key=lambda failure: position[id(failure[0])])  # in manifest order
+    logger.info("manifest: %d embedded, %d skipped, %d failed", len(result.embedded),
+                len(result.skipped), len(result.failures))  # fmt: skip
+    return result
+
+
+def _embed_chunk(embedder: DeltaEmbedder, chunk, result: ManifestResult) -> list:
+    """``[((item, finetune), embedding)]`` of the chunk; failed items go to ``result.failures``."""
+    try:
+        return list(zip(chunk, embedder.embed([ft for _, ft in chunk]), strict=True))
+    except DeltaRouterError as exc:
+        if len(chunk) == 1:
+            result.failures.append((chunk[0][0], str(exc)))
+            return []
+    done = []
+    for pair in chunk:  # find the bad ones
+        try:
+            done.append((pair, embedder.embed([pair[1]])[0]))
+        except DeltaRouterError as exc:
+            result.failures.append((pair[0], str(exc)))
+    return done
