@@ -47,7 +47,8 @@ def sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process umask (read without changing it): new files get 0666, directories 0777, less it."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -97,7 +98,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -126,7 +127,7 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         yield tmp
         if not path.exists():
             os.replace(tmp, path)

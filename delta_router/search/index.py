@@ -46,7 +46,7 @@ import numpy as np
 from delta_router.embedding.embedder import Embedding, EmbeddingSpace
 from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DuplicateModelError, IndexFormatError, SpaceMismatchError, UnknownModelError
-from delta_router.home import atomic_write_bytes
+from delta_router.home import atomic_write_bytes, umask
 from delta_router.model_ids import check_model_id
 
 logger = logging.getLogger(__name__)
@@ -149,10 +149,12 @@ class ModelIndex:
         return sorted(self._ids)
 
     def get(self, model_id: str) -> IndexEntry:
-        faiss_id = self._ids.get(model_id)
-        if faiss_id is None:
+        return self._entries(f"WHERE m.faiss_id = {self._faiss_id(model_id)}")[0]
+
+    def _faiss_id(self, model_id: str) -> int:
+        if model_id not in self._ids:
             raise UnknownModelError(f"no model {model_id!r} in the index")
-        return self._entries(f"WHERE m.faiss_id = {faiss_id}")[0]
+        return self._ids[model_id]
 
     def list(self) -> list[IndexEntry]:
         """Every entry, sorted by model id (reads the whole table: for listings, not hot paths)."""
@@ -230,10 +232,8 @@ class ModelIndex:
 
     def remove(self, model_id: str) -> None:
         with self._lock:
-            if model_id not in self._ids:
-                raise UnknownModelError(f"no model {model_id!r} in the index")
-            faiss_id = self._ids.pop(model_id)
-            del self._names[faiss_id]
+            faiss_id = self._faiss_id(model_id)
+            del self._ids[model_id], self._names[faiss_id]
             self._db.execute("DELETE FROM models WHERE faiss_id = ?", (faiss_id,))
             if self._faiss is None:
                 return
@@ -252,7 +252,7 @@ class ModelIndex:
             if embedding.model_id != model_id:
                 raise ValueError(f"embedding is for {embedding.model_id!r}, not {model_id!r}")
             self.add(embedding, replace=True)
-        faiss_id = self.get(model_id).faiss_id
+        faiss_id = self._faiss_id(model_id)
         with self._lock:
             for key, value in (tags or {}).items():
                 if value == "":
@@ -441,7 +441,7 @@ class ModelIndex:
                 target.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * columns)})", rows)
             target.commit()
             target.close()
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~umask())
             os.replace(tmp, directory / DB_FILE)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -473,7 +473,8 @@ class ModelIndex:
             return
         self._index()  # a graph is built once, at the first save, so that loads need not build it
         on_disk = self._graph_ntotal
-        if on_disk is not None and self._faiss.ntotal - on_disk <= STALE_FRACTION * on_disk:
+        stale = None if on_disk is None else abs(self._faiss.ntotal - on_disk) + len(self._dead)
+        if stale is not None and stale <= STALE_FRACTION * on_disk:  # added, rebuilt smaller, removed
             return
         atomic_write_bytes(self.directory / GRAPH_FILE, faiss.serialize_index(self._faiss).tobytes())
         self._graph_ntotal = self._faiss.ntotal
@@ -605,9 +606,3 @@ def _connect(path: str | Path, wal: bool = True) -> sqlite3.Connection:
     db.executescript(SCHEMA)
     db.commit()
     return db
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
