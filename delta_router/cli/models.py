@@ -108,8 +108,10 @@ def cmd_embed_manifest(args: argparse.Namespace) -> int:
     """Every item of the manifest; exit status 1 when some failed (each is listed with its reason)."""
     from delta_router.embedding.manifest import embed_manifest, read_manifest
 
-    if args.paths or args.id or args.out:
-        raise DeltaRouterError("--manifest takes the paths and ids from the file: drop PATHs, --id and --out")
+    if args.paths or args.id or args.out or args.tag:
+        raise DeltaRouterError(
+            "--manifest takes paths, ids and tags from the file: drop PATHs, --id, --tag and --out"
+        )
     if args.failures:
         refuse_existing_file(args.failures, args.force)
     items = read_manifest(args.manifest)
