@@ -7,6 +7,7 @@ directory, example files); after the command, every file that was there is still
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import shutil
 import socket
@@ -37,6 +38,7 @@ def template(tiny_base, adapters, tmp_path_factory) -> Path:
                  f"digits={root / 'digits.jsonl'}"]) == 0  # fmt: skip
     (root / "notes").mkdir()
     (root / "notes" / "todo.txt").write_text("mine, not the tool's")
+    gc.collect()  # close the indexes the commands above opened: closing deletes their -wal files
     return root
 
 

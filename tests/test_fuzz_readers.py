@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,9 +152,13 @@ def json_file_texts(valid: object) -> st.SearchStrategy[bytes]:
 
 
 def fresh_copy(template: Path, dest: Path) -> Path:
-    if dest.exists():
-        shutil.rmtree(dest)
-    return Path(shutil.copytree(template, dest))
+    """A copy of ``template`` in a new directory beside ``dest`` for each example. Not removing the
+    previous one: an index it held is closed by the garbage collector, which deletes its
+    ``-wal`` file whenever it runs."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(
+        shutil.copytree(template, Path(tempfile.mkdtemp(prefix=dest.name, dir=dest.parent)) / dest.name)
+    )
 
 
 def check_cli(argv: list[str], capsys, names: str) -> int:
