@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test lint bench ablations clean
+.PHONY: install demo test lint bench ablations unseen clean
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ ablations: install
 	$(BIN)/delta-router -v ablations --zoo full --out reports
 	$(BIN)/delta-router -v compare --zoo full $(COMPARE_ARGS) --out reports/compare
 	$(BIN)/delta-router -v compare --zoo full $(LORAHUB_ARGS) --out reports/compare-lorahub
+
+# build on 5 tasks whose datasets no zoo trains on (BoolQ, SciQ, MedQA, BioASQ, MMLU psychology):
+# base vs returned vs selected vs random merges vs the oracle single, on 200 held-out records each.
+unseen: install
+	$(BIN)/delta-router -v zoo build --zoo full
+	$(BIN)/delta-router -v compare --zoo full --suite unseen --out reports/unseen
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -404,3 +404,12 @@ def test_bad_paths_and_mappings(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="not a .jsonl/.csv file or a directory saved by datasets"):
         load_records(tmp_path / "empty")
+
+
+def test_unseen_tasks_read_files_no_zoo_domain_reads():
+    from delta_router.data import UNSEEN_TASKS
+
+    assert len(UNSEEN_TASKS) >= 5 and not set(UNSEEN_TASKS) & set(DOMAINS)
+    zoo_files = {(s.package, m) for s in DOMAINS.values() for m in s.members}
+    for task in UNSEEN_TASKS.values():
+        assert not {(task.package, m) for m in task.members} & zoo_files, task.name

@@ -67,8 +67,14 @@ def test_bad_selector_input_is_refused(zoo_index, tmp_path):
         selector.select(bad)
 
 
-def test_build_command_selects_merges_and_scores(zoo_index, tiny_base, tmp_path, capsys, monkeypatch):
-    """The headline flow on the tiny model: 20 examples -> that domain's models -> merged model."""
+def write_task(tmp_path, domain: str) -> list[str]:
+    rows = [r.to_dict() for r in examples(domain, 30)]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
+    (tmp_path / "held-out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[20:]))
+    return ["--examples", str(tmp_path / "task.jsonl"), "--eval", str(tmp_path / "held-out.jsonl")]
+
+
+def test_build_verifies_candidates_and_writes_the_chosen_one(zoo_index, tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from delta_router.cli import main
@@ -76,40 +82,77 @@ def test_build_command_selects_merges_and_scores(zoo_index, tiny_base, tmp_path,
     from delta_router.search import selector
 
     monkeypatch.setattr(selector, "FEWSHOT_TRAIN_CONFIG", FEW_SHOT)
-    index_dir = tmp_path / "index"
-    zoo_index.save(index_dir)
-    rows = [r.to_dict() for r in examples("digits", 30)]
-    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
-    (tmp_path / "held-out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[20:]))
-    argv = ["build", "--examples", str(tmp_path / "task.jsonl"), "--index", str(index_dir), "--k", "2",
-            "--recipe", "ties", "--out", str(tmp_path / "merged"),
-            "--eval", str(tmp_path / "held-out.jsonl")]  # fmt: skip
+    zoo_index.save(tmp_path / "index")
+    argv = ["build", *write_task(tmp_path, "digits"), "--index", str(tmp_path / "index"), "-k", "2",
+            "--out", str(tmp_path / "built")]  # fmt: skip
     assert main([*argv, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    chosen = [c["model_id"] for c in result["selection"]["candidates"]]
-    assert all(c.startswith("digits-") for c in chosen)
-    provenance = json.loads((tmp_path / "merged" / PROVENANCE_FILE).read_text())
-    assert [m["model_id"] for m in provenance["models"]] == chosen
-    assert provenance["selection"]["examples_sha256"] == result["selection"]["examples_sha256"]
-    AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert {"merged", "best single", "random-2 merge", "base"} == set(result["scores"])
+    verification = result["verification"]
+    names = [c["name"] for c in verification["candidates"]]
+    assert names[0] == "base" and result["chosen"] == verification["chosen"] in names
+    assert {"single", "merge", "lorahub", "task-lora"} <= {c["origin"] for c in verification["candidates"]}
+    for candidate in verification["candidates"][1:]:
+        gain = candidate["gain_over_base"]["interval"]
+        assert gain["low"] <= gain["mean"] <= gain["high"]
+        assert candidate["cross_validated"] == (candidate["origin"] in ("lorahub", "task-lora"))
+    provenance = json.loads((tmp_path / "built" / PROVENANCE_FILE).read_text())
+    assert provenance["verification"] == verification
+    card = (tmp_path / "built" / "README.md").read_text()
+    assert "## Verification" in card and f"Returned: {result['chosen']}" in card
+    AutoModelForCausalLM.from_pretrained(tmp_path / "built")
+    assert {"built", "random-2 linear", "base"} <= set(result["scores"])
     assert main(argv) == 2  # the output exists: refused without --force
     assert "already exists" in capsys.readouterr().err
 
-    adapter_argv = [
-        *argv[:-2],
-        "--output",
-        "adapter",
-        "--rank",
-        "3",
-        "--out",
-        str(tmp_path / "adapter"),
-        "--json",
-    ]
-    assert main(adapter_argv) == 0
-    assert json.loads(capsys.readouterr().out)["selection"]["candidates"][0]["model_id"] == chosen[0]
+    assert main([*argv[:-1], str(tmp_path / "table")]) == 0  # the human-readable output
+    out = capsys.readouterr().out
+    assert "candidate" in out and f"wrote {result['chosen']}" in " ".join(out.split())
+
+
+def test_build_keeps_the_base_when_nothing_clears_the_noise(
+    zoo_index, tiny_base, tmp_path, capsys, monkeypatch
+):  # noqa: E501
+    import torch
+    from peft import PeftModel
+
+    from delta_router.cli import main
+    from delta_router.models.base import resolve_base
+    from delta_router.search import selector
+
+    monkeypatch.setattr(selector, "FEWSHOT_TRAIN_CONFIG", FEW_SHOT)
+    zoo_index.save(tmp_path / "index")
+    argv = ["build", *write_task(tmp_path, "fruit")[:2], "--index", str(tmp_path / "index"), "-k", "2",
+            "--confidence", "0.999999", "--output", "adapter",
+            "--out", str(tmp_path / "kept"), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["chosen"] == "base" and "no candidate beats the base" in result["verification"]["reason"]
+    base = resolve_base(tiny_base)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    kept = PeftModel.from_pretrained(base.load_model(), str(tmp_path / "kept"))  # a no-op adapter
+    torch.testing.assert_close(kept(ids).logits, base.load_model()(ids).logits)
+
+
+def test_unverified_build_merges_the_top_k_with_the_recipe(zoo_index, tmp_path, capsys, monkeypatch):
+    from delta_router.cli import main
+    from delta_router.merging.merger import PROVENANCE_FILE
+    from delta_router.search import selector
+
+    monkeypatch.setattr(selector, "FEWSHOT_TRAIN_CONFIG", FEW_SHOT)
+    zoo_index.save(tmp_path / "index")
+    argv = ["build", *write_task(tmp_path, "digits")[:2], "--index", str(tmp_path / "index"), "-k", "2",
+            "--no-verify", "--recipe", "ties", "--output", "adapter", "--rank", "3",
+            "--out", str(tmp_path / "adapter"), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    chosen = [c["model_id"] for c in result["selection"]["candidates"]]
+    assert len(chosen) == 2 and all(c.startswith("digits-") for c in chosen)
+    assert result["verification"] is None and result["chosen"] == "top-2 ties"
+    provenance = json.loads((tmp_path / "adapter" / PROVENANCE_FILE).read_text())
+    assert [m["model_id"] for m in provenance["models"]] == chosen
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 3
-    assert main([*argv[:-2], "--rank", "3", "--out", str(tmp_path / "other")]) == 2  # rank: adapters only
+    model_argv = [a for a in argv if a not in ("--output", "adapter")]
+    assert main([*model_argv[:-3], "--out", str(tmp_path / "other")]) == 2  # rank: adapters only
     assert "output='adapter'" in capsys.readouterr().err
 
 

@@ -47,6 +47,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    if args.suite == "unseen":
+        return cmd_unseen_suite(args)
     from delta_router.experiments.compare import (
         CompareConfig,
         SelectionComparison,
@@ -60,7 +62,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     zoo = Zoo(args.zoo, args.base, progress=False)
     config = CompareConfig(
         ks=tuple(args.k or (1, 3, 5)), recipes=tuple(args.recipe or ("linear", "ties")), seeds=args.seeds,
-        examples=args.examples, eval_size=args.eval_size, limit=args.limit, method=args.method,
+        examples=args.examples, eval_size=args.eval_size or 300, limit=args.limit, method=args.method,
         hub_size=args.lorahub, hub_budget=args.lorahub_budget,
     )  # fmt: skip
     tasks = [
@@ -71,12 +73,40 @@ def cmd_compare(args: argparse.Namespace) -> None:
     rows = comparison.run(args.domains or ([] if tasks else zoo.spec.domains))
     for task in tasks:
         rows += comparison.run_task(*task)
-    out = write_report(rows, args.out, "delta-router " + " ".join(sys.argv[1:]))
+    out = write_report(rows, args.out or "reports/compare", "delta-router " + " ".join(sys.argv[1:]))
     if args.json:
         emit(args, summarize(rows))
         return
     console.print(gain_table(summarize(rows)))
     console.print(f"written to {out} (compare.md with every condition, compare.json, gains.png, compare.png)")
+
+
+def cmd_unseen_suite(args: argparse.Namespace) -> None:
+    """``compare --suite unseen``: build on tasks outside the zoo's datasets (``experiments.unseen``)."""
+    from delta_router.experiments.unseen import UNSEEN_SUITE, SuiteConfig, UnseenSuite, write_report
+    from delta_router.zoo.zoo import Zoo
+
+    unknown = sorted(set(args.domains or []) - set(UNSEEN_SUITE))
+    if unknown:
+        raise DeltaRouterError(f"unknown unseen tasks {unknown}; the suite has {', '.join(UNSEEN_SUITE)}")
+    config = SuiteConfig(
+        k=(args.k or [3])[0], examples=args.examples, held_out=args.eval_size or 200, seeds=args.seeds
+    )
+    suite = UnseenSuite(Zoo(args.zoo, args.base, progress=False).load_index(), config, progress=not args.json)
+    out = args.out or "reports/unseen"
+    command = "delta-router " + " ".join(sys.argv[1:])
+    results = []
+    for task in args.domains or UNSEEN_SUITE:  # the report is rewritten after each task
+        results.append(suite.run_task(task))
+        write_report(results, out, command)
+    table = Table(title=f"unseen tasks: accuracy (%) on {config.held_out} held-out records -> {out}")
+    for col in ("task", "returned model", "base", "returned", "random merge", "oracle single"):
+        table.add_column(col)
+    for r in results:
+        acc = {name: f"{100 * a['mean']:.1f}" for name, a in r["accuracy"].items()}
+        columns = ("base", "returned", "random merge", "oracle single")
+        table.add_row(r["task"], r["returned"], *(acc[c] for c in columns))
+    emit(args, results, table)
 
 
 def cmd_ablations(args: argparse.Namespace) -> None:
@@ -165,13 +195,15 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", action="append", help="merge recipe (default linear, ties)")
     p.add_argument("--seeds", type=POSITIVE, default=5, help="random merges per setting (default 5)")
     p.add_argument("--examples", type=POSITIVE, default=20, help="few-shot examples per task (default 20)")
-    p.add_argument("--eval-size", type=POSITIVE, default=300, help="held-out records per domain")
+    p.add_argument("--eval-size", type=POSITIVE, help="held-out records per domain (300; suite: 200)")
     p.add_argument("--limit", type=POSITIVE, help="lm-eval document limit per task")
     p.add_argument("--method", choices=SELECTION_METHODS, default="finetune", help="selection method")
     p.add_argument("--lorahub", type=NON_NEGATIVE, default=5, metavar="N",
                    help="LoraHub protocol: top-1 + N-1 random vs N random (0: skip; default 5)")  # fmt: skip
     p.add_argument("--lorahub-budget", type=POSITIVE, default=40, help="loss evaluations per LoraHub search")
-    p.add_argument("--out", default="reports/compare", help="report directory (default reports/compare)")
+    p.add_argument("--suite", choices=("unseen",),
+                   help="unseen: build on tasks no zoo trains on (--domain picks tasks)")  # fmt: skip
+    p.add_argument("--out", help="report directory (default reports/compare; --suite: reports/unseen)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("ablations", parents=[common], help="rerun the paper's analyses on a zoo")

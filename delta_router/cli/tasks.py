@@ -29,12 +29,16 @@ def cmd_build(args: argparse.Namespace) -> None:
         args.examples, ModelIndex.load(args.index), args.out, k=args.k, recipe=args.recipe,
         method=args.method, weighting=args.weighting, eval_examples=args.eval, seed=args.seed,
         output=args.output, rank=args.rank, force=args.force, progress=not args.json,
+        verify=args.verify, confidence=args.confidence, folds=args.folds,
     )  # fmt: skip
     if args.json:
         emit(args, result.to_dict())
         return
     console.print(selection_table(result.selection, f"selected for {args.examples}"))
-    console.print(f"merged ({args.output}) with {args.recipe}, {args.weighting} weights: {result.out_dir}")
+    if result.verdict is not None:
+        console.print(verification_table(result.verdict))
+        console.print(result.verdict.reason)
+    console.print(f"wrote {result.chosen} ({args.output}) to {result.out_dir}")
     if result.scores:
         table = Table(title=f"held-out scores on {args.eval}")
         for col in ("model", "n", "acc", "nll / token"):
@@ -44,6 +48,24 @@ def cmd_build(args: argparse.Namespace) -> None:
             table.add_row(name, str(score.n), acc, f"{score.nll:.4f}")
         console.print(table)
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+
+
+def verification_table(verdict) -> Table:
+    """One row per candidate: accuracy and gain over the base on the examples, with intervals."""
+    table = Table(title=f"candidates on the examples (returned: {verdict.chosen})")
+    for col in ("candidate", "kind", "acc [95%]", "utility", "gain over base [95%]", "lower bound"):
+        table.add_column(col)
+    for r in verdict.results:
+        acc = r.accuracy
+        acc_text = "-" if acc is None else f"{acc.mean:.3f} [{acc.low:.2f}, {acc.high:.2f}]"
+        gain, bound = "-", "-"
+        if r.gain is not None:
+            g = r.gain.interval
+            gain, bound = f"{g.mean:+.4f} [{g.low:+.3f}, {g.high:+.3f}]", f"{r.gain.bound:+.4f}"
+        kind = r.origin + (" (CV)" if r.cross_validated else "")
+        name = f"[bold]{r.name}[/bold]" if r.name == verdict.chosen else r.name
+        table.add_row(name, kind, acc_text, f"{r.scores.utility.mean():.4f}", gain, bound)
+    return table
 
 
 def cmd_lorahub(args: argparse.Namespace) -> None:
@@ -81,7 +103,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     commands = {}
     for name, func, text in (("select", cmd_select, "rank indexed finetunes for examples of a task"),
                              ("lorahub", cmd_lorahub, "select the top-k adapters, learn LoraHub weights"),
-                             ("build", cmd_build, "select the top-k for a task and merge them")):  # fmt: skip
+                             ("build", cmd_build, "select, merge, verify: a model for a task")):  # fmt: skip
         p = commands[name] = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("--examples", required=True, help="JSONL/CSV of the task's examples (>= 5, ~20)")
         p.add_argument("--index", required=True, help="index directory")
@@ -101,7 +123,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
 
     build = commands["build"]
     build.add_argument("--out", required=True, help="output model directory")
-    build.add_argument("--recipe", default="ties",
+    build.add_argument("--recipe", default="linear",
                        help=f"merge recipe: {', '.join(available_recipes())} or a YAML path")  # fmt: skip
     build.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="merge weights")
     build.add_argument("--output", choices=("model", "adapter"), default="model",
@@ -111,5 +133,23 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     build.add_argument(
         "--eval", metavar="FILE", help="held-out examples: score merged vs best single vs random"
     )
-    build.add_argument("--seed", type=int, default=0, help="merge / random-baseline seed")
+    build.add_argument("--seed", type=int, default=0, help="merge / folds / random-baseline seed")
+    build.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="merge the top-k with --recipe without scoring candidates against the base",
+    )
+    build.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        help="a candidate replaces the base only if it beats it at this confidence (0.95)",
+    )
+    build.add_argument(
+        "--folds",
+        type=int,
+        default=2,
+        help="cross-validation folds for candidates trained on the examples (2)",
+    )
     build.add_argument("--force", action="store_true", help="replace a non-empty --out")

@@ -5,11 +5,12 @@ a ``Record`` rendered with the probes' Alpaca template (``Record.prompt``).
 """
 
 from delta_router.data.records import Record, load_records, write_records
-from delta_router.data.sources import DOMAINS, DomainSource
+from delta_router.data.sources import DOMAINS, UNSEEN_TASKS, DomainSource
 from delta_router.data.splits import MAX_RECORD_CHARS, DomainSplits, load_domain
 
 __all__ = [
     "DOMAINS",
+    "UNSEEN_TASKS",
     "MAX_RECORD_CHARS",
     "DomainSource",
     "DomainSplits",

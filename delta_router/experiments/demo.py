@@ -64,7 +64,7 @@ def run_demo(base: str | BaseLM = DEFAULT_BASE, zoo: str = "small", eval_size: i
     clock = time.perf_counter()
     result.build = build_merged_model(
         built.splits(domain).fewshot[:20], index, cache_dir("demo") / f"merged-{domain}",
-        k=min(2, len(index)), recipe="ties", force=True,
+        k=min(2, len(index)), force=True,
     )  # fmt: skip
     seconds[f"build: 20 {domain} examples -> merged model"] = time.perf_counter() - clock
 

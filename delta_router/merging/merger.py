@@ -78,6 +78,12 @@ class MergeRecipe:
     def method(self) -> str:
         return self.template["merge_method"]
 
+    def with_parameters(self, **parameters) -> MergeRecipe:
+        """This recipe with its global ``parameters`` updated (e.g. ``normalize=False``)."""
+        template = {**self.template, "parameters": {**self.template.get("parameters", {}), **parameters}}
+        options = ", ".join(f"{k}={v}" for k, v in sorted(parameters.items()))
+        return MergeRecipe(self.name, template, f"{self.source} ({options})")
+
     @property
     def adapter_combination(self) -> str:
         """PEFT's ``combination_type`` for this recipe's adapter merge; MergeError if it has none."""
@@ -151,10 +157,14 @@ class Merger:
         positive = [max(float(s), 0.0) for s in scores]
         return [s / sum(positive) for s in positive]
 
-    def _open(self, sources, scores) -> tuple[list[Finetune], list[float]]:
+    def _open(self, sources, scores, weights=None) -> tuple[list[Finetune], list[float]]:
         if not sources:
             raise MergeError("nothing to merge")
         finetunes = [s if isinstance(s, Finetune) else Finetune.open(s) for s in sources]
+        if weights is not None:
+            if len(weights) != len(finetunes):
+                raise MergeError(f"{len(weights)} weights for {len(finetunes)} models")
+            return finetunes, [float(w) for w in weights]
         return finetunes, self.weights(scores if scores is not None else [1.0] * len(finetunes))
 
     def merge(
@@ -164,14 +174,17 @@ class Merger:
         scores: Sequence[float] | None = None,
         provenance: dict | None = None,
         force: bool = False,
+        weights: Sequence[float] | None = None,
     ) -> Path:
-        """Merge ``sources`` (LoRA or full finetunes of the base) into a model at ``out_dir``."""
+        """Merge ``sources`` (LoRA or full finetunes of the base) into a model at ``out_dir``.
+
+        ``weights`` (one per source) replace the weighting of ``scores``."""
         from mergekit.config import MergeConfiguration
         from mergekit.merge import run_merge
         from mergekit.options import MergeOptions
 
         out_dir = refuse_existing(out_dir, force)
-        finetunes, weights = self._open(sources, scores)
+        finetunes, weights = self._open(sources, scores, weights)
         clock = time.perf_counter()
         paths = [materialize(ft, self.base) for ft in finetunes]
         materialize_s = time.perf_counter() - clock
@@ -201,6 +214,7 @@ class Merger:
         provenance: dict | None = None,
         force: bool = False,
         rank: int | None = None,
+        weights: Sequence[float] | None = None,
     ) -> Path:
         """PEFT-native merge of LoRA adapters into one adapter (``add_weighted_adapter``).
 
@@ -218,7 +232,7 @@ class Merger:
 
         out_dir = refuse_existing(out_dir, force)
         combination = self.recipe.adapter_combination
-        finetunes, weights = self._open(sources, scores)
+        finetunes, weights = self._open(sources, scores, weights)
         if any(ft.kind != "lora" for ft in finetunes):
             raise MergeError("an adapter merge needs LoRA adapters only; merge full models with merge()")
         names = [f"m{i}" for i in range(len(finetunes))]

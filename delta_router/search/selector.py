@@ -133,7 +133,7 @@ class TaskSelector:
         clock = time.perf_counter()
         adapter = None
         if self.method == "finetune":
-            adapter = self._task_finetune(records, digest)
+            adapter = self.task_finetune(records)
             seconds = {"finetune": time.perf_counter() - clock}
             clock = time.perf_counter()
             query = self.embedder.embed_one(adapter, f"task-{digest[:12]}").vector
@@ -149,8 +149,9 @@ class TaskSelector:
         logger.info("selected %s (%s)", [h.model_id for h in hits], self.method)
         return Selection(self.method, digest, len(records), hits, query, seconds, adapter and str(adapter))
 
-    def _task_finetune(self, records: list[Record], digest: str) -> Path:
-        """The few-shot LoRA of the examples, cached by examples + recipe + base."""
+    def task_finetune(self, records: Sequence[Record]) -> Path:
+        """The few-shot LoRA of ``records``, trained once and cached by examples + recipe + base."""
+        digest = records_hash(records)
         config_hash = hashlib.sha256(json.dumps(self.train_config.to_dict()).encode()).hexdigest()[:8]
         out = cache_dir("tasks") / f"{digest[:16]}-{config_hash}-{self.embedder.base.fingerprint.id}"
         LoraTrainer(self.embedder.base, self.train_config, progress=self.progress).fit(

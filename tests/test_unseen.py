@@ -1,0 +1,50 @@
+"""The unseen-task suite on the tiny zoo: the flow, the cache and the report (real data: make unseen)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from delta_router.experiments import unseen
+from delta_router.experiments.unseen import SuiteConfig, UnseenSuite, write_report
+from delta_router.search import selector
+from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
+from delta_router.training.trainer import TrainConfig
+from delta_router.zoo.zoo import Zoo, ZooSpec
+
+FEW_SHOT = TrainConfig(max_steps=3, batch_size=8, learning_rate=1e-2)
+
+
+@pytest.fixture()
+def suite(tiny_base, tmp_path, monkeypatch):
+    spec = ZooSpec("tiny", tuple(SYNTHETIC_WORDS), parts=3, train_size=24, train=FEW_SHOT)
+    splits = {name: synthetic_domain(name) for name in SYNTHETIC_WORDS}
+    index = Zoo(spec, tiny_base, root=tmp_path / "zoo", progress=False, splits=splits).build()
+    monkeypatch.setattr(selector, "FEWSHOT_TRAIN_CONFIG", FEW_SHOT)
+
+    def fake_task(name, seed=0, test_size=200, fewshot_size=20, train_cap=1):  # "digits" stands in
+        split = synthetic_domain("digits", n=60, seed=seed + 5)
+        split.manifest.update(package="synthetic", version="0", wheel_sha256="-", members=[])
+        split.fewshot, split.test = split.test[:fewshot_size], (split.fewshot + split.test)[:test_size]
+        return split
+
+    monkeypatch.setattr(unseen, "load_domain", fake_task)
+    config = SuiteConfig(k=2, examples=10, held_out=12, seeds=2, screen=4, finalists=2)
+    return UnseenSuite(index, config, progress=False)
+
+
+def test_suite_scores_every_condition_and_reports(suite, tmp_path, monkeypatch):
+    result = suite.run_task("sciq")
+    acc = result["accuracy"]
+    assert {"base", "returned", "selected top-k", "task LoRA", "oracle single", "random merge"} <= set(acc)
+    assert len(result["random_accuracies"]) == 2 and result["oracle"] in suite.index.model_ids()
+    assert result["returned"] in [c["name"] for c in result["verification"]["candidates"]]
+    for interval in acc.values():
+        assert interval["low"] <= interval["mean"] <= interval["high"]
+    out = write_report([result], tmp_path / "report", "test")
+    assert json.loads((out / "results.json").read_text())[0]["task"] == "sciq"
+    assert "| sciq (n=12)" in (out / "README.md").read_text() and (out / "unseen.png").stat().st_size > 0
+
+    monkeypatch.setattr(unseen, "example_scores", lambda *a, **k: pytest.fail("scored again"))
+    assert suite.run_task("sciq")["accuracy"] == acc  # every held-out score comes from the cache
