@@ -50,7 +50,14 @@ class Finetune:
                     f"{path}: adapter has no {ADAPTER_WEIGHTS} (re-save it with "
                     "save_pretrained(..., safe_serialization=True))"
                 )
-            return cls(path, "lora", model_id)
+            finetune = cls(path, "lora", model_id)
+            peft_type = finetune.adapter_config.get("peft_type", "LORA")
+            if peft_type != "LORA":  # IA3, LOHA, LOKR, PREFIX_TUNING, ...: no low-rank delta to read
+                raise InvalidModelError(
+                    f"{path / ADAPTER_CONFIG}: peft_type {reprlib.repr(peft_type)} is not supported; "
+                    "delta-router reads LoRA adapters (LORA, with DoRA and rsLoRA) and full models"
+                )
+            return finetune
         if (path / "config.json").exists() and safetensors_files(path):
             return cls(path, "full", model_id)
         raise InvalidModelError(
@@ -107,9 +114,7 @@ class LoraFactors:
 
 def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseLM) -> LoraFactors:
     """Read and validate an adapter against the live base ``model`` (a causal LM)."""
-    cfg = finetune.adapter_config
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise InvalidModelError(f"{finetune.path}: peft_type {cfg.get('peft_type')} is not LORA")
+    cfg = finetune.adapter_config  # its peft_type was checked by Finetune.open
     _check_config_values(finetune.path / ADAPTER_CONFIG, cfg)
     weights_file = finetune.path / ADAPTER_WEIGHTS
     try:
