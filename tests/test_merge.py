@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from delta_router.errors import MergeError
+from delta_router.merging.candidates import Candidate, DeltaPatcher
 from delta_router.merging.merger import (
     PROVENANCE_FILE,
     Merger,
     MergeRecipe,
     available_recipes,
-    magnitude_prune,
     materialize,
 )
 from delta_router.models.base import resolve_base
 from delta_router.models.finetunes import Finetune
+from delta_router.testing import RandomAdapterFactory
 
 
 def test_the_issue_recipes_are_all_there():
@@ -88,9 +90,16 @@ def test_adapter_merge_stays_small_and_equals_the_linear_full_merge(tiny_base, a
         torch.testing.assert_close(via_adapter[name], tensor, atol=1e-5, rtol=1e-4)
 
 
-def test_adapter_merge_refuses_recipes_without_a_peft_counterpart(tiny_base, adapters, tmp_path):
-    with pytest.raises(MergeError, match="no PEFT adapter counterpart"):
-        Merger(tiny_base, "della", progress=False).merge_adapters(adapters[:2], tmp_path / "x")
+def test_adapter_merge_of_any_recipe_is_mergekit_merge_factored(tiny_base, adapters, tmp_path):
+    from peft import PeftModel
+
+    merger = Merger(tiny_base, "breadcrumbs", progress=False)  # deterministic: no random drops
+    full = AutoModelForCausalLM.from_pretrained(merger.merge(adapters[:2], tmp_path / "full")).state_dict()
+    small = merger.merge_adapters(adapters[:2], tmp_path / "adapter", rank=64)  # every layer's full rank
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(small))
+    merged = model.merge_and_unload().state_dict()
+    for name, tensor in full.items():
+        torch.testing.assert_close(merged[name], tensor, atol=1e-5, rtol=1e-4)
 
 
 def test_adapter_ties_is_mergekit_ties_of_the_deltas_at_the_chosen_rank(tiny_base, adapters, tmp_path):
@@ -127,38 +136,67 @@ def test_adapter_dare_ties_is_seeded(tiny_base, adapters, tmp_path):
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
-@pytest.mark.parametrize("density", [0.0, 0.2, 0.5, 0.9, 1.0])
-def test_magnitude_prune_keeps_what_peft_keeps(density):
-    from peft.utils.merge_utils import magnitude_based_pruning
+@pytest.fixture(scope="module")
+def mixed_adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
+    """Adapters that differ the way public finetunes do: rank, target modules, rsLoRA, DoRA."""
+    root = tmp_path_factory.mktemp("mixed")
+    kinds = {
+        "plain": {},
+        "rslora-qv-r4": {"r": 4, "alpha": 8, "targets": ("q_proj", "v_proj"), "use_rslora": True},
+        "r16": {"r": 16, "alpha": 16},
+        "dora-r4": {"r": 4, "alpha": 8, "use_dora": True},
+    }
+    return {
+        name: RandomAdapterFactory(tiny_base, **options).make(root / name, seed=i, scale=0.1)
+        for i, (name, options) in enumerate(kinds.items())
+    }
 
-    generator = torch.Generator().manual_seed(0)
-    for shape in [(48, 64), (64, 8), (7,)]:
-        tensor = torch.randn(shape, generator=generator)
-        expected = magnitude_based_pruning(tensor, density)
-        assert torch.equal(magnitude_prune(tensor, density), expected)
-        assert int((expected != 0).sum()) == int(density * tensor.numel())
+
+def exact_merge(tiny_base, members) -> dict[str, torch.Tensor]:
+    base = resolve_base(tiny_base)
+    model = base.load_model()
+    candidate = Candidate("exact", "merge", tuple((Finetune.open(p), w) for p, w in members))
+    with DeltaPatcher(model, base).patched(candidate) as patched:
+        return {k: v.clone() for k, v in patched.state_dict().items()}
 
 
-def test_peft_ties_still_prunes_through_the_function_merge_adapters_patches(tiny_base, adapters):
-    """``merge_adapters`` swaps in ``magnitude_prune`` for PEFT's ``magnitude_based_pruning``: fail
-    loudly if PEFT renames it, changes its signature, or stops calling it on the TIES path."""
-    import inspect
-    from unittest import mock
-
+@pytest.mark.parametrize("weights", [(0.5, 0.3, 0.2), (1.0, -0.5, 0.5)])
+def test_mixed_adapters_merge_exactly_as_adapter_and_as_model(tiny_base, mixed_adapters, tmp_path, weights):
+    """Different ranks, target modules, rsLoRA and negative weights: the adapter merge, mergekit's
+    full merge and the sum of the deltas agree."""
     from peft import PeftModel
-    from peft.utils import merge_utils
 
-    original = merge_utils.magnitude_based_pruning
-    assert list(inspect.signature(original).parameters) == ["tensor", "density"]
-    assert list(inspect.signature(magnitude_prune).parameters) == ["tensor", "density"]
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_base), str(adapters[0]), adapter_name="a"
-    )
-    model.load_adapter(str(adapters[1]), adapter_name="b")
-    combination = MergeRecipe.load("ties").adapter_combination
-    with mock.patch.object(merge_utils, "magnitude_based_pruning", wraps=original) as spy:
-        model.add_weighted_adapter(
-            ["a", "b"], [1.0, 1.0], "merged", combination_type=combination, density=0.5, svd_rank=4
-        )
-    assert spy.call_count > 0
-    assert all(call.args[1:] == (0.5,) or call.kwargs.get("density") == 0.5 for call in spy.call_args_list)
+    paths = [mixed_adapters[n] for n in ("plain", "rslora-qv-r4", "r16")]
+    exact = exact_merge(tiny_base, zip(paths, weights, strict=True))
+    merger = Merger(tiny_base, MergeRecipe.load("task_arithmetic").with_parameters(normalize=False))
+    full = AutoModelForCausalLM.from_pretrained(merger.merge(paths, tmp_path / "full", weights=weights))
+    small = merger.merge_adapters(paths, tmp_path / "adapter", weights=weights)
+    via_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(small))
+    for merged in (full.state_dict(), via_adapter.merge_and_unload().state_dict()):
+        for name, tensor in exact.items():
+            torch.testing.assert_close(merged[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_mixed_ties_adapter_is_mergekit_ties(tiny_base, mixed_adapters, tmp_path):
+    from peft import PeftModel
+
+    paths = [mixed_adapters[n] for n in ("plain", "rslora-qv-r4", "r16")]
+    merger = Merger(tiny_base, "ties", progress=False)
+    full = AutoModelForCausalLM.from_pretrained(merger.merge(paths, tmp_path / "full")).state_dict()
+    small = merger.merge_adapters(paths, tmp_path / "adapter", rank=64)  # every layer's full rank
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(small))
+    merged = model.merge_and_unload().state_dict()
+    for name, tensor in full.items():
+        torch.testing.assert_close(merged[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_dora_merges_into_a_model_exactly_and_is_refused_as_an_adapter(tiny_base, mixed_adapters, tmp_path):
+    paths = [mixed_adapters["plain"], mixed_adapters["dora-r4"]]
+    exact = exact_merge(tiny_base, [(p, 0.5) for p in paths])
+    merger = Merger(tiny_base, "linear", progress=False)
+    full = AutoModelForCausalLM.from_pretrained(merger.merge(paths, tmp_path / "full")).state_dict()
+    for name, tensor in exact.items():
+        torch.testing.assert_close(full[name], tensor, atol=1e-5, rtol=1e-4)
+    with pytest.raises(MergeError, match="uses DoRA.*--output model"):
+        merger.merge_adapters(paths, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()

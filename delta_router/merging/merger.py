@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from unittest import mock
 
 import torch
 import yaml
@@ -27,7 +27,7 @@ import yaml
 from delta_router.errors import MergeError
 from delta_router.home import atomic_directory, atomic_write_text, cache_dir, refuse_existing
 from delta_router.models.base import DEFAULT_BASE, BaseLM, resolve_base
-from delta_router.models.finetunes import Finetune, fold_lora
+from delta_router.models.finetunes import Finetune, fold_lora, iter_full_weights
 from delta_router.versions import package_versions
 
 logger = logging.getLogger(__name__)
@@ -35,17 +35,6 @@ logger = logging.getLogger(__name__)
 # The recipes: the repository's top-level merge_recipes/, installed as delta_router.merge_recipes
 # (pyproject.toml maps it), so they are found the same way in a checkout and from a wheel.
 RECIPE_DIR = Path(str(resources.files("delta_router.merge_recipes")))
-# Recipes with a PEFT ``add_weighted_adapter`` counterpart (output stays a small LoRA adapter).
-# "cat" stacks the weighted factors, so the merged delta is exactly sum_i w_i B_i A_i. The "*_svd"
-# combinations apply TIES / DARE-TIES to the full deltas B_i A_i, exactly as mergekit does, then
-# factor the result back with a truncated SVD. (PEFT's plain "ties" would trim and sign-elect the A
-# and B factors separately, which is not TIES of the deltas.)
-PEFT_COMBINATIONS = {
-    "linear": "cat",
-    "task_arithmetic": "cat",
-    "ties": "ties_svd",
-    "dare_ties": "dare_ties_svd",
-}
 PROVENANCE_FILE = "delta_router.json"
 WEIGHTINGS = ("uniform", "score")
 
@@ -86,13 +75,9 @@ class MergeRecipe:
 
     @property
     def adapter_combination(self) -> str:
-        """PEFT's ``combination_type`` for this recipe's adapter merge; MergeError if it has none."""
-        if self.method not in PEFT_COMBINATIONS:
-            raise MergeError(
-                f"recipe {self.name} ({self.method}) has no PEFT adapter counterpart; "
-                f"use one of {sorted(PEFT_COMBINATIONS)} or merge into a full model"
-            )
-        return PEFT_COMBINATIONS[self.method]
+        """How ``Merger.merge_adapters`` merges adapters with this recipe: ``"cat"`` (PEFT's stacked
+        factors, exact) for linear recipes, else ``"mergekit_svd"`` (mergekit's merge, factored)."""
+        return "cat" if self.method in ("linear", "task_arithmetic") else "mergekit_svd"
 
     def render(self, base_dir: str | Path, models: Sequence[tuple[str | Path, float]]) -> dict:
         """The mergekit configuration for ``models`` (path, weight) on ``base_dir``."""
@@ -216,82 +201,97 @@ class Merger:
         rank: int | None = None,
         weights: Sequence[float] | None = None,
     ) -> Path:
-        """PEFT-native merge of LoRA adapters into one adapter (``add_weighted_adapter``).
+        """Merge LoRA adapters into one LoRA adapter, exactly where a LoRA can hold the merge.
 
-        TIES-style recipes return the best rank-``rank`` approximation of the merged delta of each
-        layer (default: the sum of the adapters' ranks); linear ones are exact at any rank.
-
-        TIES prunes with ``magnitude_prune`` by patching ``peft.utils.merge_utils.magnitude_based_pruning``
-        for the duration of the merge: PEFT's ``add_weighted_adapter`` has no parameter or hook for a
-        pruning function, and a TIES of our own would duplicate PEFT's sign election, disjoint merge and
-        SVD refactoring. ``tests/test_merge.py`` fails if PEFT renames the function, changes its
-        signature or stops calling it on this path.
+        ``linear`` / ``task_arithmetic``: PEFT's ``add_weighted_adapter(combination_type="cat")``
+        stacks the weighted factors, so the adapter's delta is exactly ``sum_i w_i delta_i`` at any
+        rank, for adapters of different ranks, target modules, rsLoRA and negative weights (tested).
+        Every other recipe: mergekit merges the full models (as ``merge`` does), and each changed
+        layer's delta is factored back by a truncated SVD of rank ``rank`` (default: the sum of the
+        adapters' ranks, at most the layers' full rank): the best rank-``rank`` approximation of
+        mergekit's merge. (PEFT's own TIES-SVD of adapters differs from mergekit's TIES as soon as
+        ranks, target modules or rsLoRA differ.) DoRA adapters and ones with saved modules are
+        refused: no LoRA adapter holds their merge; merge them into a full model.
         """
-        from peft import PeftModel
-        from peft.utils import merge_utils
-
         out_dir = refuse_existing(out_dir, force)
-        combination = self.recipe.adapter_combination
         finetunes, weights = self._open(sources, scores, weights)
         if any(ft.kind != "lora" for ft in finetunes):
             raise MergeError("an adapter merge needs LoRA adapters only; merge full models with merge()")
-        names = [f"m{i}" for i in range(len(finetunes))]
-        base_model = self.base.load_model()
-        model = PeftModel.from_pretrained(base_model, str(finetunes[0].path), adapter_name=names[0])
-        for name, ft in zip(names[1:], finetunes[1:], strict=True):
-            model.load_adapter(str(ft.path), adapter_name=name)
-        density = self.recipe.template.get("per_model", {}).get("density")
-        peft_weights, options = weights, {}
-        if combination.endswith("_svd"):
-            rank = min(rank or sum(model.peft_config[name].r for name in names), _full_rank(model))
-            if self.recipe.template.get("parameters", {}).get("normalize", True):
-                # PEFT divides by the number of agreeing models, mergekit by their weight sum: weights
-                # scaled by k make the two equal for uniform weights (the default weighting).
-                peft_weights = [w * len(weights) for w in weights]
-            options = {"svd_rank": rank, "svd_full_matrices": False}
-        # DARE drops parameters at random: seeded, the caller's RNG untouched. TIES prunes by magnitude
-        # with ``magnitude_prune`` (the same entries as PEFT's own, 4x faster).
-        fast_prune = mock.patch.object(merge_utils, "magnitude_based_pruning", magnitude_prune)
-        with torch.random.fork_rng(), fast_prune:
-            torch.manual_seed(self.seed)
-            model.add_weighted_adapter(
-                names, peft_weights, "default", combination_type=combination, density=density, **options
-            )
-        model.set_adapter("default")  # deleting the active adapter would warn
-        for name in names:
-            model.delete_adapter(name)
+        for ft in finetunes:
+            cfg = ft.adapter_config
+            if cfg.get("use_dora") or cfg.get("modules_to_save"):
+                what = "DoRA" if cfg.get("use_dora") else "saved modules (modules_to_save)"
+                raise MergeError(
+                    f"{ft.path}: uses {what}; a merged LoRA adapter cannot hold it exactly: "
+                    "merge into a full model instead (--output model)"
+                )
         with atomic_directory(out_dir, force=force) as tmp:
-            model.save_pretrained(str(tmp), selected_adapters=["default"])
-            extra = {"output": "adapter", "peft_combination": combination, "density": density, "rank": rank}
+            if self.recipe.adapter_combination == "cat":
+                self._stack_adapters(finetunes, self._normalized(weights), tmp)
+                extra = {"peft_combination": "cat", "rank": None}
+            else:
+                rank = self._factor_merge(finetunes, weights, rank, tmp)
+                extra = {"peft_combination": "mergekit_svd", "rank": rank}
+            extra["output"] = "adapter"
             _write_provenance(tmp, self, finetunes, weights, scores, {**extra, **(provenance or {})})
         return out_dir
 
+    def _normalized(self, weights: list[float]) -> list[float]:
+        """``weights`` divided by their sum where the recipe normalises (as mergekit would)."""
+        total = sum(weights)
+        if self.recipe.template.get("parameters", {}).get("normalize", False) and total != 0:
+            return [w / total for w in weights]
+        return weights
 
-def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """``tensor`` with all but its ``density`` fraction of largest magnitudes set to zero.
+    def _stack_adapters(self, finetunes: list[Finetune], weights: list[float], out: Path) -> None:
+        """PEFT's ``cat`` combination of the weighted adapters, saved to ``out``."""
+        from peft import PeftModel
 
-    Patched in for PEFT's ``magnitude_based_pruning(tensor, density)`` during ``merge_adapters`` (same
-    signature; see there why a patch).
+        names = [f"m{i}" for i in range(len(finetunes))]
+        first = str(finetunes[0].path)
+        model = PeftModel.from_pretrained(self.base.load_model(), first, adapter_name=names[0])
+        for name, ft in zip(names[1:], finetunes[1:], strict=True):
+            model.load_adapter(str(ft.path), adapter_name=name)
+        model.add_weighted_adapter(names, weights, "default", combination_type="cat")
+        model.set_adapter("default")  # deleting the active adapter would warn
+        for name in names:
+            model.delete_adapter(name)
+        model.save_pretrained(str(out), selected_adapters=["default"])
 
-    PEFT's ``magnitude_based_pruning`` keeps the same entries (unless magnitudes tie exactly at the
-    threshold) with a ``topk`` of that fraction of the tensor; a ``kthvalue`` threshold is ~4x faster
-    on CPU (a 576x1536 delta: 45 -> 11 ms; a 3-adapter TIES merge of SmolLM2: 24 -> 14 s).
-    """
-    keep = int(density * tensor.numel())
-    if keep == 0:
-        return torch.zeros_like(tensor)
-    if keep >= tensor.numel():
-        return tensor.clone()
-    magnitude = tensor.abs()
-    threshold = magnitude.reshape(-1).kthvalue(tensor.numel() - keep).values
-    return tensor * (magnitude > threshold)
+    def _factor_merge(
+        self, finetunes: list[Finetune], weights: list[float], rank: int | None, out: Path
+    ) -> int:
+        """mergekit's merge of the adapters, each changed layer's delta factored at ``rank``: the rank."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
 
+        from delta_router.models.finetunes import ADAPTER_WEIGHTS, PEFT_PREFIX, load_lora_factors
 
-def _full_rank(model) -> int:
-    """The largest rank every LoRA layer of ``model`` can hold: min over layers of min(out, in)."""
-    from peft.tuners.lora import LoraLayer
-
-    return min(min(m.get_base_layer().weight.shape) for m in model.modules() if isinstance(m, LoraLayer))
+        base_model = self.base.load_model()
+        factors = [load_lora_factors(ft, base_model, self.base).factors for ft in finetunes]
+        modules = sorted(set().union(*factors))
+        params = dict(base_model.named_parameters())
+        full = {m: min(params[f"{m}.weight"].shape) for m in modules}  # each layer's largest rank
+        rank = min(rank or sum(int(ft.adapter_config.get("r", 8)) for ft in finetunes), max(full.values()))
+        ranks = {m: min(rank, full[m]) for m in modules}
+        with tempfile.TemporaryDirectory(dir=cache_dir("tmp")) as work:
+            merged = self.merge(finetunes, Path(work) / "merged", weights=weights)
+            merged_weights = dict(iter_full_weights(Finetune.open(merged), self.base))
+        tensors = {}
+        for module, r in ranks.items():
+            delta = merged_weights[f"{module}.weight"].to(torch.float32) - params[f"{module}.weight"].detach()
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = vh[:r].contiguous()
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (u[:, :r] * s[:r]).contiguous()
+        smaller = {m: r for m, r in ranks.items() if r < rank}  # layers too small for ``rank``
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, target_modules=modules, rank_pattern=smaller,
+            alpha_pattern=smaller, init_lora_weights=False,
+        )  # fmt: skip
+        config.base_model_name_or_path = str(self.base.path)
+        config.save_pretrained(str(out))
+        save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        return rank
 
 
 def _write_provenance(directory: Path, merger: Merger, finetunes, weights, scores, extra: dict) -> None:
