@@ -122,7 +122,7 @@ def test_build_keeps_the_base_when_nothing_clears_the_noise(
     monkeypatch.setattr(selector, "FEWSHOT_TRAIN_CONFIG", FEW_SHOT)
     zoo_index.save(tmp_path / "index")
     argv = ["build", *write_task(tmp_path, "fruit")[:2], "--index", str(tmp_path / "index"), "-k", "2",
-            "--confidence", "0.999999", "--output", "adapter",
+            "--prior", "base", "--confidence", "0.999999", "--output", "adapter",
             "--out", str(tmp_path / "kept"), "--json"]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)

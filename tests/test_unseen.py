@@ -37,9 +37,11 @@ def suite(tiny_base, tmp_path, monkeypatch):
 def test_suite_scores_every_condition_and_reports(suite, tmp_path, monkeypatch):
     result = suite.run_task("sciq")
     acc = result["accuracy"]
-    assert {"base", "returned", "selected top-k", "task LoRA", "oracle single", "random merge"} <= set(acc)
+    wanted = {"base", "returned (selection prior)", "returned (base prior)", "selected top-k", "task LoRA"}
+    assert wanted | {"oracle single", "random merge"} <= set(acc)
     assert len(result["random_accuracies"]) == 2 and result["oracle"] in suite.index.model_ids()
-    assert result["returned"] in [c["name"] for c in result["verification"]["candidates"]]
+    names = [c["name"] for c in result["verification"]["candidates"]]
+    assert set(result["returned"].values()) <= set(names) and set(result["candidates_held_out"]) == set(names)
     for interval in acc.values():
         assert interval["low"] <= interval["mean"] <= interval["high"]
     out = write_report([result], tmp_path / "report", "test")

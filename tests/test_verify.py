@@ -110,3 +110,22 @@ def test_more_candidates_make_the_bound_stricter():
     assert Gain.paired(cand, base, comparisons=10).bound < Gain.paired(cand, base, comparisons=1).bound
     with pytest.raises(ValueError, match="scored on 3 records"):
         choose(scores_of(base), [("short", "merge", scores_of(cand[:3]), False)])
+
+
+def test_selection_prior_keeps_its_merge_unless_the_examples_show_harm_or_a_clear_winner():
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.2, 0.6, 20)
+    neutral = base + rng.normal(0.0, 0.1, 20)
+    harmful, clear = base - 0.2 + rng.normal(0.0, 0.02, 20), base + 0.2 + rng.normal(0.0, 0.02, 20)
+
+    def verdict(prior: np.ndarray, *others: np.ndarray):
+        rows = [("merge", "merge", scores_of(prior), False)]
+        rows += [(f"other-{i}", "single", scores_of(u), False) for i, u in enumerate(others)]
+        return choose(scores_of(base), rows, default="merge")
+
+    kept = verdict(neutral)
+    assert kept.chosen == "merge" and "not shown to hurt" in kept.reason
+    assert verdict(harmful).chosen == BASE_MODEL_NAME and "hurts on the examples" in verdict(harmful).reason
+    assert verdict(harmful, clear).chosen == "other-0"
+    assert verdict(neutral, clear).chosen == "other-0"
+    assert verdict(neutral).with_prior(None).chosen == BASE_MODEL_NAME  # the same scores, the base prior

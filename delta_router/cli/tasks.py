@@ -29,7 +29,7 @@ def cmd_build(args: argparse.Namespace) -> None:
         args.examples, ModelIndex.load(args.index), args.out, k=args.k, recipe=args.recipe,
         method=args.method, weighting=args.weighting, eval_examples=args.eval, seed=args.seed,
         output=args.output, rank=args.rank, force=args.force, progress=not args.json,
-        verify=args.verify, confidence=args.confidence, folds=args.folds,
+        verify=args.verify, confidence=args.confidence, folds=args.folds, prior=args.prior,
     )  # fmt: skip
     if args.json:
         emit(args, result.to_dict())
@@ -141,10 +141,17 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
         help="merge the top-k with --recipe without scoring candidates against the base",
     )
     build.add_argument(
+        "--prior",
+        choices=("selection", "base"),
+        default="selection",
+        help="returned unless the examples say otherwise: selection = the top-k linear merge "
+        "(default), base = the base model",
+    )
+    build.add_argument(
         "--confidence",
         type=float,
         default=0.95,
-        help="a candidate replaces the base only if it beats it at this confidence (0.95)",
+        help="another candidate replaces the prior only if it beats the base at this confidence (0.95)",
     )
     build.add_argument(
         "--folds",

@@ -5,8 +5,19 @@ paired: the per-record differences of ``utility`` (the gold choice's probability
 for multiple choice, minus the answer NLL per token otherwise). ``Gain`` holds their mean and a
 two-sided Student-t interval (for people), plus the one-sided lower bound the decision uses, at
 ``1 - (1 - confidence) / comparisons``: a Bonferroni correction, because the best of m noisy
-candidates looks better than it is. ``choose`` keeps the base unless some candidate's lower bound is
-above 0, and then takes the candidate with the highest lower bound.
+candidates looks better than it is.
+
+``choose`` decides with a prior, the candidate returned unless the examples say otherwise:
+
+- ``default=None`` (prior: the base): keep the base unless some candidate's lower bound is above 0,
+  then take the candidate with the highest lower bound.
+- ``default=NAME`` (prior: the selection's merge): return ``NAME`` unless the examples show it hurts
+  (its gain's one-sided upper bound at ``harm_confidence`` is below 0: then decide as above), or
+  another candidate clearly beats the base (lower bound above 0) by more than ``NAME`` gains.
+
+Twenty examples rarely show a real gain beyond their noise (``reports/unseen``: a +6.5-point merge
+looked -1.8 on its 20 examples), so the base prior gives up most of what selection finds; the
+selection prior keeps it and still refuses a merge the examples show to hurt.
 """
 
 from __future__ import annotations
@@ -52,6 +63,8 @@ class Gain:
 
     interval: Interval
     bound: float
+    sem: float  # standard error of the mean difference
+    n: int
 
     @classmethod
     def paired(
@@ -59,10 +72,15 @@ class Gain:
     ) -> Gain:
         diff = np.asarray(candidate, dtype=float) - np.asarray(base, dtype=float)
         interval = Interval.of(diff, confidence)
-        n, alpha = len(diff), (1.0 - confidence) / max(comparisons, 1)
+        n = len(diff)
         sem = float(np.std(diff, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-        bound = interval.mean - (float(stats.t.ppf(1.0 - alpha, n - 1)) * sem if sem > 0 else 0.0)
-        return cls(interval, bound)
+        gain = cls(interval, 0.0, sem, n)
+        return cls(interval, gain.one_sided(1.0 - (1.0 - confidence) / max(comparisons, 1)), sem, n)
+
+    def one_sided(self, level: float, upper: bool = False) -> float:
+        """The mean gain's one-sided bound at ``level`` (lower, or ``upper``)."""
+        half = float(stats.t.ppf(level, self.n - 1)) * self.sem if self.sem > 0 else 0.0
+        return self.interval.mean + half if upper else self.interval.mean - half
 
     def to_dict(self) -> dict:
         return to_json(self)
@@ -114,6 +132,11 @@ class Verdict:
     def result(self, name: str) -> CandidateResult:
         return next(r for r in self.results if r.name == name)
 
+    def with_prior(self, default: str | None, harm_confidence: float = 0.8) -> Verdict:
+        """The decision on the same scores under another prior (``choose``'s ``default``)."""
+        rows = [(r.name, r.origin, r.scores, r.cross_validated) for r in self.results[1:]]
+        return choose(self.results[0].scores, rows, self.confidence, default, harm_confidence)
+
     def to_dict(self) -> dict:
         return {
             "chosen": self.chosen,
@@ -128,31 +151,51 @@ def choose(
     base: ExampleScores,
     candidates: Sequence[tuple[str, str, ExampleScores, bool]],
     confidence: float = 0.95,
+    default: str | None = None,
+    harm_confidence: float = 0.8,
 ) -> Verdict:
-    """Compare ``candidates`` ((name, origin, scores, cross_validated)) with ``base`` on the same records."""
+    """Compare ``candidates`` ((name, origin, scores, cross_validated)) with ``base`` on the same
+    records and pick one (see the module docstring for ``default``)."""
     if not 0.5 <= confidence < 1.0:
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+    gains: dict[str, Gain] = {}
     results = [CandidateResult(BASE_MODEL_NAME, "base", base, None)]
     for name, origin, scores, cv in candidates:
         if scores.n != base.n:
             raise ValueError(f"candidate {name!r} was scored on {scores.n} records, the base on {base.n}")
-        gain = Gain.paired(scores.utility, base.utility, confidence, comparisons=len(candidates))
-        results.append(CandidateResult(name, origin, scores, gain, cv))
-    scored = [r for r in results if r.gain is not None]
-    best = max(scored, key=lambda r: r.gain.bound, default=None)  # type: ignore[union-attr]
-    level = f"{confidence:.0%} (Bonferroni over {len(candidates)} candidates)"
-    if best is None or best.gain is None or best.gain.bound <= 0.0:
-        top = max(scored, key=lambda r: r.gain.interval.mean, default=None)  # type: ignore[union-attr]
-        reason = f"no candidate beats the base on the {base.n} examples at {level}"
-        if top is not None and top.gain is not None:
-            g = top.gain.interval
-            reason += (
-                f"; the best, {top.name}, gains {g.mean:+.3f} (95% interval {g.low:+.3f} to {g.high:+.3f})"
+        gains[name] = Gain.paired(scores.utility, base.utility, confidence, comparisons=len(candidates))
+        results.append(CandidateResult(name, origin, scores, gains[name], cv))
+    if default is not None and default not in gains:
+        raise ValueError(f"no candidate named {default!r}")
+    n, level = base.n, f"{confidence:.0%} (Bonferroni over {len(candidates)} candidates)"
+    clear = [name for name, gain in gains.items() if gain.bound > 0.0]
+    best = max(clear, key=lambda name: gains[name].bound, default=None)
+
+    def beats(name: str) -> str:
+        g = gains[name]
+        lower = f"lower bound {g.bound:+.3f} at {level}"
+        return f"{name} beats the base on the {n} examples by {g.interval.mean:+.3f} ({lower})"
+
+    def span(g: Gain) -> str:
+        return f"{g.interval.mean:+.3f} (95% interval {g.interval.low:+.3f} to {g.interval.high:+.3f})"
+
+    prefix = ""
+    if default is not None:
+        prior = gains[default]
+        upper = prior.one_sided(harm_confidence, upper=True)
+        if upper >= 0.0:
+            if best is not None and best != default and gains[best].interval.mean > prior.interval.mean:
+                return Verdict(best, beats(best), results, confidence)
+            reason = (
+                f"{default}, the selection's merge, is returned: on the {n} examples it gains {span(prior)}, "
+                f"not shown to hurt (upper bound {upper:+.3f} at {harm_confidence:.0%})"
             )
-        return Verdict(BASE_MODEL_NAME, reason, results, confidence)
-    g = best.gain.interval
-    reason = (
-        f"{best.name} beats the base on the {base.n} examples by {g.mean:+.3f} "
-        f"(lower bound {best.gain.bound:+.3f} at {level})"
-    )
-    return Verdict(best.name, reason, results, confidence)
+            return Verdict(default, reason, results, confidence)
+        prefix = f"{default}, the selection's merge, hurts on the examples (upper bound {upper:+.3f}); "
+    if best is not None:
+        return Verdict(best, prefix + beats(best), results, confidence)
+    reason = prefix + f"no candidate beats the base on the {n} examples at {level}"
+    if gains:
+        top = max(gains, key=lambda name: gains[name].interval.mean)
+        reason += f"; the best, {top}, gains {span(gains[top])}"
+    return Verdict(BASE_MODEL_NAME, reason, results, confidence)

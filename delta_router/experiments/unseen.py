@@ -37,7 +37,7 @@ from delta_router.evaluation.clustering import save_figure
 from delta_router.evaluation.scoring import SCORE_FIELDS, ExampleScores, example_scores
 from delta_router.evaluation.verification import Gain, Interval
 from delta_router.home import atomic_write_text, cache_dir
-from delta_router.merging.build import TaskVerifier, candidate_grid
+from delta_router.merging.build import TaskVerifier, candidate_grid, prior_candidate
 from delta_router.merging.candidates import Candidate
 from delta_router.model_ids import BASE_MODEL_NAME
 from delta_router.models.finetunes import Finetune
@@ -74,30 +74,23 @@ class UnseenSuite:
 
     def run_task(self, task: str) -> dict:
         cfg = self.config
-        splits = load_domain(
-            task, seed=cfg.seed, test_size=cfg.held_out, fewshot_size=cfg.examples, train_cap=1
-        )
+        sizes = {"test_size": cfg.held_out, "fewshot_size": cfg.examples, "train_cap": 1}  # no training
+        splits = load_domain(task, seed=cfg.seed, **sizes)
         examples, held_out = splits.fewshot, splits.test
         clock = time.perf_counter()
         selection = self.selector.select(examples, k=min(len(self.index), max(cfg.k, 5)))
-        task_lora = Finetune.open(selection.task_adapter, "task")
-        grid = candidate_grid(selection, task_lora, cfg.k)
+        grid = candidate_grid(selection, Finetune.open(selection.task_adapter, "task"), cfg.k)
         verifier = TaskVerifier(
             self.selector, examples, folds=cfg.folds, seed=cfg.seed, confidence=cfg.confidence, progress=False
         )
         try:
-            verdict = verifier.verify(grid)
-            chosen = next(c for c in grid if c.name == verdict.chosen)
-            returned = verifier.fit(chosen, examples, "final")
+            verdicts = {"selection": verifier.verify(grid, prior_candidate(grid, cfg.k))}
+            verdicts["base"] = verdicts["selection"].with_prior(None)
             build_seconds = time.perf_counter() - clock
-            logger.info("%s: build returned %s in %.0fs", task, verdict.chosen, build_seconds)
+            logger.info("%s: build returned %s in %.0fs", task, verdicts["selection"].chosen, build_seconds)
             score = _Scorer(verifier, task, held_out)
-            models = {
-                BASE_MODEL_NAME: score(grid[0]),
-                "returned": score(returned),
-                "selected top-k": score(next(c for c in grid if c.name == f"top-{cfg.k} linear")),
-                "task LoRA": score(next(c for c in grid if c.name == "task LoRA")),
-            }
+            # every candidate as build would write it (fitted ones refitted on all the examples)
+            candidates = {c.name: score(verifier.fit(c, examples, "final")) for c in grid}
             ids = self.index.model_ids()
             randoms = []
             for seed in range(cfg.seeds):
@@ -110,8 +103,19 @@ class UnseenSuite:
             oracle = max(finalists, key=lambda i: oracle_scores[i].correct.mean())
         finally:
             verifier.close()
-        models["oracle single"] = oracle_scores[oracle]
-        return _task_result(task, splits.manifest, selection, verdict, models, randoms, oracle, build_seconds)
+        models = {
+            BASE_MODEL_NAME: candidates[BASE_MODEL_NAME],
+            **{f"returned ({prior} prior)": candidates[v.chosen] for prior, v in verdicts.items()},
+            "selected top-k": candidates[f"top-{cfg.k} linear"],
+            "task LoRA": candidates["task LoRA"],
+            "oracle single": oracle_scores[oracle],
+        }
+        result = _task_result(task, splits.manifest, selection, verdicts, models, randoms, oracle)
+        result["build_seconds"] = build_seconds
+        result["candidates_held_out"] = {
+            name: Interval.of(s.correct.astype(float)).to_dict() for name, s in candidates.items()
+        }
+        return result
 
     def _finetune(self, model_id: str) -> Finetune:
         return Finetune.open(self.index.get(model_id).embedding.path, model_id)
@@ -149,19 +153,21 @@ class _Scorer:
         return scores
 
 
-def _task_result(task, manifest, selection, verdict, models, randoms, oracle, build_seconds) -> dict:
+def _task_result(task, manifest, selection, verdicts, models, randoms, oracle) -> dict:
     """Accuracies with intervals, gains over the base (paired) and over random merges (over seeds)."""
     base = models[BASE_MODEL_NAME]
     accuracy = {name: Interval.of(s.correct.astype(float)).to_dict() for name, s in models.items()}
-    random_means = [float(r.correct.mean()) for r in randoms]
-    accuracy["random merge"] = Interval.of(np.asarray(random_means)).to_dict()
+    random_means = np.asarray([float(r.correct.mean()) for r in randoms])
+    accuracy["random merge"] = Interval.of(random_means).to_dict()
     gains = {
         name: Gain.paired(s.correct.astype(float), base.correct.astype(float)).interval.to_dict()
         for name, s in models.items()
         if name != BASE_MODEL_NAME
     }
-    returned = float(models["returned"].correct.mean())
-    vs_random = Interval.of(returned - np.asarray(random_means)).to_dict()
+    vs_random = {
+        prior: Interval.of(float(models[f"returned ({prior} prior)"].correct.mean()) - random_means).to_dict()
+        for prior in verdicts
+    }
     return {
         "task": task,
         "description": UNSEEN_TASKS[task].description,
@@ -169,28 +175,35 @@ def _task_result(task, manifest, selection, verdict, models, randoms, oracle, bu
         "n_held_out": base.n,
         "data": {k: manifest[k] for k in ("package", "version", "wheel_sha256", "members", "seed")},
         "selected": [h.model_id for h in selection.hits],
-        "returned": verdict.chosen,
-        "reason": verdict.reason,
-        "verification": verdict.to_dict(),
+        "returned": {prior: v.chosen for prior, v in verdicts.items()},
+        "reason": {prior: v.reason for prior, v in verdicts.items()},
+        "verification": verdicts["selection"].to_dict(),
         "oracle": oracle,
-        "build_seconds": build_seconds,
         "accuracy": accuracy,
-        "random_accuracies": random_means,
+        "random_accuracies": random_means.tolist(),
         "gain_over_base": gains,
         "returned_minus_random": vs_random,
     }
 
 
+PRIOR_COLUMNS = ("returned (selection prior)", "returned (base prior)")
+
+
 def write_report(results: Sequence[dict], out_dir: str | Path, command: str) -> Path:
-    """``results.json``, ``README.md`` (one row per task, then the averages) and ``unseen.png``."""
+    """``results.json``, ``README.md`` (tables per task, then the averages) and ``unseen.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(list(results), indent=2))
-    columns = ["base", "returned", "selected top-k", "random merge", "task LoRA", "oracle single"]
+    columns = ["base", *PRIOR_COLUMNS, "selected top-k", "random merge", "task LoRA", "oracle single"]
 
-    def cell(r: dict, name: str) -> str:
-        a = r["accuracy"].get(name)
-        return "-" if a is None else f"{100 * a['mean']:.1f} [{100 * a['low']:.1f}, {100 * a['high']:.1f}]"
+    def pct(a: dict | None, sign: str = "") -> str:
+        if a is None:
+            return "-"
+        return f"{100 * a['mean']:{sign}.1f} [{100 * a['low']:{sign}.1f}, {100 * a['high']:{sign}.1f}]"
+
+    def accuracy_row(r: dict) -> str:
+        cells = " | ".join(pct(r["accuracy"].get(c)) for c in columns)
+        return f"| {r['task']} (n={r['n_held_out']}) | {cells} |"
 
     lines = [
         "# Unseen-task suite: build on tasks no finetune of the index trained on",
@@ -199,31 +212,34 @@ def write_report(results: Sequence[dict], out_dir: str | Path, command: str) -> 
         "",
         "Accuracy (%) on the held-out records, 95% intervals (per record; random merge: over seeds).",
         "",
-        "| task | selected (top-5) | returned | " + " | ".join(columns) + " | returned - base | "
-        "returned - random | build s |",
-        "|---|---|---|" + "---|" * (len(columns) + 3),
+        "| task | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+        *(accuracy_row(r) for r in results),
+        "",
+        "What build returned, and its gain (points) over the base (paired, 95%) and over the random merges:",
+        "",
+        "| task | selected (top-5) | prior | returned | - base | - random | build s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        g, v = r["gain_over_base"]["returned"], r["returned_minus_random"]
-        lines.append(
-            f"| {r['task']} (n={r['n_held_out']}) | {', '.join(r['selected'])} | {r['returned']} | "
-            + " | ".join(cell(r, c) for c in columns)
-            + f" | {100 * g['mean']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]"
-            + f" | {100 * v['mean']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]"
-            + f" | {r['build_seconds']:.0f} |"
-        )
+        for prior, column in zip(("selection", "base"), PRIOR_COLUMNS, strict=True):
+            lines.append(
+                f"| {r['task']} | {', '.join(r['selected'])} | {prior} | {r['returned'][prior]} | "
+                f"{pct(r['gain_over_base'][column], '+')} | {pct(r['returned_minus_random'][prior], '+')} | "
+                f"{r['build_seconds']:.0f} |"
+            )
     if results:
-        gains = [100 * r["gain_over_base"]["returned"]["mean"] for r in results]
-        vs_random = [100 * r["returned_minus_random"]["mean"] for r in results]
-        lines += [
-            "",
-            f"Over {len(results)} tasks: returned - base {np.mean(gains):+.1f} points on average "
-            f"(worst {min(gains):+.1f}); returned - random merge {np.mean(vs_random):+.1f} points.",
-            "",
-            "Why each build returned what it did:",
-            "",
-            *(f"- **{r['task']}**: {r['reason']}." for r in results),
-        ]
+        lines += ["", f"Over {len(results)} tasks:", ""]
+        for prior, column in zip(("selection", "base"), PRIOR_COLUMNS, strict=True):
+            gains = [100 * r["gain_over_base"][column]["mean"] for r in results]
+            vs_random = [100 * r["returned_minus_random"][prior]["mean"] for r in results]
+            lines.append(
+                f"- {prior} prior: returned - base {np.mean(gains):+.1f} points on average (worst task "
+                f"{min(gains):+.1f}); returned - random merge {np.mean(vs_random):+.1f} points."
+            )
+        lines += ["", "Why each build returned what it did:", ""]
+        for r in results:
+            lines += [f"- **{r['task']}**, {prior} prior: {why}." for prior, why in r["reason"].items()]
     lines += ["", "![accuracy per task](unseen.png)", ""]
     atomic_write_text(out_dir / "README.md", "\n".join(lines))
     _chart(results, columns, out_dir / "unseen.png")

@@ -8,7 +8,9 @@
    examples' own few-shot LoRA alone and merged with its neighbours;
 3. ``TaskVerifier`` scores each candidate on the examples (the index's finetunes never saw them;
    candidates that learn from them are scored by cross-validation), and ``verification.choose``
-   keeps the base unless a candidate beats it beyond the noise of the examples;
+   decides: with ``prior="selection"`` (default) the top-k linear merge is returned unless the
+   examples show it hurts or another candidate clearly beats it; with ``prior="base"`` the base is
+   kept unless a candidate beats it beyond the noise of the examples;
 4. the chosen candidate is written with mergekit (the base is copied when it is kept), with every
    score and interval in ``delta_router.json``, the model card (``README.md``) and the result.
 
@@ -45,6 +47,7 @@ from delta_router.search.selector import Selection, TaskSelector, read_examples
 logger = logging.getLogger(__name__)
 
 OUTPUTS = ("model", "adapter")
+PRIORS = ("selection", "base")  # what build returns unless the examples say otherwise
 SELECT_AT_LEAST = 5  # candidates are drawn from this many top finetunes, whatever k is
 IN_MEMORY_RECIPES = ("linear", "task_arithmetic")  # others are merged with mergekit to be scored
 
@@ -67,6 +70,15 @@ class BuildResult:
             "seconds": self.seconds,
             "scores": {name: score.to_dict() for name, score in self.scores.items()},
         }
+
+
+def prior_candidate(grid: list[Candidate], k: int) -> str:
+    """The name of the selection's own recommendation in ``grid``: the top-k linear merge (top-1 for k=1)."""
+    names = [c.name for c in grid]
+    wanted = f"top-{k} linear"
+    if wanted in names:
+        return wanted
+    return next(n for n in names if n.startswith("top-1 ("))
 
 
 def candidate_grid(
@@ -167,7 +179,8 @@ class TaskVerifier:
             order.extend(fold.tolist())
         return ExampleScores.concat(parts).subset(np.argsort(order))
 
-    def verify(self, grid: list[Candidate]) -> Verdict:
+    def verify(self, grid: list[Candidate], default: str | None = None) -> Verdict:
+        """Score ``grid`` (the base first) and decide with ``choose`` (prior ``default``)."""
         base = self.score(grid[0], self.records)
         scored = []
         for candidate in grid[1:]:
@@ -183,7 +196,9 @@ class TaskVerifier:
             scored.append((candidate.name, candidate.origin, scores, candidate.fitted))
             elapsed = time.perf_counter() - clock
             logger.info("%s: utility %.4f (%.1fs)", candidate.name, scores.utility.mean(), elapsed)
-        return choose(base, scored, self.confidence)
+        if default is not None and default not in {name for name, *_ in scored}:
+            default = None  # the prior candidate could not be scored: fall back to the base prior
+        return choose(base, scored, self.confidence, default)
 
 
 def build_merged_model(
@@ -203,6 +218,7 @@ def build_merged_model(
     verify: bool = True,
     confidence: float = 0.95,
     folds: int = 2,
+    prior: str = "selection",
 ) -> BuildResult:
     """Select finetunes for ``examples``, verify the candidates on them, write the chosen one to ``out_dir``.
 
@@ -218,6 +234,8 @@ def build_merged_model(
         raise ValueError(f"k must be at least 1, got {k}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
     recipe = MergeRecipe.load(recipe)  # every check before minutes of compute, not after
     out_dir = refuse_existing(out_dir, force)
     records = read_examples(examples)
@@ -251,7 +269,7 @@ def build_merged_model(
         )
         try:
             clock = time.perf_counter()
-            verdict = verifier.verify(grid)
+            verdict = verifier.verify(grid, prior_candidate(grid, k) if prior == "selection" else None)
             seconds["verify"] = time.perf_counter() - clock
             chosen = next(c for c in grid if c.name == verdict.chosen)
             clock = time.perf_counter()
