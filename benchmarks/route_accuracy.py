@@ -9,6 +9,9 @@ Methods, in one run:
   one base forward over its first ``tokens`` tokens, mean / last-token pooling;
 - ``arrow``: PEFT's Arrow (per-token routing over the same adapters, top_k=3); its decision for a
   query is the adapter with the largest routing weight summed over tokens and layers;
+- ``data-free (LODO)``: profiles predicted from each adapter's Delta Activation alone
+  (``routing.data_free``), the map fitted on the other domains' adapters (leave one domain out),
+  one row per ridge ``alpha``; queries encoded as the default router encodes them;
 - ``random``: a uniformly random adapter (expected accuracy 1 / #domains).
 
 Downstream (``--downstream N`` test records per domain): multiple-choice accuracy (or answer NLL for
@@ -32,6 +35,7 @@ import torch
 
 from delta_router import Zoo
 from delta_router.evaluation.scoring import score_records
+from delta_router.routing.data_free import leave_one_group_out
 from delta_router.routing.router import QueryEncoder, Router, query_text
 
 
@@ -62,12 +66,24 @@ class ArrowVotes:
         return winner
 
 
+def arrow_model(zoo, paths: list[str]):
+    """PEFT's Arrow over ``paths`` (top_k=3), in eval mode."""
+    from peft import ArrowConfig, create_arrow_model
+
+    config = ArrowConfig(top_k=3, router_temperature=1.0)
+    return create_arrow_model(zoo.base.load_model(), paths, config).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default="full")
     parser.add_argument("--queries", type=int, default=40, help="test records per domain to route")
     parser.add_argument("--downstream", type=int, default=8, help="test records per domain to score")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settings", nargs="+", default=["mean:256", "last:256", "mean:128", "mean:64"],
+                        help="router variants POOLING:TOKENS (mean:128 is the default router)")  # fmt: skip
+    parser.add_argument("--no-arrow", action="store_true", help="skip PEFT's Arrow (minutes)")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01, 0.03, 0.1])
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
@@ -84,36 +100,45 @@ def main() -> None:
     model, tokenizer = zoo.base.load_model(), zoo.base.load_tokenizer()
     decisions: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
-    routers = {}
-    for pooling, max_length in (("mean", 256), ("last", 256), ("mean", 128), ("mean", 64)):
+    routers, features = {}, {}
+    for setting in args.settings:
+        pooling, max_length = setting.split(":")[0], int(setting.split(":")[1])
         name = f"router ({pooling}, {max_length} tokens)"
         encoder = QueryEncoder.for_model(model, tokenizer, pooling=pooling, max_length=max_length)
         clock = time.perf_counter()
         routers[name] = Router.fit_zoo(zoo, encoder)
         fit_s = time.perf_counter() - clock
         clock = time.perf_counter()
-        routed = routers[name].route(encoder, texts)
+        features[name] = encoder(texts)
+        routed = routers[name].decide(features[name])
         seconds[name] = (time.perf_counter() - clock) / len(texts)
         decisions[name] = [d.adapters[0] for d in routed]
         print(f"{name}: profiles in {fit_s:.1f}s")
 
-    from peft import ArrowConfig, create_arrow_model
-
     ids = [m.id for m in members]
-    arrow = create_arrow_model(
-        zoo.base.load_model(), [paths[i] for i in ids], ArrowConfig(top_k=3, router_temperature=1.0)
-    ).eval()
-    votes = ArrowVotes(arrow, len(ids))
-    arrow_choice = []
-    clock = time.perf_counter()
-    for text in texts:
-        batch = tokenizer(text, truncation=True, max_length=256, return_tensors="pt")
-        with torch.inference_mode():
-            arrow.get_base_model().get_decoder()(**batch)
-        arrow_choice.append(ids[votes.take()])
-    seconds["arrow"] = (time.perf_counter() - clock) / len(texts)
-    decisions["arrow"] = arrow_choice
+    default = "router (mean, 128 tokens)"
+    if default in routers:  # data-free: the default router's query space, profiles from deltas alone
+        index = zoo.load_index()
+        reference = routers[default]
+        deltas = np.stack([index.get(i).embedding.vector for i in reference.model_ids])
+        groups = [domain_of[i] for i in reference.model_ids]
+        for alpha in args.alphas:
+            predicted = leave_one_group_out(deltas, reference.profiles, groups, alpha)
+            free = Router(reference.model_ids, predicted, reference.center, reference.base_fingerprint)
+            routed = free.decide(features[default])
+            decisions[f"data-free (LODO, alpha {alpha:g})"] = [d.adapters[0] for d in routed]
     decisions["random"] = [rng.choice(ids) for _ in texts]
+    arrow = None if args.no_arrow else arrow_model(zoo, [paths[i] for i in ids])
+    if arrow is not None:
+        votes = ArrowVotes(arrow, len(ids))
+        clock = time.perf_counter()
+        decisions["arrow"] = []
+        for text in texts:
+            batch = tokenizer(text, truncation=True, max_length=256, return_tensors="pt")
+            with torch.inference_mode():
+                arrow.get_base_model().get_decoder()(**batch)
+            decisions["arrow"].append(ids[votes.take()])
+        seconds["arrow"] = (time.perf_counter() - clock) / len(texts)
 
     print("\n| method | " + " | ".join(zoo.spec.domains) + " | all | s/query |")
     print("|---|" + "---|" * (len(zoo.spec.domains) + 2))
@@ -166,9 +191,11 @@ def main() -> None:
             for record, adapter in zip(records, adapters, strict=True):
                 groups[adapter].append(record)
             totals[method] = sum(score_with(adapter, group) for adapter, group in groups.items())
-        totals["arrow"] = score_records(arrow, tokenizer, records, max_length=256).main * len(records)
+        if arrow is not None:
+            totals["arrow"] = score_records(arrow, tokenizer, records, max_length=256).main * len(records)
         metric = "acc" if records[0].choices else "-nll"
-        cells = [f"{totals[m] / len(records):.3f}" for m in ("base", "random", "router", "arrow", "oracle")]
+        cells = [f"{totals[m] / len(records):.3f}" if m in totals else "-" for m in
+                 ("base", "random", "router", "arrow", "oracle")]  # fmt: skip
         print(f"| {domain} ({metric}) | " + " | ".join(cells) + " |", flush=True)
     print(f"\ndownstream scoring: {time.perf_counter() - clock:.0f}s")
 

@@ -61,3 +61,38 @@ def test_save_load_round_trip_and_checks(router, encoder, tiny_base, other_base,
         Router.load(tmp_path)
     with pytest.raises(DataError, match="profile examples"):
         Router.fit(encoder, resolve_base(tiny_base).fingerprint, {"a": ["x"], "b": []})
+
+
+def test_profile_map_interpolates_its_reference_and_refuses_too_little():
+    from delta_router.routing.data_free import ProfileMap, leave_one_group_out
+
+    rng = np.random.default_rng(0)
+    deltas, profiles = rng.normal(size=(6, 16)), rng.normal(size=(6, 16))
+    profiles /= np.linalg.norm(profiles, axis=1, keepdims=True)
+    mapping = ProfileMap(alpha=1e-3).fit(deltas, profiles)
+    nearest = (mapping.predict(deltas) @ profiles.T).argmax(1)
+    assert list(nearest) == list(range(6))  # each reference delta maps closest to its own profile
+    held_out = leave_one_group_out(deltas, profiles, ["a", "a", "b", "b", "c", "c"])
+    assert held_out.shape == profiles.shape and np.allclose(np.linalg.norm(held_out, axis=1), 1.0)
+    with pytest.raises(DataError, match=">= 2"):
+        ProfileMap().fit(deltas[:1], profiles[:1])
+
+
+def test_data_free_router_sends_queries_to_their_domain(tiny_base, encoder, tmp_path):
+    """Profiles from the indexed vectors alone, mapped by a reference zoo (here the same zoo)."""
+    from delta_router.routing.data_free import fit_data_free, reference_pairs
+    from delta_router.training.trainer import TrainConfig
+    from delta_router.zoo.zoo import Zoo, ZooSpec
+
+    spec = ZooSpec("tiny", tuple(SYNTHETIC_WORDS), parts=3, train_size=24,
+                   train=TrainConfig(max_steps=5, batch_size=8, learning_rate=1e-2))  # fmt: skip
+    splits = {name: synthetic_domain(name) for name in SYNTHETIC_WORDS}
+    zoo = Zoo(spec, tiny_base, root=tmp_path / "zoo", progress=False, splits=splits)
+    index = zoo.build()
+    deltas, reference = reference_pairs(zoo, encoder)
+    router = fit_data_free(index, deltas, reference)
+    assert router.model_ids == index.model_ids()
+    for domain in SYNTHETIC_WORDS:
+        queries = [query_text(r) for r in synthetic_domain(domain, seed=7).test]
+        picks = [d.adapters[0] for d in router.route(encoder, queries)]
+        assert np.mean([p.startswith(domain) for p in picks]) >= 0.9

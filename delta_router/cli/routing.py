@@ -34,8 +34,12 @@ def cmd_route_fit(args: argparse.Namespace) -> None:
     from delta_router.routing.router import QueryEncoder, Router
     from delta_router.zoo.zoo import Zoo
 
+    if args.data_free:
+        return _fit_data_free(args)
     if bool(args.zoo) == bool(args.examples):
-        raise DeltaRouterError("give the models' examples: --zoo NAME or --examples MODEL_ID=FILE ...")
+        raise DeltaRouterError(
+            "give the models' examples (--zoo NAME or --examples MODEL_ID=FILE ...) or --data-free"
+        )
     index = ModelIndex.load(args.index)
     examples = _router_examples(args)
     unknown = [m for m in examples if m not in index]
@@ -57,6 +61,31 @@ def cmd_route_fit(args: argparse.Namespace) -> None:
         raise DeltaRouterError(f"not in the index {args.index}: {', '.join(unknown)}")
     router.save(args.out, force=args.force)
     emit(args, {"router": args.out, "models": router.model_ids}, _ids_table(router.model_ids, args.out))
+
+
+def _fit_data_free(args: argparse.Namespace) -> None:
+    """``route fit --data-free``: profiles from the indexed vectors, mapped by a reference zoo."""
+    from delta_router.routing.data_free import fit_data_free, reference_pairs
+    from delta_router.routing.router import QueryEncoder
+    from delta_router.zoo.zoo import Zoo
+
+    if args.examples or args.zoo:
+        raise DeltaRouterError("--data-free uses no examples: drop --zoo / --examples (see --reference-zoo)")
+    index = ModelIndex.load(args.index)
+    if index.space is None:
+        raise DeltaRouterError(f"{args.index} is empty: add models before fitting a router")
+    refuse_existing(args.out, args.force, inputs=(args.index,))
+    base = resolve_base(index.space.base_name)
+    zoo = Zoo(args.reference_zoo, base, progress=False)
+    reference_index = zoo.load_index()
+    where = f"the reference zoo {args.reference_zoo}"
+    index.space.check_same(reference_index.space, f"the index {args.index}", where)
+    encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
+    deltas, reference = reference_pairs(zoo, encoder, progress=not args.json)
+    router = fit_data_free(index, deltas, reference)
+    router.save(args.out, force=args.force)
+    payload = {"router": args.out, "models": router.model_ids, "reference_zoo": args.reference_zoo}
+    emit(args, payload, _ids_table(router.model_ids, args.out))
 
 
 def _ids_table(ids: Sequence[str], where: str) -> Table:
@@ -138,6 +167,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", action="append", metavar="MODEL_ID=FILE", help="examples of a model's task")
     p.add_argument("--per-model", type=POSITIVE, default=32, help="examples per model (default 32)")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling (default: mean)")
+    p.add_argument("--data-free", action="store_true",
+                   help="profile every indexed model from its vector alone (no examples)")  # fmt: skip
+    p.add_argument("--reference-zoo", default="full",
+                   help="--data-free: the built zoo whose data fit the map (default full)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_route_fit)
     query = route.add_parser("query", parents=[common], help="where would these queries go?")

@@ -1,0 +1,119 @@
+"""Data-free router profiles: a finetune's Delta Activation mapped into the router's query space.
+
+A public finetune ships without its training data, so ``Router.fit`` has no prompts to profile it
+from. Its Delta Activation (its index vector) and its data-based profile are both final-layer
+states of the same base, and across finetunes whose data we do have (a *reference* zoo) the two
+geometries correspond: ``ProfileMap``, a kernel ridge regression from unit, centred deltas to
+profiles fitted on the reference pairs, predicts a profile for any finetune of the index from its
+vector alone (no data, no forward pass). Queries are centred as the reference router centres them.
+
+Measured leave-one-domain-out on the full zoo (the map is fitted without the domain it predicts):
+see ``benchmarks/route_accuracy.py --data-free`` and benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from delta_router.embedding.vectors import unit_rows
+from delta_router.errors import DataError
+from delta_router.home import cache_dir
+from delta_router.routing.router import QueryEncoder, Router
+from delta_router.search.index import ModelIndex
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ALPHA = 0.01  # ridge strength, from a leave-one-domain-out sweep on the full zoo (RESULTS.md)
+
+
+@dataclass
+class ProfileMap:
+    """Kernel ridge from Delta Activations ``[n, d]`` to unit router profiles ``[n, d]``.
+
+    ``predict(x) = unit(k(x) (K + alpha I)^-1 P)`` with the linear kernel of unit deltas centred on
+    the reference deltas' mean: a combination of the reference profiles, weighted by how the
+    finetune's delta relates to the reference deltas.
+    """
+
+    alpha: float = DEFAULT_ALPHA
+
+    def fit(self, deltas: np.ndarray, profiles: np.ndarray) -> ProfileMap:
+        if len(deltas) != len(profiles) or len(deltas) < 2:
+            raise DataError(
+                f"a profile map needs >= 2 (delta, profile) pairs, got {len(deltas)} / {len(profiles)}"
+            )
+        deltas = np.asarray(deltas, dtype=np.float64)
+        self.mean_ = deltas.mean(0)
+        self.reference_ = self._unit(deltas)
+        kernel = self.reference_ @ self.reference_.T
+        self.coef_ = np.linalg.solve(
+            kernel + self.alpha * np.eye(len(kernel)), np.asarray(profiles, np.float64)
+        )
+        return self
+
+    def predict(self, deltas: np.ndarray) -> np.ndarray:
+        """Unit profiles ``[m, d]`` (float32) of finetunes with Delta Activations ``deltas`` ``[m, d]``."""
+        predicted = self._unit(np.asarray(deltas, dtype=np.float64)) @ self.reference_.T @ self.coef_
+        return unit_rows(predicted.astype(np.float32))
+
+    def _unit(self, deltas: np.ndarray) -> np.ndarray:
+        centred = deltas - self.mean_
+        return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+
+
+def reference_pairs(zoo, encoder: QueryEncoder, progress: bool = False) -> tuple[np.ndarray, Router]:
+    """The reference of a built zoo: its domain finetunes' index vectors ``[n, d]`` and their
+    data-based ``Router`` (from their training prompts), cached under the home by zoo and space."""
+    index = zoo.load_index()
+    key = json.dumps(
+        [zoo.spec.name, index.space.to_dict(), encoder.layer, encoder.pooling, encoder.max_length]
+    )
+    directory = cache_dir("references") / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (directory / "router.json").exists():
+        router = Router.load(directory)
+    else:
+        router = Router.fit_zoo(zoo, encoder, progress=progress)
+        router.save(directory, force=True)
+    deltas = np.stack([index.get(m).embedding.vector for m in router.model_ids])
+    return deltas, router
+
+
+def fit_data_free(
+    index: ModelIndex,
+    reference_deltas: np.ndarray,
+    reference: Router,
+    alpha: float = DEFAULT_ALPHA,
+    **options,
+) -> Router:
+    """A ``Router`` over every model of ``index``, profiled from its vector by a ``ProfileMap`` fitted
+    on the reference pairs; queries centred like the reference router's."""
+    if index.space is None or len(index) == 0:
+        raise DataError("the index is empty: add finetunes before fitting a router")
+    mapping = ProfileMap(alpha).fit(reference_deltas, reference.profiles)
+    ids = index.model_ids()
+    vectors = np.stack([index.get(m).embedding.vector for m in ids])
+    settings = {"layer": reference.layer, "pooling": reference.pooling, "max_length": reference.max_length}
+    logger.info("data-free profiles for %d models from %d reference pairs", len(ids), len(reference_deltas))
+    return Router(
+        ids, mapping.predict(vectors), reference.center, reference.base_fingerprint, **settings,
+        base_name=reference.base_name, **options,
+    )  # fmt: skip
+
+
+def leave_one_group_out(
+    deltas: np.ndarray, profiles: np.ndarray, groups: list[str], alpha: float = DEFAULT_ALPHA
+) -> np.ndarray:
+    """Each finetune's profile predicted by a map fitted without its group (e.g. its domain): how the
+    data-free router does on finetunes of a kind the reference never held. ``[n, d]`` float32."""
+    groups_arr = np.asarray(groups)
+    predicted = np.zeros(np.shape(profiles), dtype=np.float32)
+    for group in sorted(set(groups)):
+        held = groups_arr == group
+        mapping = ProfileMap(alpha).fit(deltas[~held], profiles[~held])
+        predicted[held] = mapping.predict(deltas[held])
+    return predicted
