@@ -14,6 +14,11 @@ Methods, in one run:
   one row per ridge ``alpha``; queries encoded as the default router encodes them;
 - ``random``: a uniformly random adapter (expected accuracy 1 / #domains).
 
+Abstention (``--abstention PNG``): each domain in turn is withheld from the router (its adapters
+removed); over thresholds on the best cosine, the share of the withheld domain's queries sent to
+the base against the in-zoo accuracy (right adapter and not sent to the base), averaged over the
+withheld domains, for the default router and the data-free one (alpha 0.01); a table and a plot.
+
 Downstream (``--downstream N`` test records per domain): multiple-choice accuracy (or answer NLL for
 math/code) of the base, a random adapter, the router's top-1 adapter, Arrow, and the oracle
 (the domain's part-0 adapter).
@@ -66,6 +71,57 @@ class ArrowVotes:
         return winner
 
 
+THRESHOLDS = np.round(np.arange(0.0, 0.61, 0.05), 2)
+
+
+def abstention_curve(router: Router, features, labels: list[str], domain_of: dict) -> list[tuple]:
+    """(threshold, withheld queries sent to the base, in-zoo accuracy), averaged over withheld domains."""
+    sims = router.similarities(features)  # [Q, M]
+    labels_arr = np.asarray(labels)
+    domains = np.asarray([domain_of[m] for m in router.model_ids])
+    rows = []
+    for threshold in THRESHOLDS:
+        to_base, accuracy = [], []
+        for withheld in sorted(set(labels)):
+            keep = domains != withheld
+            best = sims[:, keep].max(1)
+            picked = domains[keep][sims[:, keep].argmax(1)]
+            outside = labels_arr == withheld
+            to_base.append(float((best[outside] < threshold).mean()))
+            accuracy.append(float(((picked == labels_arr) & (best >= threshold))[~outside].mean()))
+        rows.append((float(threshold), float(np.mean(to_base)), float(np.mean(accuracy))))
+    return rows
+
+
+def plot_abstention(curves: dict[str, list[tuple]], path: str) -> None:
+    """Print each curve as a table and plot accuracy lost against withheld queries sent to the base."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from delta_router.evaluation.clustering import save_figure
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, rows in curves.items():
+        print(f"\n{name}: | threshold | withheld -> base | in-zoo accuracy | lost (points) |")
+        print("|---|---|---|---|")
+        for t, to_base, acc in rows:
+            print(f"| {t:.2f} | {to_base:.0%} | {acc:.1%} | {100 * (rows[0][2] - acc):.1f} |")
+        lost = [100 * (rows[0][2] - acc) for _, _, acc in rows]
+        ax.plot([100 * b for _, b, _ in rows], lost, marker="o", label=name)
+        for (t, b, _), loss in zip(rows, lost, strict=True):
+            ax.annotate(f"{t:.2f}", (100 * b, loss), fontsize=6)
+    ax.axvline(80, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("withheld domain's queries sent to the base (%)")
+    ax.set_ylabel("in-zoo routing accuracy lost (points)")
+    ax.set_title("Abstention by best-cosine threshold (labels)")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    print(f"\nplot: {path}")
+
+
 def arrow_model(zoo, paths: list[str]):
     """PEFT's Arrow over ``paths`` (top_k=3), in eval mode."""
     from peft import ArrowConfig, create_arrow_model
@@ -84,6 +140,7 @@ def main() -> None:
                         help="router variants POOLING:TOKENS (mean:128 is the default router)")  # fmt: skip
     parser.add_argument("--no-arrow", action="store_true", help="skip PEFT's Arrow (minutes)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01, 0.03, 0.1])
+    parser.add_argument("--abstention", metavar="PNG", help="withheld-domain abstention curve, plotted here")
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
@@ -127,6 +184,15 @@ def main() -> None:
             free = Router(reference.model_ids, predicted, reference.center, reference.base_fingerprint)
             routed = free.decide(features[default])
             decisions[f"data-free (LODO, alpha {alpha:g})"] = [d.adapters[0] for d in routed]
+            if alpha == 0.01:
+                routers["data-free (LODO, alpha 0.01)"] = free
+        if args.abstention:
+            curves = {
+                name: abstention_curve(routers[name], features[default], [d for d, _ in queries], domain_of)
+                for name in (default, "data-free (LODO, alpha 0.01)")
+                if name in routers
+            }
+            plot_abstention(curves, args.abstention)
     decisions["random"] = [rng.choice(ids) for _ in texts]
     arrow = None if args.no_arrow else arrow_model(zoo, [paths[i] for i in ids])
     if arrow is not None:

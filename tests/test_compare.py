@@ -155,6 +155,9 @@ def test_every_ablation_runs_on_a_tiny_zoo(tiny_base, tmp_path):
     mix = results["additivity"]["mixtures"]["mix-fruit+digits"]
     assert -1 <= mix["cos(mix, A+B)"] <= 1
     assert results["fewshot"]["accuracy"]["activations"]["5"]["queries"] == 2
+    formats = results["task_format"]["retrieval"]
+    assert {"as given", "letter answers", "no options", "as given, centred"} <= set(formats)
+    assert all(0 <= row["top1"] <= row["top3"] <= 1 and row["tasks"] == 2 for row in formats.values())
     for name in ABLATIONS:
         assert (tmp_path / "reports" / f"{name}.md").exists()
     assert (tmp_path / "reports" / "fewshot.png").exists()

@@ -10,6 +10,10 @@
 3. ``robustness``: where finetunes with other rank / lr / data size land.
 4. ``additivity``: cos(delta(mix of A and B), delta(A) + delta(B)) vs pairs not involved.
 5. ``fewshot``: top-1 / top-3 domain retrieval vs the number of examples, both selection methods.
+6. ``task_format``: does a task's embedding follow its answer format or its content? 20 examples of
+   each multiple-choice domain embedded as they are, with the answer as its option letter, and
+   without the lettered options; top-1 / top-3 domain retrieval of each, plain and with the
+   zoo-wide common component removed (index and query vectors centred on the index mean).
 
 Embeddings are cached by content hash and space, few-shot finetunes by examples, so reruns are fast.
 """
@@ -211,6 +215,34 @@ class Ablations:
         self._line_plot(table, self.out_dir / "fewshot.png")
         return {"accuracy": table}
 
+    # ---- 6. answer format vs content of a task -------------------------------------------------
+    def task_format(self, size: int = 20) -> dict:
+        index = self.zoo.load_index().filtered(lambda e: e.tags.get("kind") == "domain")
+        entries = index.list()
+        vectors = np.stack([e.embedding.vector for e in entries])
+        domains = [e.tags["domain"] for e in entries]
+        common = vectors.mean(0)
+        selector = TaskSelector(index, progress=False)
+        rows: dict[str, dict[str, list[bool]]] = {}
+        for domain in self.zoo.spec.domains:
+            examples = self.zoo.splits(domain).fewshot[:size]
+            if examples[0].choices is None:
+                continue  # free-form answers have no letter or options to take away
+            for variant, records in format_variants(examples).items():
+                query = selector.select(records, k=3).query
+                for centred in (False, True):
+                    q, v = (query - common, vectors - common) if centred else (query, vectors)
+                    order = np.argsort(-(v @ q) / (np.linalg.norm(v, axis=1) * np.linalg.norm(q)))
+                    top = [domains[i] for i in order[:3]]
+                    key = f"{variant}{', centred' if centred else ''}"
+                    rows.setdefault(key, {"top1": [], "top3": []})
+                    rows[key]["top1"].append(top[0] == domain)
+                    rows[key]["top3"].append(domain in top)
+                    logger.info("task_format %s %s: %s", domain, key, top)
+        table = {key: {**{m: float(np.mean(hits)) for m, hits in r.items()}, "tasks": len(r["top1"])}
+                 for key, r in rows.items()}  # fmt: skip
+        return {"retrieval": table, "examples": size}
+
     def _line_plot(self, table: dict, path: Path) -> None:
         import matplotlib
 
@@ -247,4 +279,14 @@ ABLATIONS: dict[str, Callable[[Ablations], dict]] = {
     "robustness": Ablations.robustness,
     "additivity": Ablations.additivity,
     "fewshot": Ablations.fewshot,
+    "task_format": Ablations.task_format,
 }
+
+
+def format_variants(records) -> dict[str, list]:
+    """Multiple-choice ``records`` as they are, answered by option letter, and without the options."""
+    from dataclasses import replace
+
+    letters = [replace(r, output=chr(ord("A") + r.answer)) for r in records]
+    bare = [replace(r, input=r.input.split("\nA. ")[0]) for r in records]
+    return {"as given": list(records), "letter answers": letters, "no options": bare}
