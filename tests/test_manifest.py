@@ -48,3 +48,31 @@ def test_manifest_formats_and_malformed_lines(adapters, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"path": "x"}\n{"id": "no-path"}\n')
     assert main(["embed", "--manifest", str(bad)]) == 2
+
+
+def test_manifest_on_ray_gives_the_single_process_vectors(tiny_base, adapters, tmp_path, capsys):
+    """Ray Data on a local 2-CPU Ray: an actor pool with fractional CPUs, the same vectors."""
+    import numpy as np
+    import pytest
+
+    ray = pytest.importorskip("ray")
+    corrupt = shutil.copytree(adapters[3], tmp_path / "corrupt")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    rows = [{"path": str(a), "id": f"m{i}"} for i, a in enumerate(adapters)] + [{"path": str(corrupt)}]
+    manifest = tmp_path / "zoo.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["embed", "--manifest", str(manifest), "--base", str(tiny_base), "--json"]
+    assert main([*common, "--index", str(tmp_path / "local")]) == 1  # the corrupt one fails
+    capsys.readouterr()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        argv = [*common, "--index", str(tmp_path / "on-ray"), "--ray", "--ray-workers", "2"]
+        assert main(argv) == 1
+        out = json.loads(capsys.readouterr().out)
+    finally:
+        ray.shutdown()
+    assert sorted(out["embedded"]) == ["m0", "m1", "m2", "m3"] and len(out["failed"]) == 1
+    local, on_ray = ModelIndex.load(tmp_path / "local"), ModelIndex.load(tmp_path / "on-ray")
+    for model_id in out["embedded"]:
+        a, b = local.get(model_id).embedding.vector, on_ray.get(model_id).embedding.vector
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())

@@ -90,6 +90,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return cmd_embed_manifest(args)
     if not args.paths:
         raise DeltaRouterError("give finetune PATHs to embed, or --manifest FILE")
+    if args.ray:
+        raise DeltaRouterError("--ray embeds a manifest: give --manifest FILE")
     if args.index:
         cmd_index_add(args)
         return 0
@@ -117,7 +119,13 @@ def cmd_embed_manifest(args: argparse.Namespace) -> int:
     items = read_manifest(args.manifest)
     index = _load_or_new_index(args) if args.index else None
     embedder = embedder_from_args(args, index)
-    result = embed_manifest(embedder, items, index, args.index, progress=not args.json)
+    runner = None
+    if args.ray:
+        from delta_router.embedding.ray_jobs import ray_runner
+
+        address = None if args.ray == "local" else args.ray
+        runner = ray_runner(embedder.space, address, args.ray_workers, args.ray_cpus, args.ray_gpus)
+    result = embed_manifest(embedder, items, index, args.index, progress=not args.json, runner=runner)
     if args.failures:
         lines = [json.dumps(row) + "\n" for row in result.to_dict()["failed"]]
         atomic_write_text(Path(args.failures), "".join(lines))
@@ -265,6 +273,11 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", metavar="FILE",
                    help="JSONL/CSV of path, id, tags: resumable; bad items listed, exit 1")  # fmt: skip
     p.add_argument("--failures", metavar="FILE", help="with --manifest: write the failed items here (JSONL)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="with --manifest: embed on Ray Data (a cluster ADDRESS, or a local Ray)")  # fmt: skip
+    p.add_argument("--ray-workers", type=POSITIVE, default=2, help="--ray: embedding actors (default 2)")
+    p.add_argument("--ray-cpus", type=float, default=0.5, help="--ray: CPUs per actor (default 0.5)")
+    p.add_argument("--ray-gpus", type=float, default=0.0, help="--ray: GPUs per actor (default 0)")
     p.add_argument("--index", help="also add the embeddings to this index directory")
     p.add_argument("--out", help="write the embeddings (with vectors) to this JSON file")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")

@@ -6,6 +6,10 @@ columns as tags. ``embed_manifest`` embeds the items in chunks; with an index it
 and commits it as it finishes, so an interrupted job resumes where it stopped: an item whose
 content is already indexed under its id is skipped (vectors are also cached by content hash).
 Items that cannot be embedded are collected with their reason, never raised.
+
+Chunks run in this process by default, or on Ray (``embedding.ray_jobs``): ``embed_manifest``
+takes any ``ChunkRunner``, a function from the chunks to ``(chunk number, results)`` pairs in the
+order they finish, each result an ``Embedding`` or the reason its finetune failed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +28,9 @@ from delta_router.errors import DataError, DeltaRouterError
 from delta_router.models.finetunes import Finetune
 
 logger = logging.getLogger(__name__)
+
+ChunkResults = list["Embedding | str"]  # per finetune of a chunk: its embedding or why it failed
+ChunkRunner = Callable[[Sequence[Sequence[Finetune]]], Iterator[tuple[int, ChunkResults]]]
 
 
 @dataclass(frozen=True)
@@ -110,12 +118,14 @@ def embed_manifest(
     index=None,
     index_dir: str | Path | None = None,
     progress: bool = True,
+    runner: ChunkRunner | None = None,
 ) -> ManifestResult:
     """Embed every item; add each finished chunk to ``index`` and commit it to ``index_dir``.
 
     Each item is opened first (a missing or unreadable finetune, a bad or repeated id fails that
-    item only); the rest are embedded in chunks of ``embedder.adapters_per_batch``, and a chunk
-    that fails is retried item by item so that only the bad items fail.
+    item only); the rest are embedded in chunks of ``embedder.adapters_per_batch`` by ``runner``
+    (default: in this process, one chunk after another), and a chunk that fails is retried item by
+    item so that only the bad items fail.
     """
     result = ManifestResult()
     ready: list[tuple[ManifestItem, Finetune]] = []
@@ -139,16 +149,22 @@ def embed_manifest(
         ready.append((item, finetune))
 
     size = embedder.adapters_per_batch
+    chunks = [ready[start : start + size] for start in range(0, len(ready), size)]
+    run = runner or (lambda finetunes: _in_process(embedder, finetunes))
     with tqdm(total=len(ready), desc="embedding", unit="model", disable=not progress) as bar:
-        for start in range(0, len(ready), size):
-            chunk = ready[start : start + size]
-            done = _embed_chunk(embedder, chunk, result)
+        for number, results in run([[ft for _, ft in chunk] for chunk in chunks]):
+            done = []
+            for (item, _), outcome in zip(chunks[number], results, strict=True):
+                if isinstance(outcome, str):
+                    result.failures.append((item, outcome))
+                else:
+                    done.append((item, outcome))
             if index is not None and done:
-                for (item, _), embedding in done:
+                for item, embedding in done:
                     index.add(embedding, tags=item.tags)
                 index.save(index_dir)
             result.embedded += [embedding for _, embedding in done]
-            bar.update(len(chunk))
+            bar.update(len(chunks[number]))
     position = {id(item): n for n, item in enumerate(items)}
     result.failures.sort(key=lambda failure: position[id(failure[0])])  # in manifest order
     logger.info("manifest: %d embedded, %d skipped, %d failed", len(result.embedded),
@@ -156,18 +172,24 @@ def embed_manifest(
     return result
 
 
-def _embed_chunk(embedder: DeltaEmbedder, chunk, result: ManifestResult) -> list:
-    """``[((item, finetune), embedding)]`` of the chunk; failed items go to ``result.failures``."""
+def _in_process(
+    embedder: DeltaEmbedder, chunks: Sequence[Sequence[Finetune]]
+) -> Iterator[tuple[int, ChunkResults]]:
+    for number, chunk in enumerate(chunks):
+        yield number, embed_chunk(embedder, chunk)
+
+
+def embed_chunk(embedder: DeltaEmbedder, chunk: Sequence[Finetune]) -> ChunkResults:
+    """Each finetune's embedding, or the reason it failed (a failed chunk is retried one by one)."""
     try:
-        return list(zip(chunk, embedder.embed([ft for _, ft in chunk]), strict=True))
+        return list(embedder.embed(list(chunk)))
     except DeltaRouterError as exc:
         if len(chunk) == 1:
-            result.failures.append((chunk[0][0], str(exc)))
-            return []
-    done = []
-    for pair in chunk:  # find the bad ones
+            return [str(exc)]
+    results: ChunkResults = []
+    for finetune in chunk:  # find the bad ones
         try:
-            done.append((pair, embedder.embed([pair[1]])[0]))
+            results.append(embedder.embed([finetune])[0])
         except DeltaRouterError as exc:
-            result.failures.append((pair[0], str(exc)))
-    return done
+            results.append(str(exc))
+    return results
