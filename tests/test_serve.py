@@ -37,7 +37,7 @@ def backend(tiny_base, served_adapters) -> PeftBackend:
 @pytest.fixture(scope="module")
 def router(tiny_base, backend) -> Router:
     examples = {n: [query_text(r) for r in synthetic_domain(n).train[0]] for n in SYNTHETIC_WORDS}
-    return Router.fit(backend.encoder(), resolve_base(tiny_base).fingerprint, examples)
+    return Router.fit(backend.encoder(), resolve_base(tiny_base).fingerprint, examples, threshold=None)
 
 
 @pytest.fixture(scope="module")

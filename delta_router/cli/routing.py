@@ -88,6 +88,11 @@ def _fit_data_free(args: argparse.Namespace) -> None:
     emit(args, payload, _ids_table(router.model_ids, args.out))
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    """``--top-k``, and ``--threshold`` only when given (else the router's own)."""
+    return {"top_k": args.top_k} | ({} if args.threshold is None else {"threshold": args.threshold})
+
+
 def _ids_table(ids: Sequence[str], where: str) -> Table:
     table = Table(title=f"router at {where}: {len(ids)} models")
     table.add_column("model id")
@@ -99,7 +104,7 @@ def _ids_table(ids: Sequence[str], where: str) -> Table:
 def cmd_route_query(args: argparse.Namespace) -> None:
     from delta_router.routing.router import QueryEncoder, Router
 
-    router = Router.load(args.router, top_k=args.top_k, threshold=args.threshold)
+    router = Router.load(args.router, **_overrides(args))
     base = resolve_base(router.base_name)
     router.check_base(base.fingerprint, f"base {router.base_name}")
     encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), **router.encoder_options)
@@ -119,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from delta_router.serving import build_app
 
     listener = _listen(args.host, args.port)  # a busy port fails here, before any loading
-    router = Router.load(args.router, top_k=args.top_k, threshold=args.threshold) if args.router else None
+    router = Router.load(args.router, **_overrides(args)) if args.router else None
     index = ModelIndex.load(args.index)
     app = build_app(
         index, router, args.backend, args.max_loaded, args.max_batch, args.max_tokens, args.device
@@ -194,5 +199,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     for p in (query, serve):
         p.add_argument("--top-k", type=POSITIVE, default=1, help="adapters per query (weighted mix if > 1)")
         p.add_argument(
-            "--threshold", type=float_in(-1.0, 1.0), help="best cosine below this -> the base model"
+            "--threshold",
+            type=float_in(-1.0, 1.0),
+            help="best cosine below this -> the base (default: the router's own, 0.35 if fitted; -1: never)",
         )

@@ -38,6 +38,10 @@ from delta_router.serialize import to_json
 logger = logging.getLogger(__name__)
 
 ROUTER_FORMAT = 1
+# A fitted router sends a query to the base when its best cosine is below this. With each domain of
+# the full zoo withheld in turn, 0.35 sends 87% of the withheld domain's queries to the base and
+# costs 2.1 points of in-zoo routing accuracy (benchmarks/route_accuracy.py --abstention; RESULTS.md).
+DEFAULT_THRESHOLD = 0.35
 
 
 def query_text(record: Record) -> str:
@@ -131,7 +135,8 @@ class Router:
         progress: bool = False,
         **options,
     ) -> Router:
-        """Profiles from a few query texts per model id (``{model_id: [text, ...]}``)."""
+        """Profiles from a few query texts per model id (``{model_id: [text, ...]}``); ``threshold``
+        defaults to ``DEFAULT_THRESHOLD``."""
         empty = [m for m, texts in examples.items() if not texts]
         if empty or not examples:
             raise DataError(f"every model needs profile examples; none for {empty or 'any model'}")
@@ -141,6 +146,7 @@ class Router:
         profiles = unit_rows(means - center)
         logger.info("router fitted on %d models", len(profiles))
         settings = (encoder.layer, encoder.pooling, encoder.max_length)
+        options.setdefault("threshold", DEFAULT_THRESHOLD)
         return cls(list(examples), profiles, center, base_fingerprint, *settings, **options)
 
     @classmethod
