@@ -90,7 +90,7 @@ def test_data_free_router_sends_queries_to_their_domain(tiny_base, encoder, tmp_
     zoo = Zoo(spec, tiny_base, root=tmp_path / "zoo", progress=False, splits=splits)
     index = zoo.build()
     deltas, reference = reference_pairs(zoo, encoder)
-    router = fit_data_free(index, deltas, reference)
+    router = fit_data_free(index, deltas, reference, threshold=None)  # the mapping, not the fallback
     assert router.model_ids == index.model_ids()
     for domain in SYNTHETIC_WORDS:
         queries = [query_text(r) for r in synthetic_domain(domain, seed=7).test]
