@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from delta_router.models.base import resolve_base
-from delta_router.routing.router import BASE_ADAPTER, RouteDecision, Router, query_text
+from delta_router.routing.router import BASE_ADAPTER, QueryEncoder, RouteDecision, Router, query_text
 from delta_router.serving.app import create_app
 from delta_router.serving.backends import GenerationRequest, PeftBackend, VllmBackend
 from delta_router.serving.scheduler import BatchScheduler
@@ -256,3 +256,59 @@ def test_cli_route_fit_query_then_serve_the_index(tiny_base, adapters, tmp_path,
         == 2
     )
     assert "not in the index" in capsys.readouterr().err
+
+
+def test_adapters_register_and_leave_while_serving(tiny_base, other_base, adapters, tmp_path):
+    """POST /v1/adapters checks, embeds, profiles and serves a finetune in one step; DELETE undoes
+    it; a bad registration is a 4xx and changes nothing (index on disk, router, served models)."""
+    import shutil
+
+    from delta_router.cli import main
+    from delta_router.search.index import ModelIndex
+    from delta_router.serving import build_app
+    from delta_router.testing import RandomAdapterFactory
+
+    idx = tmp_path / "idx"
+    assert main(["index", "add", str(adapters[0]), str(adapters[1]), "--index", str(idx),
+                 "--base", str(tiny_base), "--id", "fruit", "--id", "digits"]) == 0  # fmt: skip
+    examples = {n: [query_text(r) for r in synthetic_domain(n).train[0]] for n in SYNTHETIC_WORDS}
+    base = resolve_base(tiny_base)
+    encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer())
+    router = Router.fit(encoder, base.fingerprint, examples, threshold=None)
+    foreign = RandomAdapterFactory(other_base).make(tmp_path / "foreign", seed=0)
+    corrupt = shutil.copytree(adapters[3], tmp_path / "corrupt")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"junk")
+    app = build_app(ModelIndex.load(idx), router, max_loaded=2, index_dir=idx)
+    with TestClient(app) as client:
+
+        def served() -> set[str]:
+            return {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+        before = served()
+        for body, status in (({"path": str(foreign), "id": "foreign"}, 400),
+                             ({"path": str(corrupt), "id": "corrupt"}, 400),
+                             ({"path": str(adapters[2]), "id": "fruit"}, 409),
+                             ({"path": str(adapters[2]), "id": "bad.id"}, 400)):  # fmt: skip
+            reply = client.post("/v1/adapters", json=body)
+            assert reply.status_code == status and reply.json()["error"]["message"]
+        assert served() == before and len(ModelIndex.load(idx)) == 2
+        assert router.model_ids == ["fruit", "digits"]
+
+        new = {"path": str(adapters[2]), "id": "new", "tags": {"domain": "x"}}
+        reply = client.post("/v1/adapters", json=new)
+        assert reply.status_code == 201 and reply.json()["profile"] == "data-free"
+        with_examples = {"path": str(adapters[3]), "id": "shown", "examples": examples["fruit"][:4]}
+        assert client.post("/v1/adapters", json=with_examples).json()["profile"] == "examples"
+        listed = {m["id"]: m.get("x_delta_router") for m in client.get("/v1/models").json()["data"]}
+        assert listed["new"]["domain"] == "x" and listed["new"]["base"] == str(tiny_base)
+        assert "new" in ModelIndex.load(idx) and "new" in router.model_ids
+        reply = client.post("/v1/completions", json={"model": "new", "prompt": "apple", "max_tokens": 2})
+        assert reply.status_code == 200 and reply.json()["model"] == "new"
+        auto = client.post("/v1/completions", json={"model": "auto", "prompt": "apple", "max_tokens": 2})
+        assert auto.status_code == 200
+
+        assert client.delete("/v1/adapters/new").status_code == 200
+        assert client.delete("/v1/adapters/new").status_code == 404
+        assert "new" not in served() and "new" not in ModelIndex.load(idx) and "new" not in router.model_ids
+        gone = client.post("/v1/completions", json={"model": "new", "prompt": "apple", "max_tokens": 2})
+        assert gone.status_code == 404

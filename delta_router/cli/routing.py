@@ -127,8 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     router = Router.load(args.router, **_overrides(args)) if args.router else None
     index = ModelIndex.load(args.index)
     app = build_app(
-        index, router, args.backend, args.max_loaded, args.max_batch, args.max_tokens, args.device
-    )
+        index, router, args.backend, args.max_loaded, args.max_batch, args.max_tokens, args.device,
+        index_dir=args.index,
+    )  # fmt: skip
     url = f"http://{args.host}:{args.port}/v1"
     info = {"url": url, "index": str(args.index), "models": len(index), "router": args.router,
             "backend": args.backend}  # fmt: skip

@@ -156,6 +156,19 @@ class Router:
         examples = {m.id: [query_text(r) for r in zoo.training_records(m)[:per_model]] for m in members}
         return cls.fit(encoder, zoo.base.fingerprint, examples, base_name=zoo.base.name, **options)
 
+    def add(self, model_id: str, profile: np.ndarray) -> None:
+        """Route to ``model_id`` too, with ``profile`` ([d], in this router's centred query space)."""
+        if model_id in self.model_ids:
+            raise DataError(f"{model_id!r} is routed already")
+        self.model_ids.append(model_id)
+        self.profiles = np.vstack([self.profiles, unit_rows(np.asarray(profile, np.float32)[None])])
+
+    def remove(self, model_id: str) -> None:
+        """Stop routing to ``model_id``."""
+        i = self.model_ids.index(model_id)
+        del self.model_ids[i]
+        self.profiles = np.delete(self.profiles, i, axis=0)
+
     # ---- routing -------------------------------------------------------------------------------
     def similarities(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
         """Cosine similarity of encoded queries ``[Q, d]`` to every profile: ``[Q, M]``."""

@@ -24,8 +24,12 @@ def build_app(
     max_batch: int = 8,
     max_tokens: int = 512,
     device: str = "cpu",
+    index_dir=None,
 ):
-    """The app serving every LoRA adapter of ``index`` (full finetunes are skipped, with a warning)."""
+    """The app serving every LoRA adapter of ``index`` (full finetunes are skipped, with a warning).
+
+    Its adapter registry (``POST``/``DELETE /v1/adapters``) commits changes to ``index_dir`` when
+    given (``serve --index DIR`` passes it), else keeps them in memory."""
     from delta_router.serving.app import create_app
     from delta_router.serving.backends import BACKENDS
     from delta_router.serving.scheduler import BatchScheduler
@@ -45,5 +49,9 @@ def build_app(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     options = {"device": device} if backend == "peft" else {}
+    from delta_router.serving.registry import AdapterRegistry
+
     engine = BACKENDS[backend](base, adapters, max_loaded=max_loaded, **options)
-    return create_app(BatchScheduler(engine, router, max_batch=max_batch), max_tokens_limit=max_tokens)
+    scheduler = BatchScheduler(engine, router, max_batch=max_batch)
+    registry = AdapterRegistry(index, scheduler, index_dir)
+    return create_app(scheduler, max_tokens_limit=max_tokens, registry=registry)

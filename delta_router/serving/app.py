@@ -1,8 +1,10 @@
 """OpenAI-compatible HTTP API over a ``BatchScheduler``: ``create_app(scheduler) -> FastAPI``.
 
 ``/v1/completions``, ``/v1/chat/completions`` (``stream: true`` -> server-sent events),
-``/v1/models``, ``/health``. ``model: "auto"`` routes, an adapter id pins it, ``"base"`` is the
-base model. Every response, streamed or not, names what served it (``model``,
+``/v1/models``, ``/health``, and with a registry ``POST /v1/adapters`` (register a finetune while
+serving: ``{"path", "id"?, "tags"?, "examples"?}``) and ``DELETE /v1/adapters/{id}``.
+``model: "auto"`` routes, an adapter id pins it, ``"base"`` is the base model. Every response,
+streamed or not, names what served it (``model``,
 ``x_delta_router.adapter`` and the ``X-Delta-Router-Adapter`` header). Bad requests, malformed
 bodies included, get OpenAI-style JSON errors with a 4xx status.
 
@@ -28,6 +30,7 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
+from delta_router.errors import DeltaRouterError, DuplicateModelError
 from delta_router.model_ids import AUTO_MODEL_NAME, BASE_ADAPTER, BASE_MODEL_NAME
 from delta_router.serving.backends import GenerationRequest, GenerationResult
 from delta_router.serving.scheduler import BatchScheduler, Job, run_job
@@ -127,8 +130,18 @@ def chat_prompt(messages: list[ChatMessage]) -> tuple[str, str]:
 
 
 # ---- the app ------------------------------------------------------------------------------------
-def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512) -> FastAPI:
-    """The API; starts the scheduler's worker with the app and stops it on shutdown."""
+class AdapterBody(BaseModel):
+    """``POST /v1/adapters``: a LoRA adapter directory (or cached HF id) to serve."""
+
+    path: str
+    id: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    examples: list[str] | None = None  # queries of its task: a profile from them, not data-free
+
+
+def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512, registry=None) -> FastAPI:
+    """The API; starts the scheduler's worker with the app and stops it on shutdown. ``registry``
+    (a ``serving.registry.AdapterRegistry``) enables ``/v1/adapters``."""
     backend = scheduler.backend
 
     @asynccontextmanager
@@ -178,10 +191,34 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512) -> FastAP
     @app.get("/v1/models")
     def models() -> dict:
         now = int(time.time())
-        data = [
-            {"id": m, "object": "model", "created": now, "owned_by": "delta-router"} for m in served_names()
-        ]
+        data = []
+        for name in served_names():
+            entry = {"id": name, "object": "model", "created": now, "owned_by": "delta-router"}
+            if registry is not None and name in registry.index:
+                entry["x_delta_router"] = registry.describe(name)
+            data.append(entry)
         return {"object": "list", "data": data}
+
+    @app.post("/v1/adapters", status_code=201)
+    def register(body: AdapterBody) -> dict:
+        if registry is None:
+            raise ApiError(404, "this server has no adapter registry")
+        try:
+            return registry.register(body.path, body.id, body.tags, body.examples)
+        except DuplicateModelError as err:
+            raise ApiError(409, str(err), "id", "model_exists") from err
+        except DeltaRouterError as err:
+            raise ApiError(400, str(err), "path", "invalid_adapter") from err
+
+    @app.delete("/v1/adapters/{model_id}")
+    def remove(model_id: str) -> dict:
+        if registry is None:
+            raise ApiError(404, "this server has no adapter registry")
+        try:
+            registry.remove(model_id)
+        except KeyError as err:
+            raise ApiError(404, f"model {model_id!r} is not served", "model_id", "model_not_found") from err
+        return {"id": model_id, "object": "model", "deleted": True}
 
     def make_job(body: SamplingFields, prompt: str, route_text: str) -> Job:
         if body.model not in served_names():

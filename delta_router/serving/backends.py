@@ -114,7 +114,22 @@ class RowDecoder:
         ]
 
 
-class PeftBackend:
+class AdapterSet:
+    """The served adapters of a backend, ``{id: directory}``, changed at run time by the registry."""
+
+    adapters: dict[str, Path]
+
+    def model_ids(self) -> list[str]:
+        return list(self.adapters)
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        self.adapters[name] = Path(path)
+
+    def remove_adapter(self, name: str) -> None:
+        del self.adapters[name]
+
+
+class PeftBackend(AdapterSet):
     """In-process generation with a lazily loaded, LRU-limited set of LoRA adapters."""
 
     name = "peft"
@@ -146,9 +161,6 @@ class PeftBackend:
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
 
     # ---- what the server asks ------------------------------------------------------------------
-    def model_ids(self) -> list[str]:
-        return list(self.adapters)
-
     def count_tokens(self, text: str) -> int:
         return len(self._counter(text)["input_ids"])
 
@@ -187,11 +199,23 @@ class PeftBackend:
             self.loaded[name] = None
         while len(self.loaded) > max(self.max_loaded, len(wanted)):
             victim = next(n for n in self.loaded if n not in wanted)
+            self._unload(victim)
+            logger.info("evicted adapter %s", victim)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving ``name``: unloaded, with every weighted mix that uses it."""
+        super().remove_adapter(name)
+        for mix in [m for m, (parts, _) in self.mixes.items() if name in parts]:
+            self._unload(mix)
+            del self.mixes[mix]
+        self._unload(name)
+
+    def _unload(self, name: str) -> None:
+        if name in self.loaded:
             with warnings.catch_warnings():  # "adapter X was active": the next batch sets its own
                 warnings.simplefilter("ignore", UserWarning)
-                self.peft.delete_adapter(victim)
-            del self.loaded[victim]
-            logger.info("evicted adapter %s", victim)
+                self.peft.delete_adapter(name)
+            del self.loaded[name]
 
     def _load(self, name: str) -> None:
         from peft import PeftModel
@@ -246,7 +270,7 @@ class PeftBackend:
         return decoder.results(batch["attention_mask"].sum(-1).tolist())
 
 
-class VllmBackend:
+class VllmBackend(AdapterSet):
     """vLLM multi-LoRA generation (GPU). Queries are still routed with an HF copy of the base.
 
     Top-1 routing only: vLLM serves one LoRA per request, so weighted mixes fall back to their
@@ -261,9 +285,6 @@ class VllmBackend:
         self.base, self.adapters = base, {k: Path(v) for k, v in adapters.items()}
         self.max_loaded, self.engine_options = max_loaded, engine_options
         self._hf = None
-
-    def model_ids(self) -> list[str]:
-        return list(self.adapters)
 
     def lora_request(self, adapter: str):
         """``LoRARequest`` for an adapter id; ``None`` for the base. Ids are stable across restarts."""

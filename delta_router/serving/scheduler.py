@@ -47,6 +47,8 @@ class BatchScheduler:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.stats = {"batches": 0, "requests": 0, "errors": 0}
+        # held while a batch is routed and generated, and while the registry changes what is served
+        self.lock = threading.RLock()
 
     def start(self) -> None:
         if self._thread is None:
@@ -84,6 +86,10 @@ class BatchScheduler:
             self._process(batch)
 
     def _process(self, batch: list[Job]) -> None:
+        with self.lock:
+            self._process_locked(batch)
+
+    def _process_locked(self, batch: list[Job]) -> None:
         try:
             self._route([job for job in batch if job.request.adapter == AUTO_MODEL_NAME])
         except Exception as err:  # noqa: BLE001 - report to the clients, keep serving

@@ -1,0 +1,123 @@
+"""A live registry of served adapters: register and remove finetunes while the server runs.
+
+``AdapterRegistry.register(path)`` checks a LoRA adapter against the base, embeds it (its Delta
+Activation), profiles it for the router (from its vector by a ``ProfileMap`` fitted on the
+router's current models, or from example queries when given), and then, under the scheduler's
+lock, adds it to the index (committed to the index directory when there is one), the router and
+the backend in one step: either all three change or none does. ``remove`` undoes that. Embedding
+and profiling run outside the lock, so traffic keeps flowing while a finetune is registered; the
+router's directory on disk is never rewritten (the registry lives in the index).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from delta_router.embedding.embedder import DeltaEmbedder
+from delta_router.embedding.vectors import unit_rows
+from delta_router.errors import DataError, DuplicateModelError
+from delta_router.model_ids import check_model_id
+from delta_router.models.finetunes import Finetune
+from delta_router.routing.data_free import ProfileMap
+from delta_router.search.index import ModelIndex
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterRegistry:
+    """The served adapters of ``scheduler``'s backend, kept in step with ``index`` and the router."""
+
+    def __init__(self, index: ModelIndex, scheduler, index_dir: str | Path | None = None):
+        self.index, self.scheduler = index, scheduler
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        self._embedder: DeltaEmbedder | None = None
+        router = scheduler.router
+        self.profiles = {m: "examples" for m in (router.model_ids if router else [])}  # how each was made
+
+    @property
+    def embedder(self) -> DeltaEmbedder:
+        if self._embedder is None:
+            self._embedder = DeltaEmbedder.for_space(self.index.space, progress=False)
+        return self._embedder
+
+    def describe(self, model_id: str) -> dict:
+        """What ``/v1/models`` says of one served adapter."""
+        entry = self.index.get(model_id)
+        return {
+            "base": self.index.space.base_name,
+            "kind": entry.embedding.kind,
+            "tags": entry.tags,
+            "domain": entry.tags.get("domain"),
+            "profile": self.profiles.get(model_id),
+        }
+
+    def register(
+        self,
+        path: str | Path,
+        model_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        examples: Sequence[str] | None = None,
+    ) -> dict:
+        """Serve the LoRA adapter at ``path``; ``DeltaRouterError`` (nothing changed) when it cannot."""
+        finetune = Finetune.open(path, None if model_id is None else check_model_id(model_id))
+        if finetune.kind != "lora":
+            raise DataError(f"{path}: a full model; the server serves LoRA adapters of its base")
+        self._refuse_taken(finetune.model_id)
+        embedding = self.embedder.embed_one(finetune)  # refuses an adapter of another base
+        router, backend = self.scheduler.router, self.scheduler.backend
+        with self.scheduler.lock:
+            self._refuse_taken(finetune.model_id)  # a concurrent registration of the same id
+            profile, source = self._profile(embedding.vector, examples) if router else (None, None)
+            self.index.add(embedding, tags=tags or {})
+            try:
+                if self.index_dir is not None:
+                    self.index.save(self.index_dir)
+            except Exception:
+                self.index.remove(finetune.model_id)
+                raise
+            backend.add_adapter(finetune.model_id, finetune.path)
+            if router is not None:
+                router.add(finetune.model_id, profile)
+                self.profiles[finetune.model_id] = source
+        logger.info("registered %s (%s profile)", finetune.model_id, source)
+        return {"id": finetune.model_id, **self.describe(finetune.model_id)}
+
+    def remove(self, model_id: str) -> None:
+        """Stop serving ``model_id`` and take it out of the index and the router."""
+        router, backend = self.scheduler.router, self.scheduler.backend
+        with self.scheduler.lock:
+            if model_id not in backend.model_ids():
+                raise KeyError(model_id)
+            if router is not None and model_id in router.model_ids:
+                router.remove(model_id)
+            backend.remove_adapter(model_id)
+            if model_id in self.index:
+                self.index.remove(model_id)
+                if self.index_dir is not None:
+                    self.index.save(self.index_dir)
+            self.profiles.pop(model_id, None)
+        logger.info("removed %s", model_id)
+
+    def _refuse_taken(self, model_id: str) -> None:
+        if model_id in self.index or model_id in self.scheduler.backend.model_ids():
+            raise DuplicateModelError(f"model id {model_id!r} is already served; DELETE it first")
+
+    def _profile(self, vector: np.ndarray, examples: Sequence[str] | None) -> tuple[np.ndarray, str]:
+        """The router profile of a new adapter: from ``examples`` (queries of its task) when given,
+        else data-free from its vector, by a map fitted on the router's current models."""
+        router = self.scheduler.router
+        if examples:
+            with self.scheduler.backend.base_only():
+                features = self.scheduler.encoder(list(examples)).numpy()
+            return unit_rows((features.mean(0) - router.center)[None])[0], "examples"
+        known = [m for m in router.model_ids if m in self.index]
+        if len(known) < 2:
+            raise DataError("a data-free profile needs >= 2 routed models to learn from: give examples")
+        deltas = np.stack([self.index.get(m).embedding.vector for m in known])
+        profiles = np.stack([router.profiles[router.model_ids.index(m)] for m in known])
+        population = np.vstack([deltas, vector[None]])
+        return ProfileMap().fit(deltas, profiles, population).predict(vector[None])[0], "data-free"
