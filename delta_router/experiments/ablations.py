@@ -216,7 +216,7 @@ class Ablations:
         return {"accuracy": table}
 
     # ---- 6. answer format vs content of a task -------------------------------------------------
-    def task_format(self, size: int = 20) -> dict:
+    def task_format(self, size: int = 20, variants: Sequence[str] | None = None) -> dict:
         index = self.zoo.load_index().filtered(lambda e: e.tags.get("kind") == "domain")
         entries = index.list()
         vectors = np.stack([e.embedding.vector for e in entries])
@@ -229,6 +229,8 @@ class Ablations:
             if examples[0].choices is None:
                 continue  # free-form answers have no letter or options to take away
             for variant, records in format_variants(examples).items():
+                if variants is not None and variant not in variants:
+                    continue
                 query = selector.select(records, k=3).query
                 for centred in (False, True):
                     q, v = (query - common, vectors - common) if centred else (query, vectors)
