@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from delta_router.data import Record
 from delta_router.errors import MergeError
@@ -183,7 +184,7 @@ class TaskVerifier:
         """Score ``grid`` (the base first) and decide with ``choose`` (prior ``default``)."""
         base = self.score(grid[0], self.records)
         scored = []
-        for candidate in grid[1:]:
+        for candidate in tqdm(grid[1:], desc="verify", unit="candidate", disable=not self.progress):
             clock = time.perf_counter()
             try:
                 if candidate.fitted:
