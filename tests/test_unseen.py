@@ -50,3 +50,35 @@ def test_suite_scores_every_condition_and_reports(suite, tmp_path, monkeypatch):
 
     monkeypatch.setattr(unseen, "example_scores", lambda *a, **k: pytest.fail("scored again"))
     assert suite.run_task("sciq")["accuracy"] == acc  # every held-out score comes from the cache
+
+
+def test_cli_suite_writes_its_report_and_refuses_a_directory_of_other_files(
+    suite, tmp_path, capsys, monkeypatch
+):
+    from delta_router.cli import main
+    from delta_router.zoo import zoo as zoo_module
+
+    class BuiltZoo:  # the CLI's Zoo("full") stands for the tiny zoo of the fixture
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def load_index(self):
+            return suite.index
+
+    monkeypatch.setattr(zoo_module, "Zoo", BuiltZoo)
+    argv = ["compare", "--suite", "unseen", "--domain", "sciq", "--examples", "10", "--eval-size", "12",
+            "--seeds", "2", "-k", "2", "--json"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "report")]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["task"] == "sciq" and set(row["returned"]) == {"selection", "base"}
+    assert (tmp_path / "report" / "README.md").exists()
+    assert main([*argv, "--out", str(tmp_path / "report")]) == 0  # its own report: rewritten
+    capsys.readouterr()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main([*argv, "--out", str(tmp_path / "mine")]) == 2
+    assert (
+        "notes.txt" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    )
+    assert main([*argv[:4], "nope", *argv[5:], "--out", str(tmp_path / "x")]) == 2
+    assert "unknown unseen tasks" in capsys.readouterr().err

@@ -83,29 +83,40 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_unseen_suite(args: argparse.Namespace) -> None:
     """``compare --suite unseen``: build on tasks outside the zoo's datasets (``experiments.unseen``)."""
-    from delta_router.experiments.unseen import UNSEEN_SUITE, SuiteConfig, UnseenSuite, write_report
+    from delta_router.experiments.unseen import (
+        REPORT_FILES,
+        UNSEEN_SUITE,
+        SuiteConfig,
+        UnseenSuite,
+        write_report,
+    )
     from delta_router.zoo.zoo import Zoo
 
     unknown = sorted(set(args.domains or []) - set(UNSEEN_SUITE))
     if unknown:
         raise DeltaRouterError(f"unknown unseen tasks {unknown}; the suite has {', '.join(UNSEEN_SUITE)}")
+    out = Path(args.out or "reports/unseen")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES) if out.is_dir() else []
+    if foreign or (out.exists() and not out.is_dir()):
+        raise DeltaRouterError(
+            f"{out} holds files this report does not write ({', '.join(foreign[:3])}); give a new --out"
+        )
     config = SuiteConfig(
         k=(args.k or [3])[0], examples=args.examples, held_out=args.eval_size or 200, seeds=args.seeds
     )
     suite = UnseenSuite(Zoo(args.zoo, args.base, progress=False).load_index(), config, progress=not args.json)
-    out = args.out or "reports/unseen"
     command = "delta-router " + " ".join(sys.argv[1:])
     results = []
     for task in args.domains or UNSEEN_SUITE:  # the report is rewritten after each task
         results.append(suite.run_task(task))
         write_report(results, out, command)
     table = Table(title=f"unseen tasks: accuracy (%) on {config.held_out} held-out records -> {out}")
-    for col in ("task", "returned model", "base", "returned", "random merge", "oracle single"):
+    columns = ("base", "returned (selection prior)", "random merge", "oracle single")
+    for col in ("task", "returned model", *columns):
         table.add_column(col)
     for r in results:
         acc = {name: f"{100 * a['mean']:.1f}" for name, a in r["accuracy"].items()}
-        columns = ("base", "returned", "random merge", "oracle single")
-        table.add_row(r["task"], r["returned"], *(acc[c] for c in columns))
+        table.add_row(r["task"], r["returned"]["selection"], *(acc[c] for c in columns))
     emit(args, results, table)
 
 
