@@ -106,9 +106,12 @@ def cmd_unseen_suite(args: argparse.Namespace) -> None:
     )
     suite = UnseenSuite(Zoo(args.zoo, args.base, progress=False).load_index(), config, progress=not args.json)
     command = "delta-router " + " ".join(sys.argv[1:])
-    results = []
-    for task in args.domains or UNSEEN_SUITE:  # the report is rewritten after each task
+    tasks = args.domains or UNSEEN_SUITE
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
+    results = [r for r in previous if r["task"] not in tasks]  # tasks run before stay in the report
+    for task in tasks:  # the report is rewritten after each task
         results.append(suite.run_task(task))
+        results.sort(key=lambda r: UNSEEN_SUITE.index(r["task"]))
         write_report(results, out, command)
     table = Table(title=f"unseen tasks: accuracy (%) on {config.held_out} held-out records -> {out}")
     columns = ("base", "returned (selection prior)", "random merge", "oracle single")

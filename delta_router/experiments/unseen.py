@@ -90,7 +90,10 @@ class UnseenSuite:
             logger.info("%s: build returned %s in %.0fs", task, verdicts["selection"].chosen, build_seconds)
             score = _Scorer(verifier, task, held_out)
             # every candidate as build would write it (fitted ones refitted on all the examples)
-            candidates = {c.name: score(verifier.fit(c, examples, "final")) for c in grid}
+            verified = {r.name for r in verdicts["selection"].results}  # a candidate may have been skipped
+            candidates = {
+                c.name: score(verifier.fit(c, examples, "final")) for c in grid if c.name in verified
+            }
             ids = self.index.model_ids()
             randoms = []
             for seed in range(cfg.seeds):
