@@ -72,8 +72,11 @@ def test_cli_suite_writes_its_report_and_refuses_a_directory_of_other_files(
     [row] = json.loads(capsys.readouterr().out)
     assert row["task"] == "sciq" and set(row["returned"]) == {"selection", "base"}
     assert (tmp_path / "report" / "README.md").exists()
-    assert main([*argv, "--out", str(tmp_path / "report")]) == 0  # its own report: rewritten
+    boolq = [*argv[:4], "boolq", *argv[5:], "--out", str(tmp_path / "report")]
+    assert main(boolq) == 0  # its own report: rewritten, the other task's row kept
     capsys.readouterr()
+    rows = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [r["task"] for r in rows] == ["sciq", "boolq"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert main([*argv, "--out", str(tmp_path / "mine")]) == 2
