@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 OUTPUTS = ("model", "adapter")
 PRIORS = ("selection", "base")  # what build returns unless the examples say otherwise
 SELECT_AT_LEAST = 5  # candidates are drawn from this many top finetunes, whatever k is
-IN_MEMORY_RECIPES = ("linear", "task_arithmetic")  # others are merged with mergekit to be scored
 
 
 @dataclass
@@ -98,7 +97,7 @@ def candidate_grid(
             weights = [s / sum(scores[:n]) for s in scores[:n]]
             members = tuple(zip(tops[:n], weights, strict=True))
             grid.append(Candidate(f"top-{n} linear, score-weighted", "merge", members))
-    if recipe is not None and recipe.method not in IN_MEMORY_RECIPES and k >= 2:
+    if recipe is not None and not recipe.is_linear and k >= 2:  # merged with mergekit to be scored
         grid.append(Candidate(f"top-{k} {recipe.name}", "merge", (), {"recipe": recipe, "sources": tops[:k]}))
     lora_tops = [ft for ft in tops if ft.kind == "lora"]
     if len(lora_tops) >= 2:

@@ -74,10 +74,16 @@ class MergeRecipe:
         return MergeRecipe(self.name, template, f"{self.source} ({options})")
 
     @property
+    def is_linear(self) -> bool:
+        """A weighted sum of the finetunes' deltas (``linear``, ``task_arithmetic``): exact as stacked
+        LoRA factors, and computable in memory (``merging.candidates``)."""
+        return self.method in ("linear", "task_arithmetic")
+
+    @property
     def adapter_combination(self) -> str:
         """How ``Merger.merge_adapters`` merges adapters with this recipe: ``"cat"`` (PEFT's stacked
         factors, exact) for linear recipes, else ``"mergekit_svd"`` (mergekit's merge, factored)."""
-        return "cat" if self.method in ("linear", "task_arithmetic") else "mergekit_svd"
+        return "cat" if self.is_linear else "mergekit_svd"
 
     def render(self, base_dir: str | Path, models: Sequence[tuple[str | Path, float]]) -> dict:
         """The mergekit configuration for ``models`` (path, weight) on ``base_dir``."""
