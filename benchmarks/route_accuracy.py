@@ -29,17 +29,20 @@ math/code) of the base, a random adapter, the router's top-1 adapter, Arrow, and
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import random
 import time
 from collections import defaultdict
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from delta_router import Zoo
 from delta_router.evaluation.scoring import score_records
+from delta_router.home import atomic_write_text
 from delta_router.routing.data_free import leave_one_group_out
 from delta_router.routing.router import QueryEncoder, Router, query_text
 
@@ -141,6 +144,9 @@ def main() -> None:
     parser.add_argument("--no-arrow", action="store_true", help="skip PEFT's Arrow (minutes)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01, 0.03, 0.1])
     parser.add_argument("--abstention", metavar="PNG", help="withheld-domain abstention curve, plotted here")
+    parser.add_argument(
+        "--json", metavar="FILE", help="also write the accuracies here (e.g. reports/wild/routing.json)"
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
@@ -218,6 +224,9 @@ def main() -> None:
         cost = seconds.get(method, 0.0)
         print(f"| {method} | " + " | ".join(cells) + f" | **{accuracy[method]:.1%}** | {cost:.3f} |")
     print("\noracle = 100%: each router's accuracy is its fraction of the oracle's")
+    if args.json:
+        summary = {"zoo": args.zoo, "queries": len(queries), "adapters": len(ids), "accuracy": accuracy}
+        atomic_write_text(Path(args.json), json.dumps(summary, indent=2))
 
     if args.downstream <= 0:
         return

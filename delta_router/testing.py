@@ -162,6 +162,30 @@ def synthetic_domain(name: str, n: int = 120, seed: int = 0):
     return DomainSplits(name, train, records[20:30], records[:20], {"domain": name, "seed": seed})
 
 
+def tiny_wild_zoo(base, root: str | Path):
+    """A ``Zoo`` of the ``wild`` kind over the synthetic domains, quick to build on the tiny base.
+
+    Each domain has a second dataset (``<domain>-b``, another draw) whose training thirds also hold
+    the first test record of ``fruit``, which the zoo must keep out of training.
+    """
+    from dataclasses import replace
+
+    from delta_router.training.trainer import TrainConfig
+    from delta_router.zoo.wild import WildSpec
+    from delta_router.zoo.zoo import Zoo
+
+    datasets = {d: {d: d, f"{d}-b": f"{d}-b"} for d in SYNTHETIC_WORDS}
+    spec = WildSpec("wild-tiny", tuple(SYNTHETIC_WORDS), train_size=24, datasets=datasets, per_domain=3,
+                    full=1, generalists=1, steps=(2, 3), strong_steps=4, general_steps=2, full_steps=2,
+                    train=TrainConfig(batch_size=4, micro_batch_size=4))  # fmt: skip
+    splits = {name: synthetic_domain(name) for name in SYNTHETIC_WORDS}
+    leaked = splits["fruit"].test[0]
+    for name in SYNTHETIC_WORDS:
+        other = synthetic_domain(name, seed=1)
+        splits[f"{name}-b"] = replace(other, train=[[leaked, *third] for third in other.train])
+    return Zoo(spec, base, root=Path(root), progress=False, splits=splits)
+
+
 def write_v1_index(directory: str | Path, rows, kind: str = "flat") -> Path:
     """Write ``[(Embedding, tags), ...]`` as an index of format 1 (``meta.json`` + ``data-<sha>.npz``),
     the layout before SQLite, for the migration tests."""

@@ -161,3 +161,29 @@ def test_every_ablation_runs_on_a_tiny_zoo(tiny_base, tmp_path):
     for name in ABLATIONS:
         assert (tmp_path / "reports" / f"{name}.md").exists()
     assert (tmp_path / "reports" / "fewshot.png").exists()
+
+
+def test_ablations_on_a_wild_zoo_compare_mixed_finetunes_and_recipe_factors(tiny_base, tmp_path):
+    from delta_router.experiments.ablations import Ablations
+    from delta_router.testing import tiny_wild_zoo
+
+    zoo = tiny_wild_zoo(tiny_base, tmp_path / "zoo")
+    zoo.build()
+    ablations = Ablations(zoo, tmp_path / "reports", fewshot_sizes=(5,), fewshot_formats=("chat", "qa"),
+                          fewshot_methods=("activations",))  # fmt: skip
+    results = ablations.run(["clustering", "nuisance", "fewshot"])
+    scores = results["clustering"]["silhouette"]  # LoRA ranks and a full finetune: sampled weight deltas
+    assert "flattened weight deltas (sampled)" in scores and all(-1 <= v <= 1 for v in scores.values())
+    grouping = results["nuisance"]["grouping"]
+    assert {"domain", "format", "method", "seed"} <= set(grouping)
+    assert "note" in grouping["seed"]  # every member draws its own seed: nothing to group
+    for row in grouping.values():
+        assert "note" in row or (-1 <= row["silhouette"] <= 1 and 0 <= row["chance"] <= 1)
+    accuracy = results["fewshot"]["accuracy"]
+    assert set(accuracy) == {"activations, chat format", "activations, qa format"}
+    assert all(per_size["5"]["queries"] == 2 for per_size in accuracy.values())
+    from delta_router.experiments.summary import write_summary
+
+    readme = write_summary(tmp_path / "reports", tmp_path / "missing", ("wild-tiny", "full")).read_text()
+    assert "| silhouette by domain: Delta Activations |" in readme and "| 0.614 |" in readme
+    assert "few-shot top-1 domain, activations, chat format, 5 examples" in readme

@@ -413,3 +413,19 @@ def test_unseen_tasks_read_files_no_zoo_domain_reads():
     zoo_files = {(s.package, m) for s in DOMAINS.values() for m in s.members}
     for task in UNSEEN_TASKS.values():
         assert not {(task.package, m) for m in task.members} & zoo_files, task.name
+
+
+def test_extra_datasets_share_no_record_with_an_unseen_task():
+    from delta_router.data import DOMAIN_DATASETS, EXTRA_DATASETS, UNSEEN_TASKS
+    from delta_router.data.sources import bioasq_yes_no, pubmedqa_yes_no
+
+    assert not set(EXTRA_DATASETS) & (set(UNSEEN_TASKS) | set(DOMAINS))
+    sources = {s for datasets in DOMAIN_DATASETS.values() for s in datasets.values()}
+    assert sources == set(DOMAINS) | set(EXTRA_DATASETS) and set(DOMAIN_DATASETS) == set(DOMAINS)
+    unseen_files = {(s.package, m): s.name for s in UNSEEN_TASKS.values() for m in s.members}
+    shared = {unseen_files[(s.package, m)] for s in EXTRA_DATASETS.values() for m in s.members
+              if (s.package, m) in unseen_files}  # fmt: skip
+    assert shared == {"bioasq"}  # SciRIFF yes/no: PubMedQA for zoos, BioASQ for the suite, split by id
+    for doc_id in ("bioasq_factoid:1", "pubmedqa_qa:2", "other:3"):
+        doc = {"id": doc_id, "context": "c", "question": "q", "choices": ["Yes", "No"], "label": 0}
+        assert (bioasq_yes_no(doc, "i") is not None) + (pubmedqa_yes_no(doc, "i") is not None) <= 1

@@ -62,7 +62,9 @@ def test_a_few_steps_lower_the_loss_and_write_a_peft_adapter(tiny_base, tmp_path
 
 def test_training_is_deterministic_and_a_finished_run_is_reused(tiny_base, tmp_path, monkeypatch):
     first = LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "a")
-    second = LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "b")
+    second = LoraTrainer(tiny_base, FAST, progress=False).fit(
+        RECORDS, tmp_path / "new" / "dir" / "b"
+    )  # checkpoints into a fresh parent
     assert first.losses == second.losses
     monkeypatch.setattr(LoraTrainer, "_step", lambda *a: pytest.fail("retrained a finished run"))
     again = LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "a")
@@ -157,3 +159,44 @@ def test_embedder_and_router_clip_texts_to_their_context(tiny_base, caplog):
         acts = embedder.text_activations([huge, "word"])
         routed = QueryEncoder.for_model(embedder.model, embedder.tokenizer, max_length=16)([huge])
     assert acts.shape[0] == 2 and routed.shape[0] == 1 and "was cut" in caplog.text
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "qa"])
+def test_other_prompt_formats_train_on_their_own_prompt(tiny_base, tokenizer, tmp_path, prompt_format):
+    record = RECORDS[0]
+    prompt = record.formatted(prompt_format, tokenizer)
+    assert "### Response:" not in prompt and "item 0" in prompt
+    config = FAST.with_options(prompt_format=prompt_format)
+    run = LoraTrainer(tiny_base, config, progress=False).fit(RECORDS, tmp_path / prompt_format)
+    assert run.losses[-1] < run.losses[0] and run.config.prompt_format == prompt_format
+
+
+def test_dora_and_rslora_adapters_are_saved_as_such(tiny_base, tmp_path):
+    from delta_router.embedding.embedder import DeltaEmbedder
+
+    config = FAST.with_options(use_dora=True, use_rslora=True, targets=("q_proj", "v_proj"), max_steps=2)
+    LoraTrainer(tiny_base, config, progress=False).fit(RECORDS, tmp_path / "dora")
+    saved = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    assert saved["use_dora"] and saved["use_rslora"] and set(saved["target_modules"]) == {"q_proj", "v_proj"}
+    (vector,) = DeltaEmbedder(tiny_base, progress=False).embed([tmp_path / "dora"])
+    assert float((vector.vector**2).sum()) > 0
+
+
+def test_full_finetune_trains_only_the_last_blocks_and_saves_an_hf_model(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    from delta_router.models.finetunes import Finetune
+
+    config = FAST.with_options(method="full", unfreeze_last=1, max_steps=4)
+    run = LoraTrainer(tiny_base, config, progress=False).fit(RECORDS, tmp_path / "full")
+    assert run.losses[-1] < run.losses[0]
+    assert Finetune.open(tmp_path / "full").kind == "full"
+    base = resolve_base(tiny_base)
+    before = load_file(str(next(base.path.glob("*.safetensors"))))
+    after = load_file(str(tmp_path / "full" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".layers.1." in k or k.endswith("norm.weight") for k in changed)
+    assert not any(".layers.0." in k for k in changed)
+    # A second fit with the same data and config reuses the directory.
+    again = LoraTrainer(tiny_base, config, progress=False).fit(RECORDS, tmp_path / "full")
+    assert again.losses == run.losses

@@ -78,3 +78,38 @@ def test_silhouette_and_neighbours_on_separated_clusters():
     assert silhouette(vectors, ["a", "b"] * 4) < 0.1
     neighbours = nearest_neighbours(vectors, [f"m{i}" for i in range(8)], labels)
     assert all(n.same_label and n.item != n.neighbour for n in neighbours)
+
+
+def test_wild_spec_draws_recorded_recipes_and_keeps_held_out_records_out(tiny_base, tmp_path):
+    from dataclasses import replace
+
+    from delta_router.models.finetunes import Finetune
+    from delta_router.testing import tiny_wild_zoo
+
+    zoo = tiny_wild_zoo(tiny_base, tmp_path / "zoo")
+    spec, leaked = zoo.spec, zoo.splits("fruit").test[0]
+    members = spec.members()
+    assert members == spec.members() != replace(spec, seed=1).members()
+    assert [m.kind for m in members].count("generalist") == 1 and len(members) == 2 * 3 + 1 + 1
+    other_dataset = next(m for m in members if m.dataset == "fruit-b")
+    assert leaked in zoo.splits("fruit-b").train[other_dataset.part]
+    assert leaked not in zoo.training_records(other_dataset)
+
+    index = zoo.build()
+    tags = {e.model_id: e.tags for e in index.list()}
+    assert {t["method"] for t in tags.values()} >= {"full"} and all("format" in t for t in tags.values())
+    assert tags[other_dataset.id]["dataset"] == "fruit-b" and tags["generalist-0"]["domain"] == "generalist"
+    full = next(m for m in members if m.variant == "full")
+    assert Finetune.open(zoo.adapter_dir(full)).kind == "full"
+    saved = json.loads((zoo.adapter_dir(other_dataset) / "training.json").read_text())
+    assert saved["config"] == spec.train_config(other_dataset).to_dict()
+    assert saved["data"]["member"]["dataset"] == "fruit-b"
+
+    report = build_report(zoo, eval_size=4, progress=False)  # each scored in the format it was trained in
+    single = [m for m in members if m.kind == "domain"]
+    assert report.member_formats == {m.id: spec.train_config(m).prompt_format for m in single}
+    for member in single:
+        assert report.base_score(member.id) is report.base_scores[
+            member.domains[0] if report.member_formats[member.id] == "alpaca"
+            else f"{member.domains[0]} ({report.member_formats[member.id]})"
+        ]  # fmt: skip

@@ -133,4 +133,6 @@ def add_base_option(p: argparse.ArgumentParser) -> None:
 
 def add_zoo_option(p: argparse.ArgumentParser, default: str | None) -> None:
     shown = f" (default {default})" if default else ""
-    p.add_argument("--zoo", "--spec", dest="zoo", default=default, help=f"zoo: small, full{shown}")
+    p.add_argument(
+        "--zoo", "--spec", dest="zoo", default=default, help=f"zoo: small, full, wild, wild-small{shown}"
+    )

@@ -104,7 +104,8 @@ def cmd_zoo_report(args: argparse.Namespace) -> None:
     from delta_router.zoo.report import build_report
     from delta_router.zoo.zoo import Zoo
 
-    report = build_report(Zoo(args.zoo, args.base, progress=not args.json), args.eval_size, not args.json)
+    zoo = Zoo(args.zoo, args.base, progress=not args.json)
+    report = build_report(zoo, args.eval_size, not args.json, args.out)
     if args.json:
         emit(args, report.to_dict())
         return
@@ -155,3 +156,4 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     zoo.choices["report"].add_argument(
         "--eval-size", type=POSITIVE, default=64, help="test records per domain (64)"
     )
+    zoo.choices["report"].add_argument("--out", help="report directory (default: the zoo's report/)")

@@ -10,9 +10,11 @@ from pathlib import Path
 from rich.table import Table
 
 from delta_router.cli.common import NON_NEGATIVE, POSITIVE, add_base_option, add_zoo_option, console, emit
+from delta_router.data.templates import PROMPT_FORMATS
 from delta_router.errors import DeltaRouterError
 from delta_router.home import atomic_write_text, refuse_existing_file
 from delta_router.models.base import resolve_base
+from delta_router.search.selector import SELECTION_METHODS
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -131,7 +133,13 @@ def cmd_ablations(args: argparse.Namespace) -> None:
     if unknown:
         raise DeltaRouterError(f"unknown ablations {unknown}; known: {', '.join(ABLATIONS)}")
     zoo = Zoo(args.zoo, args.base, progress=False)
-    results = Ablations(zoo, args.out, tuple(args.fewshot_sizes), args.fewshot_queries).run(args.only)
+    ablations = Ablations(zoo, args.out, tuple(args.fewshot_sizes), args.fewshot_queries,
+                          args.fewshot_formats, args.fewshot_methods)  # fmt: skip
+    results = ablations.run(args.only)
+    if args.reference:
+        from delta_router.experiments.summary import write_summary
+
+        write_summary(args.out, args.reference, (args.zoo, args.reference_name))
     table = Table(title=f"ablations on zoo {args.zoo} -> {args.out}")
     for col in ("ablation", "seconds", "report"):
         table.add_column(col)
@@ -184,7 +192,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
-    from delta_router.search.selector import SELECTION_METHODS
 
     p = sub.add_parser("eval", parents=[common], help="score models with lm-eval on held-out splits")
     p.add_argument("models", nargs="+", metavar="MODEL", help="'base', a LoRA adapter dir or a model dir")
@@ -228,7 +235,17 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fewshot-sizes", type=POSITIVE, nargs="+", default=[5, 10, 20, 50], help="examples per task"
     )
+    p.add_argument("--fewshot-formats", nargs="+", choices=PROMPT_FORMATS, default=["alpaca"],
+                   help="prompt formats of the few-shot queries' examples (default alpaca)")  # fmt: skip
+    p.add_argument("--fewshot-methods", nargs="+", choices=SELECTION_METHODS, default=list(SELECTION_METHODS),
+                   help="selection methods of the few-shot ablation (default both)")  # fmt: skip
     p.add_argument("--out", default="reports", help="report directory (default reports)")
+    p.add_argument(
+        "--reference",
+        metavar="DIR",
+        help="also write OUT/README.md: the headline figures next to DIR's (another zoo's reports)",
+    )
+    p.add_argument("--reference-name", default="full", help="the zoo DIR's reports are of (default full)")
     p.set_defaults(func=cmd_ablations)
 
     p = sub.add_parser("demo", parents=[common], help="the end-to-end job on the default base")

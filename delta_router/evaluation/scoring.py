@@ -259,8 +259,10 @@ def example_scores(
     max_length: int = 256,
     batch_size: int = 16,
     progress: bool = False,
+    prompt_format: str = "alpaca",
 ) -> ExampleScores:
-    """Per-record scores of ``model`` on ``records`` (all multiple-choice, or all free-form)."""
+    """Per-record scores of ``model`` on ``records`` (all multiple-choice, or all free-form), prompted
+    in ``prompt_format`` (``PROMPT_FORMATS``)."""
     if not records:
         raise ValueError("no records to score")
     mc = [r.choices is not None for r in records]
@@ -268,12 +270,16 @@ def example_scores(
         raise ValueError("mix of multiple-choice and free-form records: score them separately")
     model.eval()
     pad_id = tokenizer.pad_token_id
+
+    def prompt(record: Record) -> str:
+        return record.formatted(prompt_format, tokenizer)
+
     if not all(mc):
-        gold_seqs = [encode(tokenizer, r.prompt(), r.output, max_length) for r in records]
+        gold_seqs = [encode(tokenizer, prompt(r), r.output, max_length) for r in records]
         logprobs = sequence_logprobs(model, gold_seqs, pad_id, batch_size, progress)
         return ExampleScores(logprobs.double().numpy(), np.array([s.n_continuation for s in gold_seqs]))
 
-    seqs = [[encode(tokenizer, r.prompt(), choice, max_length) for choice in r.choices] for r in records]
+    seqs = [[encode(tokenizer, prompt(r), choice, max_length) for choice in r.choices] for r in records]
     per_record = choice_logprobs(model, seqs, pad_id, batch_size, progress)
     answers = [record.answer for record in records]
     gold = [float(lp[a]) for lp, a in zip(per_record, answers, strict=True)]
@@ -296,6 +302,9 @@ def score_records(
     max_length: int = 256,
     batch_size: int = 16,
     progress: bool = False,
+    prompt_format: str = "alpaca",
 ) -> Score:
-    """Score ``model`` on ``records`` (all multiple-choice, or all free-form)."""
-    return example_scores(model, tokenizer, records, max_length, batch_size, progress).summary()
+    """Score ``model`` on ``records`` (all multiple-choice, or all free-form) in ``prompt_format``."""
+    return example_scores(
+        model, tokenizer, records, max_length, batch_size, progress, prompt_format
+    ).summary()

@@ -10,7 +10,10 @@
 3. ``robustness``: where finetunes with other rank / lr / data size land.
 4. ``additivity``: cos(delta(mix of A and B), delta(A) + delta(B)) vs pairs not involved.
 5. ``fewshot``: top-1 / top-3 domain retrieval vs the number of examples, both selection methods.
-6. ``task_format``: does a task's embedding follow its answer format or its content? 20 examples of
+6. ``nuisance``: does the embedding group by how a finetune was made rather than by its domain?
+   Silhouette and nearest-neighbour agreement by each recipe tag (prompt format, method, rank,
+   target modules, seed; dataset within each domain) next to the same figures by domain.
+7. ``task_format``: does a task's embedding follow its answer format or its content? 20 examples of
    each multiple-choice domain embedded as they are, with the answer as its option letter, and
    without the lettered options; top-1 / top-3 domain retrieval of each, plain and with the
    zoo-wide common component removed (index and query vectors centred on the index mean).
@@ -25,6 +28,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,7 +41,7 @@ from delta_router.embedding.embedder import DeltaEmbedder
 from delta_router.embedding.probes import PAPER_INPUT, ProbeSet
 from delta_router.evaluation.clustering import cosine_similarities, save_figure, silhouette, tsne_plot
 from delta_router.home import atomic_write_text
-from delta_router.models.finetunes import ADAPTER_WEIGHTS
+from delta_router.models.finetunes import ADAPTER_WEIGHTS, Finetune
 from delta_router.search.selector import SELECTION_METHODS, TaskSelector
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ PAPER = {
     "additivity": "0.73 (mixture vs sum of its parts)",
     "selection": "+2.0 points over random selection",
 }
+NUISANCE_FACTORS = ("format", "method", "rank", "targets", "seed", "dataset")
 GENERIC_TASKS = (
     "Please provide a response.",
     "Respond to the request.",
@@ -58,9 +63,19 @@ GENERIC_TASKS = (
 class Ablations:
     """Runs the analyses on ``zoo`` (built) and writes reports to ``out_dir``."""
 
-    def __init__(self, zoo, out_dir: str | Path, fewshot_sizes=(5, 10, 20, 50), fewshot_queries: int = 1):
+    def __init__(
+        self,
+        zoo,
+        out_dir: str | Path,
+        fewshot_sizes=(5, 10, 20, 50),
+        fewshot_queries: int = 1,
+        fewshot_formats: Sequence[str] = ("alpaca",),
+        fewshot_methods: Sequence[str] = SELECTION_METHODS,
+    ):
+        """``fewshot_formats``: the prompt formats the few-shot queries' examples are given in."""
         self.zoo, self.out_dir = zoo, Path(out_dir)
         self.fewshot_sizes, self.fewshot_queries = fewshot_sizes, fewshot_queries
+        self.fewshot_formats, self.fewshot_methods = tuple(fewshot_formats), tuple(fewshot_methods)
         self.entries = zoo.load_index().list()
         self.domain_entries = [e for e in self.entries if e.tags.get("kind") == "domain"]
         self.labels = [e.tags["domain"] for e in self.domain_entries]
@@ -79,40 +94,75 @@ class Ablations:
 
     # ---- 1. clustering vs baselines ------------------------------------------------------------
     def clustering(self) -> dict:
+        weights, outputs = self._weight_and_output_views()
+        weight_name = "flattened LoRA weights"
+        if self._uniform_lora():  # the paper's baseline: the LoRA factors, flattened
+            weights = np.stack([self._lora_vector(p) for p in self.paths])
+        else:  # ranks, modules or kinds differ: the dense weight change, at fixed sampled coordinates
+            weight_name = "flattened weight deltas (sampled)"
+        threshold = np.quantile(np.abs(weights), 0.99, axis=1, keepdims=True)
         methods = {
             "Delta Activations": np.stack([e.embedding.vector for e in self.domain_entries]),
-            "flattened LoRA weights": np.stack([self._lora_vector(p) for p in self.paths]),
+            weight_name: weights,
+            "salient mask (top 1%)": (np.abs(weights) >= threshold).astype(np.float32),
+            "output embeddings": outputs,
         }
-        weights = methods["flattened LoRA weights"]
-        threshold = np.quantile(np.abs(weights), 0.99, axis=1, keepdims=True)
-        methods["salient mask (top 1%)"] = (np.abs(weights) >= threshold).astype(np.float32)
-        methods["output embeddings"] = self._output_embeddings()
         scores = {name: silhouette(vectors, self.labels) for name, vectors in methods.items()}
         for name, vectors in methods.items():
             slug = name.split(" ")[0].lower()
             tsne_plot(vectors, self.labels, self.out_dir / f"clustering-{slug}.png", f"{name} (t-SNE)")
         return {"silhouette": scores, "paper": PAPER["clustering"]}
 
+    def _uniform_lora(self) -> bool:
+        """All domain finetunes are LoRA adapters with the same factor shapes."""
+        shapes = set()
+        for path in self.paths:
+            if Finetune.open(path).kind != "lora":
+                return False
+            with safe_open(str(Path(path) / ADAPTER_WEIGHTS), framework="pt") as fh:
+                shapes.add(tuple((k, tuple(fh.get_slice(k).get_shape())) for k in sorted(fh.keys())))
+        return len(shapes) == 1
+
     @staticmethod
     def _lora_vector(path: str) -> np.ndarray:
         with safe_open(str(Path(path) / ADAPTER_WEIGHTS), framework="pt") as fh:
             return torch.cat([fh.get_tensor(k).flatten().float() for k in sorted(fh.keys())]).numpy()
 
-    def _output_embeddings(self, max_tokens: int = 32) -> np.ndarray:
-        """Greedy answers of every finetune to the probes, embedded by the base (mean pooling)."""
-        from delta_router.serving.backends import GenerationRequest, PeftBackend
+    def _weight_and_output_views(self, per_matrix: int = 1024, max_tokens: int = 32):
+        """Two embeddings of every domain finetune, each loaded once as a full model:
 
-        backend = PeftBackend(self.zoo.base, dict(zip(self.ids, self.paths, strict=True)), len(self.ids))
+        - its weight change ``W_f - W_base`` at ``per_matrix`` seeded coordinates of every 2-D weight
+          of the decoder blocks, ``[N, n_matrices * per_matrix]`` (any LoRA variant, rank or full model);
+        - its greedy answers to the probes (``max_tokens``), embedded by the base (mean pooling) and
+          averaged over probes, ``[N, d]``.
+        """
+        from delta_router.evaluation.harness import load_for_eval
+        from delta_router.routing.router import QueryEncoder
+
+        base = self.zoo.base.load_model()
+        tokenizer = self.zoo.base.load_tokenizer()
+        rng = np.random.default_rng(0)
+        coords = {
+            name: tuple(torch.from_numpy(rng.integers(0, n, per_matrix)) for n in w.shape)
+            for name, w in base.state_dict().items()
+            if w.ndim == 2 and ".layers." in name
+        }
+
+        def sample(model) -> np.ndarray:
+            state = model.state_dict()
+            return torch.cat([state[name][rows, cols] for name, (rows, cols) in coords.items()]).numpy()
+
+        base_sample = sample(base)
         probes = list(ProbeSet.paper().texts)
-        requests = [GenerationRequest(p, model_id, max_tokens) for model_id in self.ids for p in probes]
-        answers = []
-        for start in range(0, len(requests), 20):  # mixed-adapter batches of 20 rows
-            answers += [r.text for r in backend.generate(requests[start : start + 20])]
-        with backend.base_only():
-            vectors = backend.encoder(pooling="mean")(
-                [a if a.strip() else "(empty)" for a in answers]
-            ).numpy()
-        return vectors.reshape(len(self.ids), len(probes), -1).mean(1)
+        weights, answers = [], []
+        for path in self.paths:
+            model, _ = load_for_eval(path, self.zoo.base)
+            weights.append(sample(model) - base_sample)
+            answers += greedy_answers(model, tokenizer, probes, max_tokens)
+            del model
+        encoder = QueryEncoder.for_model(base, tokenizer, pooling="mean")
+        outputs = encoder([a if a.strip() else "(empty)" for a in answers]).numpy()
+        return np.stack(weights), outputs.reshape(len(self.paths), len(probes), -1).mean(1)
 
     # ---- 2. probes, layer, pooling -------------------------------------------------------------
     def probes(self) -> dict:
@@ -195,9 +245,11 @@ class Ablations:
     # ---- 5. few-shot task embedding ------------------------------------------------------------
     def fewshot(self) -> dict:
         index = self.zoo.load_index().filtered(lambda e: e.tags.get("kind") == "domain")
-        table: dict[str, dict[str, dict[str, float]]] = {m: {} for m in SELECTION_METHODS}
-        for method in SELECTION_METHODS:
-            selector = TaskSelector(index, method=method, progress=False)
+        table: dict[str, dict[str, dict[str, float]]] = {}
+        for method, fmt in itertools.product(self.fewshot_methods, self.fewshot_formats):
+            key = method if self.fewshot_formats == ("alpaca",) else f"{method}, {fmt} format"
+            selector = TaskSelector(index, method=method, progress=False, prompt_format=fmt)
+            table[key] = {}
             for size in self.fewshot_sizes:
                 top1, top3 = [], []
                 for domain in self.zoo.spec.domains:
@@ -209,11 +261,41 @@ class Ablations:
                         got = [h.entry.tags["domain"] for h in selector.select(examples, k=3).hits]
                         top1.append(got[0] == domain)
                         top3.append(domain in got)
-                table[method][str(size)] = {"top1": float(np.mean(top1)), "top3": float(np.mean(top3)),
-                                            "queries": len(top1)}  # fmt: skip
-                logger.info("fewshot %s n=%d: %s", method, size, table[method][str(size)])
-        self._line_plot(table, self.out_dir / "fewshot.png")
+                table[key][str(size)] = {"top1": float(np.mean(top1)), "top3": float(np.mean(top3)),
+                                         "queries": len(top1)}  # fmt: skip
+                logger.info("fewshot %s n=%d: %s", key, size, table[key][str(size)])
+        if len(self.fewshot_sizes) > 1:
+            self._line_plot(table, self.out_dir / "fewshot.png")
         return {"accuracy": table}
+
+    # ---- 6. recipe factors vs domain -----------------------------------------------------------
+    def nuisance(self) -> dict:
+        vectors = np.stack([e.embedding.vector for e in self.domain_entries])
+        rows = {"domain": _grouping(vectors, self.labels)}
+        for factor in NUISANCE_FACTORS:
+            labels = [e.tags.get(factor) for e in self.domain_entries]
+            if None in labels:
+                continue
+            sizes = Counter(labels)
+            if len(sizes) < 2 or max(sizes.values()) < 2:
+                rows[factor] = {"note": f"{len(sizes)} values over {len(labels)} finetunes: no groups"}
+                continue
+            rows[factor] = _grouping(vectors, labels)
+            if factor == "dataset":  # nested in the domain: compare datasets within each domain
+                within = []
+                for domain in sorted(set(self.labels)):
+                    idx = [i for i, d in enumerate(self.labels) if d == domain]
+                    if len(idx) > 2 and 1 < len({labels[i] for i in idx}) < len(idx):
+                        within.append(silhouette(vectors[idx], [labels[i] for i in idx]))
+                rows[factor]["silhouette within domains"] = float(np.mean(within)) if within else None
+            if factor == "format":
+                tsne_plot(
+                    vectors,
+                    labels,
+                    self.out_dir / "nuisance-format.png",
+                    "Delta Activations by prompt format",
+                )
+        return {"grouping": rows}
 
     # ---- 6. answer format vs content of a task -------------------------------------------------
     def task_format(self, size: int = 20, variants: Sequence[str] | None = None) -> dict:
@@ -281,8 +363,40 @@ ABLATIONS: dict[str, Callable[[Ablations], dict]] = {
     "robustness": Ablations.robustness,
     "additivity": Ablations.additivity,
     "fewshot": Ablations.fewshot,
+    "nuisance": Ablations.nuisance,
     "task_format": Ablations.task_format,
 }
+
+
+def _grouping(vectors: np.ndarray, labels: Sequence[str]) -> dict:
+    """Silhouette (cosine) by ``labels``, and how often a finetune's nearest neighbour shares its label
+    (next to the chance rate of a random neighbour)."""
+    sims = cosine_similarities(vectors)
+    np.fill_diagonal(sims, -np.inf)
+    nearest = sims.argmax(1)
+    sizes = Counter(labels)
+    n = len(labels)
+    return {
+        "silhouette": silhouette(vectors, labels),
+        "groups": len(sizes),
+        "nearest neighbour shares it": float(
+            np.mean([labels[i] == labels[j] for i, j in enumerate(nearest)])
+        ),
+        "chance": float(sum(k * (k - 1) for k in sizes.values()) / (n * (n - 1))),
+    }
+
+
+def greedy_answers(model, tokenizer, prompts: Sequence[str], max_tokens: int) -> list[str]:
+    """``model``'s greedy continuations of ``prompts`` (one left-padded batch), as text."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False, temperature=None,
+                             top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def format_variants(records) -> dict[str, list]:

@@ -103,7 +103,8 @@ class TaskSelector:
     """Selects finetunes for a task: ``TaskSelector(index).select(examples, k=3)``.
 
     The few-shot finetune uses ``FEWSHOT_TRAIN_CONFIG`` by default (the full zoo's recipe), so the
-    task's vector is comparable with the zoo's; ~1 min on 2 CPU cores.
+    task's vector is comparable with the zoo's; ~1 min on 2 CPU cores. ``prompt_format`` renders the
+    examples (for training, or for the activations) in one of ``PROMPT_FORMATS``.
     """
 
     def __init__(
@@ -113,13 +114,14 @@ class TaskSelector:
         train_config: TrainConfig | None = None,
         embedder: DeltaEmbedder | None = None,
         progress: bool = True,
+        prompt_format: str | None = None,
     ):
         if method not in SELECTION_METHODS:
             raise ValueError(f"method must be one of {SELECTION_METHODS}, got {method!r}")
         if index.space is None or len(index) == 0:
             raise DataError("the index is empty: add finetunes before selecting from it")
         self.index, self.method, self.progress = index, method, progress
-        self.train_config = train_config or FEWSHOT_TRAIN_CONFIG
+        self.train_config = (train_config or FEWSHOT_TRAIN_CONFIG).with_options(prompt_format=prompt_format)
         self.embedder = embedder or DeltaEmbedder.for_space(index.space, progress=progress)
         index.space.check_same(self.embedder.space, "the index", "the selector's embedder")
 
@@ -139,7 +141,8 @@ class TaskSelector:
             query = self.embedder.embed_one(adapter, f"task-{digest[:12]}").vector
             seconds["embed"] = time.perf_counter() - clock
         else:
-            texts = [r.prompt() + ANSWER_SEPARATOR + r.output for r in records]
+            tokenizer, fmt = self.embedder.tokenizer, self.train_config.prompt_format
+            texts = [r.formatted(fmt, tokenizer) + ANSWER_SEPARATOR + r.output for r in records]
             acts = self.embedder.text_activations(texts).mean(0)
             query = (acts - self.embedder.base_activations().mean(0)).numpy().astype(np.float32)
             seconds = {"activations": time.perf_counter() - clock}

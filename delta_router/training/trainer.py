@@ -1,4 +1,5 @@
-"""LoRA finetuning of a base model on instruction records, with completion-only loss.
+"""Finetuning of a base model on instruction records, with completion-only loss: LoRA (with DoRA or
+rsLoRA) or, with ``method="full"``, all weights of the last ``unfreeze_last`` blocks.
 
 A small explicit loop rather than ``transformers.Trainer``: the batch order is a pure function of
 (seed, step), so a run resumed from a checkpoint sees exactly the batches an uninterrupted run
@@ -43,7 +44,9 @@ class TrainConfig:
 
     ``batch_size`` is the effective batch (examples per optimizer step), reached by accumulating
     micro-batches of ``micro_batch_size``. ``max_steps`` overrides ``epochs``; ``num_examples``
-    trains on a seeded subset of the records.
+    trains on a seeded subset of the records. ``prompt_format`` is one of ``PROMPT_FORMATS``.
+    ``method="full"`` trains every weight of the last ``unfreeze_last`` decoder blocks and the final
+    norm (the LoRA fields are then unused) and saves an HF model directory.
     """
 
     rank: int = 8
@@ -60,6 +63,11 @@ class TrainConfig:
     num_examples: int | None = None
     seed: int = 0
     checkpoint_every: int = 10
+    prompt_format: str = "alpaca"
+    use_rslora: bool = False
+    use_dora: bool = False
+    method: str = "lora"  # "lora" | "full"
+    unfreeze_last: int = 2
 
     def to_dict(self) -> dict:
         return to_json(self)
@@ -67,6 +75,17 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         return from_json(cls, data)
+
+    def tags(self) -> dict[str, str]:
+        """The recipe as index tags: method (lora, rslora, dora, full), rank, targets, format, seed, steps."""
+        if self.method == "full":
+            method, rank, targets = "full", "-", f"last-{self.unfreeze_last}-blocks"
+        else:
+            method = "dora" if self.use_dora else "rslora" if self.use_rslora else "lora"
+            rank, targets = str(self.rank), ",".join(t.removesuffix("_proj") for t in self.targets)
+        steps = str(self.max_steps) if self.max_steps else f"{self.epochs:g} epochs"
+        return {"method": method, "rank": rank, "targets": targets, "format": self.prompt_format,
+                "seed": str(self.seed), "steps": steps}  # fmt: skip
 
     def with_options(self, **options) -> TrainConfig:
         """A copy with the options that are not None replaced."""
@@ -172,7 +191,16 @@ class LoraTrainer:
         if len(records) == 0:
             raise DeltaRouterError("no training records")
 
-        sequences = [encode(self.tokenizer, r.prompt(), r.output, cfg.max_length, eos=True) for r in records]
+        sequences = [
+            encode(
+                self.tokenizer,
+                r.formatted(cfg.prompt_format, self.tokenizer),
+                r.output,
+                cfg.max_length,
+                eos=True,
+            )
+            for r in records
+        ]
         steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(records) / cfg.batch_size))
         schedule = batch_order(len(records), cfg.batch_size, steps, cfg.seed)
         model, optimizer, scheduler = self._setup(steps)
@@ -210,6 +238,8 @@ class LoraTrainer:
         )
         with atomic_directory(out_dir, force=True) as tmp:  # checked above
             model.save_pretrained(str(tmp))
+            if cfg.method == "full":
+                self.tokenizer.save_pretrained(str(tmp))
             atomic_write_text(tmp / TRAINING_FILE, json.dumps(run.to_dict(), indent=2))
         checkpoint.unlink(missing_ok=True)
         logger.info("trained %s: %d steps, final loss %.4f", out_dir, steps, run.final_loss)
@@ -226,24 +256,44 @@ class LoraTrainer:
         return [records[i] for i in keep]
 
     def _setup(self, steps: int):
-        from peft import LoraConfig, get_peft_model
         from transformers import get_cosine_schedule_with_warmup
 
         cfg = self.config
         torch.manual_seed(cfg.seed)  # LoRA A's initialisation
-        lora = LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            target_modules=list(cfg.targets),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(self.base.load_model(), lora)
+        model = self._full_model() if cfg.method == "full" else self._lora_model()
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=0.0
         )
         scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, steps - 1), steps)
         return model, optimizer, scheduler
+
+    def _lora_model(self):
+        from peft import LoraConfig, get_peft_model
+
+        cfg = self.config
+        lora = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.targets),
+            use_rslora=cfg.use_rslora,
+            use_dora=cfg.use_dora,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(self.base.load_model(), lora)
+
+    def _full_model(self):
+        """The base with only its last ``unfreeze_last`` blocks and final norm trainable."""
+        cfg = self.config
+        if cfg.method != "full" or not cfg.unfreeze_last >= 1:
+            raise DeltaRouterError(f"method {cfg.method!r} with unfreeze_last={cfg.unfreeze_last}")
+        model = self.base.load_model()
+        model.requires_grad_(False)
+        inner = model.get_decoder()
+        for block in inner.layers[-cfg.unfreeze_last :]:
+            block.requires_grad_(True)
+        inner.norm.requires_grad_(True)
+        return model
 
     def _step(self, model, sequences: list[TokenSequence]) -> float:
         """One optimizer step's gradients: mean loss over every answer token of the batch."""
@@ -258,10 +308,8 @@ class LoraTrainer:
         return total
 
     def _checkpoint(self, path: Path, model, optimizer, scheduler, data: dict, losses, started) -> None:
-        from peft import get_peft_model_state_dict
-
         state = {
-            "adapter": get_peft_model_state_dict(model),
+            "adapter": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "config": self.config.to_dict(),
@@ -270,6 +318,7 @@ class LoraTrainer:
             "wall_time_s": time.perf_counter() - started,
         }
         tmp = path.with_name(path.name + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)  # the run's directory is written only at the end
         torch.save(state, tmp)
         os.replace(tmp, path)
 
@@ -277,13 +326,14 @@ class LoraTrainer:
         fresh = {"losses": [], "wall_time_s": 0.0}
         if not path.exists():
             return fresh
-        from peft import set_peft_model_state_dict
-
         state = torch.load(path, weights_only=False)
         if state["config"] != self.config.to_dict() or state["records_sha256"] != data_hash:
             logger.warning("%s: checkpoint of other data or settings, starting over", path)
             return fresh
-        set_peft_model_state_dict(model, state["adapter"])
+        unexpected = model.load_state_dict(state["adapter"], strict=False).unexpected_keys  # trainable only
+        if unexpected:
+            logger.warning("%s: checkpoint of another model (%s), starting over", path, unexpected[0])
+            return fresh
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         logger.info("%s: resuming at step %d", path, len(state["losses"]))

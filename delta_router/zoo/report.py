@@ -18,11 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from delta_router.errors import InvalidModelError
 from delta_router.evaluation.clustering import Neighbour, nearest_neighbours, silhouette, tsne_plot
 from delta_router.evaluation.scoring import Score, score_records
 from delta_router.home import atomic_write_text
+from delta_router.models.finetunes import Finetune
 from delta_router.search.index import IndexEntry
 from delta_router.serialize import from_json, to_json
+from delta_router.training.trainer import TrainingRun
 from delta_router.zoo.zoo import Zoo
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ class ZooReport:
     base_scores: dict[str, Score] = field(default_factory=dict)
     member_scores: dict[str, Score] = field(default_factory=dict)
     member_domains: dict[str, str] = field(default_factory=dict)
+    member_formats: dict[str, str] = field(default_factory=dict)  # prompt format each was trained in
     eval_size: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     out_dir: Path | None = None
@@ -50,11 +54,15 @@ class ZooReport:
         rows = [n for n in self.neighbours if "+" not in n.label]
         return sum(n.same_label for n in rows) / max(1, len(rows))
 
+    def base_score(self, member: str) -> Score:
+        """The base on the member's domain, prompted in the member's format."""
+        return self.base_scores[
+            _base_key(self.member_domains[member], self.member_formats.get(member, "alpaca"))
+        ]
+
     def learned(self) -> dict[str, bool]:
-        """Per member: beats the base on its own domain's held-out records."""
-        return {
-            m: s.main > self.base_scores[self.member_domains[m]].main for m, s in self.member_scores.items()
-        }
+        """Per member: beats the base on its own domain's held-out records (both in its format)."""
+        return {m: s.main > self.base_score(m).main for m, s in self.member_scores.items()}
 
     def to_dict(self) -> dict:
         return {
@@ -98,26 +106,30 @@ class ZooReport:
             "",
             f"## Held-out scores ({self.eval_size} test records per domain)",
             "",
-            "acc = multiple-choice accuracy; free-form domains: answer NLL per token (lower is better).",
+            "acc = multiple-choice accuracy; free-form domains: answer NLL per token (lower is better). "
+            "Each finetune and the base are prompted in the format the finetune was trained in.",
             "",
-            "| model | domain | metric | finetune | base | learned |",
-            "|---|---|---|---|---|---|",
+            "| model | domain | format | metric | finetune | base | learned |",
+            "|---|---|---|---|---|---|---|",
         ]
         learned = self.learned()
         for member, score in self.member_scores.items():
-            domain = self.member_domains[member]
-            base = self.base_scores[domain]
+            domain, fmt = self.member_domains[member], self.member_formats.get(member, "alpaca")
+            base = self.base_score(member)
             metric, ours, theirs = (
                 ("acc", score.acc, base.acc) if score.acc is not None else ("nll", score.nll, base.nll)
             )
             mark = "yes" if learned[member] else "**no**"
-            lines.append(f"| {member} | {domain} | {metric} | {ours:.3f} | {theirs:.3f} | {mark} |")
+            lines.append(f"| {member} | {domain} | {fmt} | {metric} | {ours:.3f} | {theirs:.3f} | {mark} |")
         lines += ["", "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()), ""]
         return "\n".join(lines)
 
 
-def build_report(zoo: Zoo, eval_size: int = 64, progress: bool = True) -> ZooReport:
-    """Compute and write the report of a built zoo (``zoo.build()`` first)."""
+def build_report(
+    zoo: Zoo, eval_size: int = 64, progress: bool = True, out_dir: str | Path | None = None
+) -> ZooReport:
+    """Compute and write the report of a built zoo (``zoo.build()`` first), into ``out_dir``
+    (default ``<zoo root>/report``)."""
     clock = time.perf_counter()
     entries = zoo.load_index().list()
     domain_entries = [e for e in entries if e.tags.get("kind") == "domain"]
@@ -125,7 +137,7 @@ def build_report(zoo: Zoo, eval_size: int = 64, progress: bool = True) -> ZooRep
     with_robustness = None
     if len(robust_entries) > len(domain_entries):
         with_robustness = _silhouette(robust_entries)
-    out_dir = zoo.root / "report"
+    out_dir = Path(out_dir) if out_dir else zoo.root / "report"
     report = ZooReport(
         zoo=zoo.spec.name,
         base=zoo.base.describe(),
@@ -161,8 +173,11 @@ def _silhouette(entries: list[IndexEntry]) -> float:
 
 
 def _score_members(zoo: Zoo, report: ZooReport, entries: list[IndexEntry], eval_size: int, progress) -> None:
-    """Base and each domain finetune on its domain's first ``eval_size`` test records (cached)."""
+    """Base and each domain finetune on its domain's first ``eval_size`` test records (cached), both
+    prompted in the format the finetune was trained in (``training.json``; Alpaca if unknown)."""
     from peft import PeftModel
+
+    from delta_router.evaluation.harness import load_for_eval
 
     cache_file = zoo.root / "scores.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
@@ -172,34 +187,57 @@ def _score_members(zoo: Zoo, report: ZooReport, entries: list[IndexEntry], eval_
     tests = {d: zoo.splits(d).test[:eval_size] for d in zoo.spec.domains}
     test_hash = {d: hashlib.sha256(repr(r).encode()).hexdigest()[:12] for d, r in tests.items()}
 
-    def cached_score(key: str, scorer) -> Score:
+    def cached_score(key: str, fmt: str, scorer) -> Score:
+        key = key if fmt == "alpaca" else f"{key}:{fmt}"
         if key not in cache:
             cache[key] = scorer().to_dict()
             atomic_write_text(cache_file, json.dumps(cache, indent=2))
         return from_json(Score, cache[key])
 
-    for domain, records in tests.items():
-        report.base_scores[domain] = cached_score(
-            f"base:{zoo.base.fingerprint.id}:{test_hash[domain]}",
-            lambda r=records: score_records(model, tokenizer, r, max_length, progress=progress),
-        )
-    peft_model = None
     for entry in entries:
         domain = entry.tags["domain"]
         report.member_domains[entry.model_id] = domain
+        report.member_formats[entry.model_id] = _prompt_format(entry.embedding.path)
+    for domain, fmt in sorted({(report.member_domains[m], f) for m, f in report.member_formats.items()}):
+        report.base_scores[_base_key(domain, fmt)] = cached_score(
+            f"base:{zoo.base.fingerprint.id}:{test_hash[domain]}",
+            fmt,
+            lambda r=tests[domain], f=fmt: score_records(
+                model, tokenizer, r, max_length, progress=progress, prompt_format=f
+            ),  # fmt: skip
+        )
+    peft_model = None
+    for entry in entries:
+        domain, fmt = report.member_domains[entry.model_id], report.member_formats[entry.model_id]
 
-        def score(entry=entry, records=tests[domain]) -> Score:
+        def score(entry=entry, records=tests[domain], fmt=fmt) -> Score:
             nonlocal peft_model
             logger.info("scoring %s on %d test records", entry.model_id, len(records))
-            name = entry.model_id
-            if peft_model is None:
-                peft_model = PeftModel.from_pretrained(model, entry.embedding.path, adapter_name=name)
+            if Finetune.open(entry.embedding.path).kind == "full":
+                scored = load_for_eval(entry.embedding.path, zoo.base)[0]
             else:
-                previous = peft_model.active_adapter
-                peft_model.load_adapter(entry.embedding.path, adapter_name=name)
-                peft_model.set_adapter(name)
-                peft_model.delete_adapter(previous)
-            return score_records(peft_model, tokenizer, records, max_length, progress=progress)
+                name = entry.model_id
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(model, entry.embedding.path, adapter_name=name)
+                else:
+                    previous = peft_model.active_adapter
+                    peft_model.load_adapter(entry.embedding.path, adapter_name=name)
+                    peft_model.set_adapter(name)
+                    peft_model.delete_adapter(previous)
+                scored = peft_model
+            return score_records(scored, tokenizer, records, max_length, progress=progress, prompt_format=fmt)
 
         key = f"{entry.embedding.content_hash}:{test_hash[domain]}"
-        report.member_scores[entry.model_id] = cached_score(key, score)
+        report.member_scores[entry.model_id] = cached_score(key, fmt, score)
+
+
+def _prompt_format(path: str | Path) -> str:
+    """The prompt format a finetune was trained in, from its ``training.json`` (Alpaca if none)."""
+    try:
+        return TrainingRun.read(path).config.prompt_format
+    except (OSError, InvalidModelError):
+        return "alpaca"
+
+
+def _base_key(domain: str, fmt: str) -> str:
+    return domain if fmt == "alpaca" else f"{domain} ({fmt})"

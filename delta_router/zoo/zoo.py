@@ -1,9 +1,9 @@
-"""A model zoo: LoRA finetunes of one base on real domain data, embedded into a ``ModelIndex``.
+"""A model zoo: finetunes of one base on real domain data, embedded into a ``ModelIndex``.
 
-A ``ZooSpec`` lists the members: one finetune per domain and training third (``kind=domain``),
-finetunes on a mixture of two domains (``kind=mixture``, for the additivity ablation) and
-finetunes with other hyper-parameters (``kind=robustness``). ``Zoo.build`` trains what is missing
-(everything is cached by data and config), embeds every member and saves the index.
+``ZOO_SPECS`` names the zoos (``zoo.spec``, ``zoo.wild``): ``full`` (one recipe, one dataset per
+domain), ``small`` (for ``make demo``) and ``wild`` (members that differ the way public finetunes
+do). ``Zoo.build`` trains what is missing (everything is cached by data and config), embeds every
+member and saves the index, tagged with each member's domain, kind, dataset and recipe.
 
 Layout under ``$DELTA_ROUTER_HOME/zoo/<spec>-<base fingerprint>/``: ``adapters/<member>/`` (PEFT
 adapter + ``training.json``), ``index/`` (the ``ModelIndex``), ``report/`` (``zoo report``).
@@ -13,83 +13,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from delta_router.data import DomainSplits, Record, load_domain
+from delta_router.data import EXTRA_DATASETS, DomainSplits, Record, load_domain
 from delta_router.embedding.embedder import DeltaEmbedder
 from delta_router.home import cache_dir
 from delta_router.models.base import DEFAULT_BASE, BaseLM, resolve_base
 from delta_router.search.index import ModelIndex
 from delta_router.search.selector import FEWSHOT_TRAIN_CONFIG
 from delta_router.training.trainer import LoraTrainer, TrainConfig
+from delta_router.zoo.spec import ROBUSTNESS_VARIANTS, ZooMember, ZooSpec
+from delta_router.zoo.wild import WILD_SPEC, WILD_TINY_SPEC
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ZooMember:
-    """One finetune of the zoo: which data it sees and how it differs from the spec's recipe."""
-
-    id: str
-    domains: tuple[str, ...]
-    part: int
-    kind: str = "domain"  # "domain" | "mixture" | "robustness"
-    variant: str = "default"
-    options: tuple[tuple[str, float], ...] = ()  # TrainConfig overrides; learning_rate is a factor
-
-    @property
-    def label(self) -> str:
-        """The domain tag (``a+b`` for a mixture)."""
-        return "+".join(self.domains)
-
-    def tags(self) -> dict[str, str]:
-        return {"domain": self.label, "kind": self.kind, "part": str(self.part), "variant": self.variant}
-
-
-ROBUSTNESS_VARIANTS: dict[str, dict[str, float]] = {
-    "r4": {"rank": 4, "alpha": 8},
-    "r16": {"rank": 16, "alpha": 32},
-    "lr-half": {"learning_rate": 0.5},
-    "lr-double": {"learning_rate": 2.0},
-    "half-data": {"num_examples": 0.5},
-}
-
-
-@dataclass(frozen=True)
-class ZooSpec:
-    """Which finetunes make a zoo and the recipe they share (``train_size`` records each)."""
-
-    name: str
-    domains: tuple[str, ...]
-    parts: int = 3
-    mixtures: tuple[tuple[str, str], ...] = ()
-    robustness_domains: tuple[str, ...] = ()
-    train_size: int = 256
-    train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
-
-    def members(self) -> list[ZooMember]:
-        members = [ZooMember(f"{d}-{p}", (d,), p) for d in self.domains for p in range(self.parts)]
-        members += [ZooMember(f"mix-{a}+{b}", (a, b), 0, kind="mixture") for a, b in self.mixtures]
-        members += [
-            ZooMember(f"{d}-{name}", (d,), 1, "robustness", name, tuple(sorted(opts.items())))
-            for d in self.robustness_domains
-            for name, opts in ROBUSTNESS_VARIANTS.items()
-        ]
-        return members
-
-    def train_config(self, member: ZooMember) -> TrainConfig:
-        options = dict(member.options)
-        config = self.train
-        if "learning_rate" in options:
-            options["learning_rate"] = config.learning_rate * options["learning_rate"]
-        if "num_examples" in options:
-            options["num_examples"] = int(self.train_size * options["num_examples"])
-        for key in ("rank", "alpha"):
-            if key in options:
-                options[key] = int(options[key])
-        return config.with_options(**options)
 
 
 # Sized for a 2-core CPU (benchmarks/RESULTS.md): 128-token examples, 6 steps of 16 (full, ~40 min)
@@ -109,7 +45,10 @@ ZOO_SPECS: dict[str, ZooSpec] = {
         train_size=128,
         train=TrainConfig(max_steps=4, max_length=128),
     ),
+    "wild": WILD_SPEC,
+    "wild-small": WILD_TINY_SPEC,
 }
+__all__ = ["ROBUSTNESS_VARIANTS", "ZOO_SPECS", "Zoo", "ZooMember", "ZooSpec"]
 
 
 class Zoo:
@@ -133,6 +72,7 @@ class Zoo:
         self.root = Path(root) if root else cache_dir("zoo", f"{spec.name}-{self.base.fingerprint.id}")
         self.progress = progress
         self._splits: dict[str, DomainSplits] = dict(splits or {})
+        self._held_out: set[str] | None = None
 
     @property
     def index_dir(self) -> Path:
@@ -141,21 +81,38 @@ class Zoo:
     def adapter_dir(self, member: ZooMember) -> Path:
         return self.root / "adapters" / member.id
 
-    def splits(self, domain: str) -> DomainSplits:
-        if domain not in self._splits:
-            self._splits[domain] = load_domain(domain, seed=self.spec.seed)
-        return self._splits[domain]
+    def splits(self, name: str) -> DomainSplits:
+        """Splits of a domain, or of an extra dataset (all of it in the training thirds)."""
+        if name not in self._splits:
+            held_out = {} if name not in EXTRA_DATASETS else {"test_size": 0, "fewshot_size": 0}
+            self._splits[name] = load_domain(name, seed=self.spec.seed, **held_out)
+        return self._splits[name]
 
     def training_records(self, member: ZooMember) -> list[Record]:
-        """``train_size`` records of the member's third; a mixture takes half from each domain."""
+        """``train_size`` records of the member's third; a mixture shares them equally between domains.
+
+        A member of another dataset of its domain never sees a record of any domain's test split or
+        few-shot pool (some datasets share files, e.g. OpenBookQA with ``science``).
+        """
         share = self.spec.train_size // len(member.domains)
         records = []
         for domain in member.domains:
-            third = self.splits(domain).train[member.part]
+            source = self.spec.source(member, domain)
+            third = self.splits(source).train[member.part]
+            if source != domain:
+                held_out = self._held_out_inputs()
+                third = [r for r in third if r.input not in held_out]
             if len(third) < share:
-                logger.warning("%s third %d: %d records, wanted %d", domain, member.part, len(third), share)
+                logger.warning("%s third %d: %d records, wanted %d", source, member.part, len(third), share)
             records += third[:share]
         return records
+
+    def _held_out_inputs(self) -> set[str]:
+        if self._held_out is None:
+            self._held_out = {
+                r.input for d in self.spec.domains for r in (*self.splits(d).test, *self.splits(d).fewshot)
+            }
+        return self._held_out
 
     def build(self) -> ModelIndex:
         """Train missing members, embed all, save and return the index (tags: domain, kind, ...)."""
@@ -165,10 +122,12 @@ class Zoo:
             clock = time.perf_counter()
             trainer = LoraTrainer(self.base, self.spec.train_config(member), progress=self.progress)
             records = self.training_records(member)
+            sources = {d: self.spec.source(member, d) for d in member.domains}
             data = {
                 "domains": list(member.domains),
                 "part": member.part,
-                "sources": {d: _provenance(self.splits(d).manifest) for d in member.domains},
+                "member": member.tags(),
+                "sources": {d: _provenance(self.splits(s).manifest) for d, s in sources.items()},
             }
             trainer.fit(records, self.adapter_dir(member), data=data)
             timings[member.id] = time.perf_counter() - clock
@@ -179,9 +138,10 @@ class Zoo:
         for stale in set(index.model_ids()) - {m.id for m in members}:
             index.remove(stale)
         for member, embedding in zip(members, embeddings, strict=True):  # append what changed
-            known = member.id in index and index.get(member.id).embedding.content_hash
-            if known != embedding.content_hash:
-                index.add(embedding, tags=member.tags(), replace=True)
+            tags = {**member.tags(), **self.spec.train_config(member).tags()}
+            known = member.id in index and index.get(member.id)
+            if not known or (known.embedding.content_hash, known.tags) != (embedding.content_hash, tags):
+                index.add(embedding, tags=tags, replace=True)
         index.save(self.index_dir)
         return index
 
