@@ -7,6 +7,8 @@
    adapter in one batch, to separate PEFT's mixed-batch cost from batching itself.
 3. Load test: uvicorn on 127.0.0.1, 200 requests from 8 concurrent clients, mixed domains
    (``auto`` and pinned adapters), 1 in 10 malformed: server errors, 4xx answers, p50/p95 latency.
+   Meanwhile one more client registers and removes adapters (``POST``/``DELETE /v1/adapters``,
+   data-free profiles) in a loop, and some requests are pinned to the adapter that comes and goes.
 
     python benchmarks/route_serve.py            # full zoo (built by `delta-router zoo build --zoo full`)
 """
@@ -30,6 +32,7 @@ from delta_router import Zoo
 from delta_router.routing.router import Router, query_text
 from delta_router.serving.app import create_app
 from delta_router.serving.backends import GenerationRequest, PeftBackend
+from delta_router.serving.registry import AdapterRegistry
 from delta_router.serving.scheduler import BatchScheduler
 
 
@@ -96,7 +99,10 @@ def main() -> None:
     # 3. loopback load test -----------------------------------------------------------------------
     import uvicorn
 
-    app = create_app(BatchScheduler(backend, router, max_batch=args.concurrency), max_tokens_limit=64)
+    scheduler = BatchScheduler(backend, router, max_batch=args.concurrency)
+    index = zoo.load_index().filtered(lambda e: e.model_id in backend.model_ids())
+    app = create_app(scheduler, max_tokens_limit=64, registry=AdapterRegistry(index, scheduler))
+    extras = [m for m in zoo.spec.members() if m.kind != "domain"][:2]  # not served until registered
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -110,7 +116,7 @@ def main() -> None:
         if i % 10 == 9:  # malformed: bad JSON, unknown model, too many tokens, empty messages
             return "bad", ["{oops", {"model": "nope", "prompt": text}, {"prompt": text, "max_tokens": 999},
                            {"messages": []}][i // 10 % 4]  # fmt: skip
-        model = "auto" if i % 2 else f"{domain}-{i % 3}"
+        model = "auto" if i % 2 else f"{domain}-{i % 3}" if i % 8 else "churn"
         if i % 3:
             return "ok", {"model": model, "prompt": text, "max_tokens": args.max_tokens}
         return "ok", {
@@ -128,22 +134,44 @@ def main() -> None:
             response = client.post(path, json=body)
         return kind, response.status_code, time.perf_counter() - clock
 
+    done = threading.Event()
+
+    def churn(client: httpx.Client) -> list[int]:
+        """Register and remove ``churn`` (two adapters in turn) until the traffic is over."""
+        codes = []
+        while not done.is_set():
+            member = extras[len(codes) // 2 % len(extras)]
+            body = {"path": str(zoo.adapter_dir(member)), "id": "churn"}
+            codes.append(client.post("/v1/adapters", json=body).status_code)
+            time.sleep(0.5)
+            codes.append(client.delete("/v1/adapters/churn").status_code)
+        return codes
+
     jobs = [make(i) for i in range(args.requests)]
     clock = time.perf_counter()
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-        with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+        with concurrent.futures.ThreadPoolExecutor(args.concurrency + 1) as pool:
+            churned = pool.submit(churn, client) if extras else None
             results = list(pool.map(lambda job: send(client, *job), jobs))
+            done.set()
+            churn_codes = churned.result() if churned else []
         health = client.get("/health").json()
     wall = time.perf_counter() - clock
     server.should_exit = True
     thread.join()
 
     ok = sorted(s for k, code, s in results if k == "ok" and code == 200)
+    pinned_churn = [code for (_, body), (_, code, _) in zip(jobs, results, strict=True)
+                    if isinstance(body, dict) and body.get("model") == "churn"]  # fmt: skip
     bad = [code for k, code, _ in results if k == "bad"]
     server_errors = sum(code >= 500 for _, code, _ in results)
     print(f"| load test: {args.requests} requests, {args.concurrency} concurrent | value |\n|---|---|")
     print(f"| server errors (5xx) | **{server_errors}** |")
     print(f"| well-formed answered 200 | {len(ok)}/{sum(k == 'ok' for k, _, _ in results)} |")
+    print(f"| of which pinned to the churning adapter: 200 / 404 | {pinned_churn.count(200)} / "
+          f"{pinned_churn.count(404)} |")  # fmt: skip
+    print(f"| registrations 201 / removals 200 during traffic | {churn_codes[::2].count(201)}/"
+          f"{len(churn_codes[::2])} / {churn_codes[1::2].count(200)}/{len(churn_codes[1::2])} |")  # fmt: skip
     print(f"| malformed answered 4xx | {sum(400 <= c < 500 for c in bad)}/{len(bad)} |")
     print(f"| latency p50 / p95 (s) | {statistics.median(ok):.2f} / {ok[int(0.95 * (len(ok) - 1))]:.2f} |")
     print(f"| throughput (requests/s) | {args.requests / wall:.2f} |")

@@ -263,18 +263,12 @@ def test_adapters_register_and_leave_while_serving(tiny_base, other_base, adapte
     it; a bad registration is a 4xx and changes nothing (index on disk, router, served models)."""
     import shutil
 
-    from delta_router.cli import main
     from delta_router.search.index import ModelIndex
     from delta_router.serving import build_app
     from delta_router.testing import RandomAdapterFactory
 
     idx = tmp_path / "idx"
-    assert main(["index", "add", str(adapters[0]), str(adapters[1]), "--index", str(idx),
-                 "--base", str(tiny_base), "--id", "fruit", "--id", "digits"]) == 0  # fmt: skip
-    examples = {n: [query_text(r) for r in synthetic_domain(n).train[0]] for n in SYNTHETIC_WORDS}
-    base = resolve_base(tiny_base)
-    encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer())
-    router = Router.fit(encoder, base.fingerprint, examples, threshold=None)
+    router, examples = _indexed_router(tiny_base, adapters, idx)
     foreign = RandomAdapterFactory(other_base).make(tmp_path / "foreign", seed=0)
     corrupt = shutil.copytree(adapters[3], tmp_path / "corrupt")
     (corrupt / "adapter_model.safetensors").write_bytes(b"junk")
@@ -312,3 +306,56 @@ def test_adapters_register_and_leave_while_serving(tiny_base, other_base, adapte
         assert "new" not in served() and "new" not in ModelIndex.load(idx) and "new" not in router.model_ids
         gone = client.post("/v1/completions", json={"model": "new", "prompt": "apple", "max_tokens": 2})
         assert gone.status_code == 404
+
+
+def _indexed_router(tiny_base, adapters, idx) -> tuple[Router, dict]:
+    """An index at ``idx`` of ``adapters[0:2]`` (ids fruit, digits) and a router fitted on them."""
+    from delta_router.cli import main
+
+    assert main(["index", "add", str(adapters[0]), str(adapters[1]), "--index", str(idx),
+                 "--base", str(tiny_base), "--id", "fruit", "--id", "digits"]) == 0  # fmt: skip
+    examples = {n: [query_text(r) for r in synthetic_domain(n).train[0]] for n in SYNTHETIC_WORDS}
+    base = resolve_base(tiny_base)
+    encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer())
+    return Router.fit(encoder, base.fingerprint, examples, threshold=None), examples
+
+
+def test_registrations_and_removals_during_traffic_fail_no_request(tiny_base, adapters, tmp_path):
+    """Clients keep sending (routed, pinned, and pinned to the adapter that comes and goes) while
+    another thread registers and removes adapters: no 5xx, and the end state is the start state."""
+    import concurrent.futures
+
+    from delta_router.search.index import ModelIndex
+    from delta_router.serving import build_app
+
+    idx = tmp_path / "idx"
+    router, _ = _indexed_router(tiny_base, adapters, idx)
+    app = build_app(ModelIndex.load(idx), router, max_loaded=2, index_dir=idx)
+    with TestClient(app) as client:
+        before = {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+        def traffic(i: int) -> int:
+            model = ("auto", "fruit", "churn-0", "churn-1")[i % 4]
+            body = {"model": model, "prompt": f"apple {i}", "max_tokens": 3}
+            return client.post("/v1/completions", json=body).status_code
+
+        def churn() -> list[int]:
+            codes = []
+            for cycle in range(6):
+                model_id = f"churn-{cycle % 2}"
+                body = {"path": str(adapters[2 + cycle % 2]), "id": model_id}
+                codes.append(client.post("/v1/adapters", json=body).status_code)
+                codes.append(client.delete(f"/v1/adapters/{model_id}").status_code)
+            return codes
+
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            churned = pool.submit(churn)
+            codes = list(pool.map(traffic, range(48)))
+            assert churned.result() == [201, 200] * 6
+        assert all(code == 200 for i, code in enumerate(codes) if i % 4 < 2)  # routed and stable pins
+        assert set(codes) <= {200, 404}  # a pin to an adapter that is gone is a 404, never a 5xx
+        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == before
+    assert sorted(ModelIndex.load(idx).model_ids()) == ["digits", "fruit"] and router.model_ids == [
+        "fruit",
+        "digits",
+    ]

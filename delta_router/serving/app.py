@@ -33,7 +33,7 @@ from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
 from delta_router.errors import DeltaRouterError, DuplicateModelError
 from delta_router.model_ids import AUTO_MODEL_NAME, BASE_ADAPTER, BASE_MODEL_NAME
 from delta_router.serving.backends import GenerationRequest, GenerationResult
-from delta_router.serving.scheduler import BatchScheduler, Job, run_job
+from delta_router.serving.scheduler import AdapterRemovedError, BatchScheduler, Job, run_job
 
 
 class ApiError(Exception):
@@ -261,11 +261,16 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512, registry=
             "total_tokens": total,
         }
 
+    def worker_error(err: Exception) -> ApiError:
+        if isinstance(err, AdapterRemovedError):  # removed between acceptance and generation
+            return ApiError(404, str(err), "model", "model_not_found")
+        return ApiError(500, f"generation failed: {err}")
+
     async def finish(job: Job) -> GenerationResult:
         try:
             return await run_job(scheduler, job)
         except Exception as err:  # noqa: BLE001 - the worker's error, reported to this client
-            raise ApiError(500, f"generation failed: {err}") from err
+            raise worker_error(err) from err
 
     def adapter_header(job: Job) -> dict:
         return {"X-Delta-Router-Adapter": served_by(job)["adapter"]}
@@ -296,7 +301,7 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512, registry=
             scheduler.submit(job)
             first = await job.events.get()  # the worker routes before it emits: the adapter is known
             if first[0] == "error":
-                raise ApiError(500, f"generation failed: {first[1]}")
+                raise worker_error(first[1])
             events = stream_chat(job, ident, created, first)
             return StreamingResponse(events, media_type="text/event-stream", headers=adapter_header(job))
         result = await finish(job)

@@ -3,7 +3,8 @@
 One worker thread owns the model. It takes the first waiting job, gathers more for up to
 ``max_wait_s`` (at most ``max_batch``), routes the ``"auto"`` ones with one base forward, then
 runs one ``generate`` per sampling configuration with per-row adapters. Results and streamed
-text go back to each job's asyncio queue; an error fails that batch's jobs, never the worker.
+text go back to each job's asyncio queue; an error fails that batch's jobs, never the worker. A
+job pinned to an adapter that was removed after it was accepted fails alone (``AdapterRemovedError``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from delta_router.model_ids import AUTO_MODEL_NAME
+from delta_router.model_ids import AUTO_MODEL_NAME, BASE_ADAPTER
 from delta_router.routing.router import RouteDecision, Router
 from delta_router.serving.backends import GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
+
+
+class AdapterRemovedError(LookupError):
+    """The adapter a request named was removed (``DELETE /v1/adapters``) before the request ran."""
 
 
 @dataclass
@@ -90,6 +95,10 @@ class BatchScheduler:
             self._process_locked(batch)
 
     def _process_locked(self, batch: list[Job]) -> None:
+        served = {AUTO_MODEL_NAME, BASE_ADAPTER, *self.backend.model_ids()}
+        for job in [job for job in batch if job.request.adapter not in served]:
+            job.emit("error", AdapterRemovedError(f"model {job.request.adapter!r} is no longer served"))
+            batch.remove(job)
         try:
             self._route([job for job in batch if job.request.adapter == AUTO_MODEL_NAME])
         except Exception as err:  # noqa: BLE001 - report to the clients, keep serving
