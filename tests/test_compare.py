@@ -171,7 +171,8 @@ def test_ablations_on_a_wild_zoo_compare_mixed_finetunes_and_recipe_factors(tiny
     zoo.build()
     ablations = Ablations(zoo, tmp_path / "reports", fewshot_sizes=(5,), fewshot_formats=("chat", "qa"),
                           fewshot_methods=("activations",))  # fmt: skip
-    results = ablations.run(["clustering", "nuisance", "fewshot"])
+    results = ablations.run(["clustering", "nuisance", "fewshot", "probes"])
+    assert set(results["probes"]["silhouette by format"]) == set(results["probes"]["silhouette"])
     scores = results["clustering"]["silhouette"]  # LoRA ranks and a full finetune: sampled weight deltas
     assert "flattened weight deltas (sampled)" in scores and all(-1 <= v <= 1 for v in scores.values())
     grouping = results["nuisance"]["grouping"]
@@ -187,3 +188,4 @@ def test_ablations_on_a_wild_zoo_compare_mixed_finetunes_and_recipe_factors(tiny
     readme = write_summary(tmp_path / "reports", tmp_path / "missing", ("wild-tiny", "full")).read_text()
     assert "| silhouette by domain: Delta Activations |" in readme and "| 0.614 |" in readme
     assert "few-shot top-1 domain, activations, chat format, 5 examples" in readme
+    assert "| silhouette by format, probes: 5 probes (paper) |" in readme

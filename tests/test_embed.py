@@ -143,3 +143,14 @@ def test_mixed_adapters_in_one_batch_equal_one_at_a_time(tiny_base, adapters, tm
     together = DeltaEmbedder(tiny_base, adapters_per_batch=5, cache=False, progress=False)
     alone = DeltaEmbedder(tiny_base, adapters_per_batch=1, cache=False, progress=False)
     np.testing.assert_allclose(together.transform(sources), alone.transform(sources), atol=1e-5, rtol=0)
+
+
+def test_probe_set_in_every_prompt_format(tiny_base):
+    from delta_router.embedding.probes import ProbeSet
+    from delta_router.models.base import resolve_base
+
+    probes = ProbeSet.formats(tokenizer=resolve_base(tiny_base).load_tokenizer())
+    paper = ProbeSet.paper().texts
+    assert len(probes) == 3 * len(paper) and probes.texts[: len(paper)] == paper
+    assert all(t.startswith("Question: ") for t in probes.texts[-len(paper) :])
+    assert len(set(probes.texts)) == len(probes) and probes.fingerprint != ProbeSet.paper().fingerprint

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
+from delta_router.data.templates import PAPER_PREAMBLES, PROMPT_FORMATS, alpaca_prompt, format_prompt
 from delta_router.errors import ProbeError
 
 PAPER_TASK = "Please provide a response."
@@ -46,6 +46,19 @@ class ProbeSet:
         """The paper's 5 templates with task ``Please provide a response.`` and input ``Input.``."""
         texts = tuple(alpaca_prompt(PAPER_TASK, PAPER_INPUT, p) for p in PAPER_PREAMBLES)
         return cls("paper", texts)
+
+    @classmethod
+    def formats(cls, formats: Sequence[str] = PROMPT_FORMATS, tokenizer=None) -> ProbeSet:
+        """The paper's probes in every prompt format (``PROMPT_FORMATS``; "chat" uses ``tokenizer``):
+        for Alpaca the paper's 5 texts, for the others each preamble joined to the paper's task."""
+        texts = tuple(
+            alpaca_prompt(PAPER_TASK, PAPER_INPUT, p)
+            if fmt == "alpaca"
+            else format_prompt(f"{p} {PAPER_TASK}", PAPER_INPUT, fmt, tokenizer)
+            for fmt in formats
+            for p in PAPER_PREAMBLES
+        )
+        return cls("formats-" + "+".join(formats), texts)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ProbeSet:

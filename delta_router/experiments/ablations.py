@@ -183,13 +183,21 @@ class Ablations:
         for label, layer in (("first", 1), ("middle", n_layers // 2)):
             variants[f"layer {layer} ({label})"] = {"probes": paper, "layer": layer}
         variants["mean pooling"] = {"probes": paper, "pooling": "mean"}
-        scores = {}
+        variants["unit-norm shift per probe"] = {"probes": paper, "normalize": "probe"}
+        formats = ProbeSet.formats(tokenizer=self.zoo.base.load_tokenizer())
+        variants[f"{len(formats)} probes, the paper's in each prompt format"] = {"probes": formats}
+        scores: dict[str, dict[str, float]] = {"silhouette": {}}
+        by_format = [e.tags.get("format") for e in self.domain_entries]
+        if None not in by_format and len(set(by_format)) > 1:  # also: grouping by how it was prompted
+            scores["silhouette by format"] = {}
         for name, options in variants.items():
             embedder = DeltaEmbedder(self.zoo.base, progress=False, **options)
             vectors = embedder.transform(self.paths)
-            scores[name] = silhouette(vectors, self.labels)
-            logger.info("probes %s: %.3f", name, scores[name])
-        return {"silhouette": scores}
+            scores["silhouette"][name] = silhouette(vectors, self.labels)
+            if "silhouette by format" in scores:
+                scores["silhouette by format"][name] = silhouette(vectors, by_format)
+            logger.info("probes %s: %s", name, {k: v[name] for k, v in scores.items()})
+        return scores
 
     # ---- 3. robustness -------------------------------------------------------------------------
     def robustness(self) -> dict:

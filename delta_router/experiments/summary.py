@@ -1,6 +1,6 @@
 """One table of a zoo's headline figures next to another zoo's and the paper's (``README.md``).
 
-Reads the JSON files that ``ablations`` (``clustering``, ``nuisance``, ``fewshot``) and
+Reads the JSON files that ``ablations`` (``clustering``, ``probes``, ``nuisance``, ``fewshot``) and
 ``benchmarks/route_accuracy.py --json`` (``routing``) write into a report directory; a figure that a
 directory lacks is shown as "-".
 """
@@ -33,6 +33,13 @@ def headline_figures(report_dir: str | Path) -> dict[str, str]:
     rows: dict[str, str] = {}
     for method, value in read("clustering").get("silhouette", {}).items():
         rows[f"silhouette by domain: {_METHOD_ROWS.get(method, method)}"] = f"{value:.3f}"
+    probes = read("probes")
+    for measure, label in (
+        ("silhouette", "silhouette by domain"),
+        ("silhouette by format", "silhouette by format"),
+    ):
+        for variant, value in probes.get(measure, {}).items():
+            rows[f"{label}, probes: {variant}"] = f"{value:.3f}"
     for factor, row in read("nuisance").get("grouping", {}).items():
         if "note" in row:
             rows[f"silhouette by {factor}"] = row["note"]
