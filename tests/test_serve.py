@@ -7,6 +7,7 @@ import sys
 import types
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from delta_router.models.base import resolve_base
@@ -57,6 +58,53 @@ def test_mixed_batch_equals_one_request_at_a_time(backend):
     assert len({r.text for r in together[:3]}) == 3  # the adapters really change the output
     assert together[3].completion_tokens <= 5
     assert len(backend.loaded) <= 2  # LRU: max_loaded=1, or the batch's own adapters
+
+
+def test_a_request_joins_a_running_batch_and_decodes_as_if_alone(backend):
+    """Continuous batching: rows join between steps and leave when done; greedy text is unchanged."""
+    first = GenerationRequest(PROMPT, "fruit", max_tokens=8, min_tokens=8)
+    short = GenerationRequest(
+        "A longer prompt than the first one, on the left: " * 2, "digits", 3, min_tokens=3
+    )
+    last = GenerationRequest("Name a digit.", BASE_ADAPTER, max_tokens=6, min_tokens=6)
+    alone = {id(r): backend.generate([r])[0].text for r in (first, short, last)}
+    batch, results, order, sizes = backend.decode_batch(), {}, [], []
+    for request in (first, short, last):  # each joins the running batch at the next step
+        assert backend.admit(batch, request) is None
+        sizes.append(len(batch))
+        for done, result in batch.step():
+            results[id(done)], order = result, [*order, done]
+    while len(batch):
+        sizes.append(len(batch))
+        for done, result in batch.step():
+            results[id(done)], order = result, [*order, done]
+    assert {k: r.text for k, r in results.items()} == alone
+    assert sizes[:3] == [1, 2, 3] and sizes == sorted(sizes[:3]) + sorted(sizes[3:], reverse=True)
+    assert order == [short, first, last]  # each left as soon as it was done
+    assert [results[id(r)].completion_tokens for r in (first, short, last)] == [8, 3, 6]
+
+
+def test_row_lora_mix_equals_peft_cat_combination(tiny_base, served_adapters):
+    from peft import PeftModel
+
+    from delta_router.serving.decoding import RowLora
+
+    base = resolve_base(tiny_base)
+    model, ids = base.load_model(), base.load_tokenizer()(PROMPT, return_tensors="pt")["input_ids"]
+    lora = RowLora(model, base, max_loaded=2)
+    mix = [(lora.read(served_adapters["fruit"]), 0.7), (lora.read(served_adapters["digits"]), 0.3)]
+    with torch.inference_mode(), lora.applied([mix, []]):
+        ours = model(input_ids=ids.repeat(2, 1)).logits
+    peft = PeftModel.from_pretrained(base.load_model(), str(served_adapters["fruit"]), adapter_name="fruit")
+    peft.load_adapter(str(served_adapters["digits"]), adapter_name="digits")
+    peft.add_weighted_adapter(["fruit", "digits"], [0.7, 0.3], "mix", combination_type="cat")
+    peft.set_adapter("mix")
+    with torch.inference_mode():
+        theirs = peft(input_ids=ids).logits
+        with peft.disable_adapter():
+            plain = peft(input_ids=ids).logits
+    torch.testing.assert_close(ours[0], theirs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1], plain[0], atol=1e-5, rtol=1e-5)  # the base row is untouched
 
 
 def test_weighted_mix_and_stop_strings(backend):
@@ -119,7 +167,7 @@ def test_concurrent_requests_are_batched(client):
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
     after = client.get("/health").json()
     assert after["requests"] - before["requests"] == len(prompts)
-    assert after["batches"] - before["batches"] < len(prompts)  # some requests shared a forward
+    assert after["rows"] - before["rows"] > after["batches"] - before["batches"]  # requests shared forwards
 
 
 def test_chat_stream_names_the_routed_adapter_in_its_header(client):
@@ -266,12 +314,17 @@ def test_adapters_register_and_leave_while_serving(tiny_base, other_base, adapte
     from delta_router.search.index import ModelIndex
     from delta_router.serving import build_app
     from delta_router.testing import RandomAdapterFactory
+    from delta_router.training.trainer import LoraTrainer, TrainConfig
 
     idx = tmp_path / "idx"
     router, examples = _indexed_router(tiny_base, adapters, idx)
     foreign = RandomAdapterFactory(other_base).make(tmp_path / "foreign", seed=0)
     corrupt = shutil.copytree(adapters[3], tmp_path / "corrupt")
     (corrupt / "adapter_model.safetensors").write_bytes(b"junk")
+    dora_config = TrainConfig(max_steps=1, batch_size=2, micro_batch_size=2, use_dora=True)
+    dora = LoraTrainer(tiny_base, dora_config, progress=False).fit(
+        synthetic_domain("fruit").train[0], tmp_path / "dora"
+    )
     app = build_app(ModelIndex.load(idx), router, max_loaded=2, index_dir=idx)
     with TestClient(app) as client:
 
@@ -281,6 +334,7 @@ def test_adapters_register_and_leave_while_serving(tiny_base, other_base, adapte
         before = served()
         for body, status in (({"path": str(foreign), "id": "foreign"}, 400),
                              ({"path": str(corrupt), "id": "corrupt"}, 400),
+                             ({"path": str(dora.adapter_dir), "id": "dora"}, 400),  # not servable per row
                              ({"path": str(adapters[2]), "id": "fruit"}, 409),
                              ({"path": str(adapters[2]), "id": "bad.id"}, 400)):  # fmt: skip
             reply = client.post("/v1/adapters", json=body)

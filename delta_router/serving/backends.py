@@ -1,8 +1,9 @@
 """Generation backends: one batch of requests, each with its own adapter, in one forward per step.
 
-- ``PeftBackend`` (default, in-process): the base once, adapters loaded lazily into one
-  ``PeftModel`` (LRU-limited), mixed-adapter batches via PEFT's per-row ``adapter_names``,
-  weighted top-k mixes as exact ``cat`` combinations (``add_weighted_adapter``).
+- ``PeftBackend`` (default, in-process): the base once, adapters' LoRA factors read lazily
+  (LRU-limited) and applied per row, grouped by adapter (``serving.decoding``); requests are
+  continuously batched (``decode_batch``): each is prefilled alone and joins the running decode
+  batch at the next step. Weighted top-k mixes are exact (PEFT's ``cat`` combination).
 - ``VllmBackend`` (GPU, ``pip install 'delta-router[vllm]'``): vLLM's multi-LoRA engine, one
   ``LoRARequest`` per routed request; routing still encodes queries with the HF base.
 """
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -21,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from delta_router.errors import IncompatibleBaseError, InvalidModelError
+from delta_router.errors import InvalidModelError
 from delta_router.model_ids import BASE_ADAPTER
 from delta_router.models.base import BaseLM
 from delta_router.routing.router import QueryEncoder, RouteDecision
+from delta_router.serving.decoding import DecodeBatch, RowAdapters, RowLora
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +128,12 @@ class AdapterSet:
     def remove_adapter(self, name: str) -> None:
         del self.adapters[name]
 
+    def check_adapter(self, path: str | Path) -> None:
+        """Raise ``DeltaRouterError`` if this backend cannot serve the adapter at ``path``."""
+
 
 class PeftBackend(AdapterSet):
-    """In-process generation with a lazily loaded, LRU-limited set of LoRA adapters."""
+    """In-process generation: the base, LoRA adapters applied per row, continuous batching."""
 
     name = "peft"
 
@@ -146,19 +149,22 @@ class PeftBackend(AdapterSet):
         if max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
         self.base, self.adapters = base, {k: Path(v) for k, v in adapters.items()}
-        self.max_loaded, self.device = max_loaded, torch.device(device)
+        self.device = torch.device(device)
         self.model = base.load_model(dtype, self.device).requires_grad_(False)
         self.tokenizer = base.load_tokenizer()
-        self.tokenizer.padding_side = "left"
         # the HTTP thread counts tokens while the worker encodes: fast tokenizers are not thread-safe
         self._counter = base.load_tokenizer()
         limit = self.model.config.max_position_embeddings
         self.max_context = min(max_context or limit, limit)
-        self.peft = None  # the PeftModel, created with the first adapter
-        self.loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recent first
+        self.lora = RowLora(self.model, base, max_loaded)
         self.mixes: dict[str, tuple[list[str], list[float]]] = {}
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
+
+    @property
+    def loaded(self) -> list[str]:
+        """Adapters whose factors are in memory, least recently used first."""
+        return list(self.lora.loaded)
 
     # ---- what the server asks ------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
@@ -168,106 +174,65 @@ class PeftBackend(AdapterSet):
         return QueryEncoder.for_model(self.model, self.tokenizer, **options)
 
     def base_only(self) -> AbstractContextManager:
-        """Context in which the model is the plain base (for routing forwards)."""
-        return self.peft.disable_adapter() if self.peft is not None else nullcontext()
+        """Context in which the model is the plain base (it always is outside a decode step)."""
+        return nullcontext()
 
     def target(self, decision: RouteDecision) -> str:
         """The adapter name that serves ``decision``: one adapter, a weighted mix, or the base."""
         if len(decision.adapters) <= 1:
             return decision.adapters[0] if decision.adapters else BASE_ADAPTER
         spec = ",".join(f"{a}={w:.2f}" for a, w in zip(decision.adapters, decision.weights, strict=True))
-        name = "mix_" + hashlib.sha1(spec.encode()).hexdigest()[:12]  # module names allow no dots
+        name = "mix_" + hashlib.sha1(spec.encode()).hexdigest()[:12]
         self.mixes.setdefault(name, (list(decision.adapters), list(decision.weights)))
         return name
 
     # ---- adapters ------------------------------------------------------------------------------
-    def _ensure_loaded(self, names: set[str]) -> None:
-        """Load what ``names`` need; evict least recently used adapters not in ``names``."""
-        wanted = set(names) - {BASE_ADAPTER}
-        for name in wanted:
-            if name in self.loaded:
-                self.loaded.move_to_end(name)
-                continue
-            if name in self.mixes:
-                parts, weights = self.mixes[name]
-                for part in parts:
-                    if part not in self.loaded:
-                        self._load(part)
-                self.peft.add_weighted_adapter(parts, weights, name, combination_type="cat")
-            else:
-                self._load(name)
-            self.loaded[name] = None
-        while len(self.loaded) > max(self.max_loaded, len(wanted)):
-            victim = next(n for n in self.loaded if n not in wanted)
-            self._unload(victim)
-            logger.info("evicted adapter %s", victim)
+    def check_adapter(self, path: str | Path) -> None:
+        """Refuse an adapter that cannot be served per row (DoRA, modules_to_save, ...)."""
+        self.lora.read(path)
 
     def remove_adapter(self, name: str) -> None:
-        """Stop serving ``name``: unloaded, with every weighted mix that uses it."""
+        """Stop serving ``name``, and every weighted mix that uses it; running rows finish with it."""
         super().remove_adapter(name)
         for mix in [m for m, (parts, _) in self.mixes.items() if name in parts]:
-            self._unload(mix)
             del self.mixes[mix]
-        self._unload(name)
+        self.lora.unload(name)
 
-    def _unload(self, name: str) -> None:
-        if name in self.loaded:
-            with warnings.catch_warnings():  # "adapter X was active": the next batch sets its own
-                warnings.simplefilter("ignore", UserWarning)
-                self.peft.delete_adapter(name)
-            del self.loaded[name]
-
-    def _load(self, name: str) -> None:
-        from peft import PeftModel
-
-        if name not in self.adapters:
-            raise InvalidModelError(f"unknown adapter {name!r}")
-        path = str(self.adapters[name])
-        try:
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name)
-                self.peft.eval()
-            else:
-                self.peft.load_adapter(path, adapter_name=name)
-        except RuntimeError as err:  # size mismatch: an adapter of another base
-            raise IncompatibleBaseError(
-                f"adapter {name} ({path}) does not fit base {self.base.describe()}: {err}"
-            ) from err
-        self.loaded[name] = None
-        logger.info("loaded adapter %s", name)
+    def row_adapters(self, name: str, keep: set[str] = frozenset()) -> RowAdapters:
+        """What a row served by ``name`` (adapter, mix or ``BASE_ADAPTER``) runs with."""
+        if name == BASE_ADAPTER:
+            return []
+        parts, weights = self.mixes.get(name, ([name], [1.0]))
+        unknown = [part for part in parts if part not in self.adapters]
+        if unknown:
+            raise InvalidModelError(f"unknown adapter {unknown[0]!r}")
+        # rows hold their factors: evicting an adapter that running rows use only costs a re-read
+        keep = set(keep) | set(parts)
+        return [(self.lora.get(p, self.adapters[p], keep), w) for p, w in zip(parts, weights, strict=True)]
 
     # ---- generation ----------------------------------------------------------------------------
+    def decode_batch(self) -> DecodeBatch:
+        """A new continuous batch (the scheduler keeps one running)."""
+        return DecodeBatch(self.model, self.tokenizer, self.lora, self.eos_ids, self.max_context, RowDecoder)
+
+    def admit(self, batch: DecodeBatch, request: GenerationRequest) -> GenerationResult | None:
+        """Prefill ``request`` into ``batch``; its result if it finished at once."""
+        return batch.admit(request, self.row_adapters(request.adapter))
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Complete a batch (same ``sampling_key``) with per-row adapters, in one ``generate`` call."""
-        first = requests[0]
-        if any(r.sampling_key != first.sampling_key for r in requests):
-            raise ValueError("one generate call needs one sampling configuration")
-        names = [r.adapter for r in requests]
-        self._ensure_loaded(set(names))
-        batch = self.tokenizer([r.prompt for r in requests], padding=True, return_tensors="pt").to(
-            self.device
-        )
-        decoder = RowDecoder(self.tokenizer, requests, self.eos_ids)
-        options = dict(
-            max_new_tokens=max(r.max_tokens for r in requests),
-            min_new_tokens=first.min_tokens or None,
-            streamer=decoder,
-            pad_token_id=self.tokenizer.pad_token_id,
-            do_sample=first.temperature > 0,
-        )
-        if first.temperature > 0:
-            options |= dict(temperature=first.temperature, top_p=first.top_p)
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
-        else:
-            options |= dict(temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
-            if self.peft is None:
-                self.model.generate(**batch, **options)
-            else:
-                self.peft.generate(**batch, adapter_names=names, **options)
-        decoder.end()
-        return decoder.results(batch["attention_mask"].sum(-1).tolist())
+        """Complete ``requests`` (any adapters and sampling settings) as one continuous batch."""
+        batch = self.decode_batch()
+        keep = {r.adapter for r in requests}
+        results: dict[int, GenerationResult] = {}
+        for i, request in enumerate(requests):
+            done = batch.admit(request, self.row_adapters(request.adapter, keep))
+            if done is not None:
+                results[i] = done
+        position = {id(r): i for i, r in enumerate(requests)}
+        while len(batch):
+            for request, result in batch.step():
+                results[position[id(request)]] = result
+        return [results[i] for i in range(len(requests))]
 
 
 class VllmBackend(AdapterSet):

@@ -67,6 +67,7 @@ class AdapterRegistry:
         if finetune.kind != "lora":
             raise DataError(f"{path}: a full model; the server serves LoRA adapters of its base")
         self._refuse_taken(finetune.model_id)
+        self.scheduler.backend.check_adapter(finetune.path)  # e.g. DoRA: not servable per row
         embedding = self.embedder.embed_one(finetune)  # refuses an adapter of another base
         router, backend = self.scheduler.router, self.scheduler.backend
         with self.scheduler.lock:

@@ -1,9 +1,12 @@
 """``BatchScheduler``: collects concurrent requests, routes them, and runs them as mixed batches.
 
-One worker thread owns the model. It takes the first waiting job, gathers more for up to
-``max_wait_s`` (at most ``max_batch``), routes the ``"auto"`` ones with one base forward, then
-runs one ``generate`` per sampling configuration with per-row adapters. Results and streamed
-text go back to each job's asyncio queue; an error fails that batch's jobs, never the worker. A
+One worker thread owns the model. With a backend that batches continuously (``decode_batch``, the
+PEFT backend), it keeps one decode batch running: before every step it admits waiting jobs (up to
+``max_batch`` rows), routes the ``"auto"`` ones with one base forward and prefills each alone; the
+step decodes one token for every row, and finished rows leave at once. Otherwise (vLLM, which
+batches inside its engine) it takes the first waiting job, gathers more for up to ``max_wait_s``,
+routes them and runs one ``generate`` per sampling configuration. Results and streamed text go back
+to each job's asyncio queue; an error fails the jobs it touched, never the worker. A
 job pinned to an adapter that was removed after it was accepted fails alone (``AdapterRemovedError``).
 """
 
@@ -51,7 +54,8 @@ class BatchScheduler:
         self.encoder = backend.encoder(**router.encoder_options) if router else None
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self.stats = {"batches": 0, "requests": 0, "errors": 0}
+        # batches: forwards that generated tokens (decode steps when continuous); rows: requests in them
+        self.stats = {"batches": 0, "rows": 0, "requests": 0, "errors": 0}
         # held while a batch is routed and generated, and while the registry changes what is served
         self.lock = threading.RLock()
 
@@ -76,6 +80,72 @@ class BatchScheduler:
 
     # ---- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
+        if hasattr(self.backend, "decode_batch"):
+            self._run_continuous()
+        else:
+            self._run_batches()
+
+    def _run_continuous(self) -> None:
+        batch, running = self.backend.decode_batch(), {}  # id(request) -> Job
+        stopping = False
+        while True:
+            incoming = []
+            if not len(batch):
+                if stopping or (job := self._queue.get()) is None:
+                    return
+                incoming.append(job)
+            while len(batch) + len(incoming) < self.max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True  # finish what runs, admit nothing more
+                    break
+                incoming.append(job)
+            with self.lock:
+                self._admit(batch, incoming, running)
+                rows = len(batch)
+                try:
+                    finished = batch.step()
+                except Exception as err:  # noqa: BLE001 - fail the running jobs, keep serving
+                    self._fail([running.pop(id(r)) for r in batch.requests()], err)
+                    batch = self.backend.decode_batch()
+                    continue
+            if rows:
+                self.stats["batches"] += 1
+                self.stats["rows"] += rows
+            for request, result in finished:
+                running.pop(id(request)).emit("done", result)
+
+    def _admit(self, batch, jobs: list[Job], running: dict[int, Job]) -> None:
+        """Route and prefill ``jobs`` into ``batch``; a job that fails or finishes at once is answered."""
+        jobs = self._servable(jobs)
+        try:
+            self._route([job for job in jobs if job.request.adapter == AUTO_MODEL_NAME])
+        except Exception as err:  # noqa: BLE001
+            self._fail(jobs, err)
+            return
+        for job in jobs:
+            try:
+                result = self.backend.admit(batch, job.request)
+            except Exception as err:  # noqa: BLE001
+                self._fail([job], err)
+                continue
+            self.stats["requests"] += 1
+            if result is None:
+                running[id(job.request)] = job
+            else:
+                job.emit("done", result)
+
+    def _servable(self, jobs: list[Job]) -> list[Job]:
+        """``jobs`` whose adapter is still served; the others fail alone (``AdapterRemovedError``)."""
+        served = {AUTO_MODEL_NAME, BASE_ADAPTER, *self.backend.model_ids()}
+        for job in [job for job in jobs if job.request.adapter not in served]:
+            job.emit("error", AdapterRemovedError(f"model {job.request.adapter!r} is no longer served"))
+        return [job for job in jobs if job.request.adapter in served]
+
+    def _run_batches(self) -> None:
         while (first := self._queue.get()) is not None:
             batch = [first]
             deadline = time.monotonic() + self.max_wait_s
@@ -95,10 +165,7 @@ class BatchScheduler:
             self._process_locked(batch)
 
     def _process_locked(self, batch: list[Job]) -> None:
-        served = {AUTO_MODEL_NAME, BASE_ADAPTER, *self.backend.model_ids()}
-        for job in [job for job in batch if job.request.adapter not in served]:
-            job.emit("error", AdapterRemovedError(f"model {job.request.adapter!r} is no longer served"))
-            batch.remove(job)
+        batch = self._servable(batch)
         try:
             self._route([job for job in batch if job.request.adapter == AUTO_MODEL_NAME])
         except Exception as err:  # noqa: BLE001 - report to the clients, keep serving
@@ -114,6 +181,7 @@ class BatchScheduler:
                 self._fail(jobs, err)
                 continue
             self.stats["batches"] += 1
+            self.stats["rows"] += len(jobs)
             self.stats["requests"] += len(jobs)
             for job, result in zip(jobs, results, strict=True):
                 job.emit("done", result)
