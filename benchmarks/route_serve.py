@@ -4,11 +4,12 @@
    chosen adapter (target: <= 20%).
 2. Mixed-adapter batching: 8 requests for 8 different adapters as one batched ``generate`` vs. one
    request at a time, 32 new tokens each (target: >= 3x throughput); also 8 requests of one
-   adapter in one batch, to separate PEFT's mixed-batch cost from batching itself.
+   adapter in one batch, to separate the per-row LoRA cost from batching itself.
 3. Load test: uvicorn on 127.0.0.1, 200 requests from 8 concurrent clients, mixed domains
    (``auto`` and pinned adapters), 1 in 10 malformed: server errors, 4xx answers, p50/p95 latency.
    Meanwhile one more client registers and removes adapters (``POST``/``DELETE /v1/adapters``,
    data-free profiles) in a loop, and some requests are pinned to the adapter that comes and goes.
+4. Latency p50/p95 and throughput at 1, 8 and 32 concurrent requests (``--sweep``).
 
     python benchmarks/route_serve.py            # full zoo (built by `delta-router zoo build --zoo full`)
 """
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16, help="per load-test request")
+    parser.add_argument("--sweep", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels")
+    parser.add_argument("--sweep-requests", type=int, default=32, help="requests per concurrency level")
     args = parser.parse_args()
     rng = random.Random(0)
 
@@ -99,7 +102,7 @@ def main() -> None:
     # 3. loopback load test -----------------------------------------------------------------------
     import uvicorn
 
-    scheduler = BatchScheduler(backend, router, max_batch=args.concurrency)
+    scheduler = BatchScheduler(backend, router, max_batch=max(args.concurrency, *args.sweep))
     index = zoo.load_index().filtered(lambda e: e.model_id in backend.model_ids())
     app = create_app(scheduler, max_tokens_limit=64, registry=AdapterRegistry(index, scheduler))
     extras = [m for m in zoo.spec.members() if m.kind != "domain"][:2]  # not served until registered
@@ -175,8 +178,39 @@ def main() -> None:
     print(f"| malformed answered 4xx | {sum(400 <= c < 500 for c in bad)}/{len(bad)} |")
     print(f"| latency p50 / p95 (s) | {statistics.median(ok):.2f} / {ok[int(0.95 * (len(ok) - 1))]:.2f} |")
     print(f"| throughput (requests/s) | {args.requests / wall:.2f} |")
-    mean_batch = health["requests"] / max(health["batches"], 1)
-    print(f"| batches run / mean batch size | {health['batches']} / {mean_batch:.1f} |")
+    mean_rows = health["rows"] / max(health["batches"], 1)
+    print(f"| forwards run / mean rows per forward | {health['batches']} / {mean_rows:.1f} |")
+
+    # 4. latency and throughput by concurrency (well-formed requests pinned to the zoo's adapters) ---
+    print(f"\n| concurrent requests ({args.sweep_requests} each, {args.max_tokens} tokens) | p50 s | p95 s | "
+          "requests/s | tokens/s |\n|---|---|---|---|---|")  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+        for concurrency in args.sweep:
+            bodies = [{"model": members[i % len(members)].id, "max_tokens": args.max_tokens,
+                       "prompt": query_text(tests[members[i % len(members)].label][5 + i // len(members)])}
+                      for i in range(args.sweep_requests)]  # fmt: skip
+
+            def post(body: dict) -> tuple[float, int]:
+                start = time.perf_counter()
+                reply = client.post("/v1/completions", json=body).json()
+                return time.perf_counter() - start, reply["usage"]["completion_tokens"]
+
+            clock = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+                answered = list(pool.map(post, bodies))
+            wall = time.perf_counter() - clock
+            lat = sorted(t for t, _ in answered)
+            p95 = lat[int(0.95 * (len(lat) - 1))]
+            tokens = sum(n for _, n in answered)
+            print(f"| {concurrency} | {statistics.median(lat):.2f} | {p95:.2f} | {len(lat) / wall:.2f} | "
+                  f"{tokens / wall:.1f} |")  # fmt: skip
+    server.should_exit = True
+    thread.join()
 
 
 if __name__ == "__main__":
