@@ -43,7 +43,7 @@ def router(tiny_base, backend) -> Router:
 
 @pytest.fixture(scope="module")
 def client(backend, router):
-    with TestClient(create_app(BatchScheduler(backend, router, max_wait_s=0.005), max_tokens_limit=64)) as c:
+    with TestClient(create_app(BatchScheduler(backend, router), max_tokens_limit=64)) as c:
         yield c
 
 
@@ -257,6 +257,44 @@ def test_vllm_requests_are_built_without_vllm_installed(monkeypatch, tiny_base, 
     _, params = backend.sampling_params(GenerationRequest("p", "fruit", max_tokens=7, stop=["\n"]))
     assert params["max_tokens"] == 7 and params["stop"] == ["\n"] and params["temperature"] == 0.0
     assert backend.target(RouteDecision(["fruit", "digits"], [0.3, 0.7], 0.5)) == "digits"
+
+
+def test_vllm_batch_adds_requests_to_the_engine_and_streams_each_step(
+    monkeypatch, tiny_base, served_adapters
+):
+    """Against a fake engine that decodes two characters per step: text streams as it grows."""
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+
+    class Engine:
+        def __init__(self):
+            self.running: dict[str, list] = {}
+
+        def add_request(self, request_id, prompt, params, lora_request=None):
+            self.running[request_id] = [prompt.upper()[: params["max_tokens"]], 0]
+
+        def step(self):
+            outputs = []
+            for request_id, state in list(self.running.items()):
+                state[1] += 2
+                target, n = state
+                finished = n >= len(target)
+                completion = types.SimpleNamespace(text=target[:n], token_ids=[0] * min(n, len(target)),
+                                                   finish_reason="length" if finished else None)  # fmt: skip
+                outputs.append(types.SimpleNamespace(request_id=request_id, prompt_token_ids=[1, 2],
+                                                     outputs=[completion], finished=finished))  # fmt: skip
+                if finished:
+                    del self.running[request_id]
+            return outputs
+
+    backend = VllmBackend(resolve_base(tiny_base), {})
+    backend.__dict__["_engine"] = types.SimpleNamespace(llm_engine=Engine())
+    streamed: list[str] = []
+    requests = [GenerationRequest("abcde", max_tokens=5, on_text=streamed.append), GenerationRequest("xy")]
+    results = backend.generate(requests)
+    assert [r.text for r in results] == ["ABCDE", "XY"] and streamed == ["AB", "CD", "E"]
+    assert results[0].completion_tokens == 5 and results[0].finish_reason == "length"
 
 
 def test_cli_route_fit_query_then_serve_the_index(tiny_base, adapters, tmp_path, capsys):

@@ -5,7 +5,11 @@
   continuously batched (``decode_batch``): each is prefilled alone and joins the running decode
   batch at the next step. Weighted top-k mixes are exact (PEFT's ``cat`` combination).
 - ``VllmBackend`` (GPU, ``pip install 'delta-router[vllm]'``): vLLM's multi-LoRA engine, one
-  ``LoRARequest`` per routed request; routing still encodes queries with the HF base.
+  ``LoRARequest`` per routed request, requests added to the running engine and stepped (vLLM
+  batches them; text streams as it is decoded); routing still encodes queries with the HF base.
+
+Both run requests as a continuous batch: ``decode_batch()``, ``admit(batch, request)``,
+``batch.step()`` -> the (request, result) pairs that finished; ``generate`` is that loop.
 """
 
 from __future__ import annotations
@@ -42,13 +46,6 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     min_tokens: int = 0  # EOS is ignored before this many tokens (benchmarks: fixed-length outputs)
     on_text: Callable[[str], None] | None = field(default=None, repr=False)  # streamed text deltas
-
-    @property
-    def sampling_key(self) -> tuple:
-        """Requests with equal keys can share one ``generate`` call."""
-        if self.temperature <= 0:
-            return ("greedy", self.min_tokens)
-        return ("sample", self.temperature, self.top_p, self.seed, self.min_tokens)
 
 
 @dataclass
@@ -130,6 +127,20 @@ class AdapterSet:
 
     def check_adapter(self, path: str | Path) -> None:
         """Raise ``DeltaRouterError`` if this backend cannot serve the adapter at ``path``."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Complete ``requests`` (any adapters and sampling settings) as one continuous batch."""
+        batch = self.decode_batch()
+        results: dict[int, GenerationResult] = {}
+        for i, request in enumerate(requests):
+            done = self.admit(batch, request)
+            if done is not None:
+                results[i] = done
+        position = {id(r): i for i, r in enumerate(requests)}
+        while len(batch):
+            for request, result in batch.step():
+                results[position[id(request)]] = result
+        return [results[i] for i in range(len(requests))]
 
 
 class PeftBackend(AdapterSet):
@@ -219,21 +230,6 @@ class PeftBackend(AdapterSet):
         """Prefill ``request`` into ``batch``; its result if it finished at once."""
         return batch.admit(request, self.row_adapters(request.adapter))
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Complete ``requests`` (any adapters and sampling settings) as one continuous batch."""
-        batch = self.decode_batch()
-        keep = {r.adapter for r in requests}
-        results: dict[int, GenerationResult] = {}
-        for i, request in enumerate(requests):
-            done = batch.admit(request, self.row_adapters(request.adapter, keep))
-            if done is not None:
-                results[i] = done
-        position = {id(r): i for i, r in enumerate(requests)}
-        while len(batch):
-            for request, result in batch.step():
-                results[position[id(request)]] = result
-        return [results[i] for i in range(len(requests))]
-
 
 class VllmBackend(AdapterSet):
     """vLLM multi-LoRA generation (GPU). Queries are still routed with an HF copy of the base.
@@ -290,25 +286,11 @@ class VllmBackend(AdapterSet):
             )  # fmt: skip
         return self.__dict__["_engine"]
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        outputs = self.engine.generate(
-            [r.prompt for r in requests],
-            [self.sampling_params(r) for r in requests],
-            lora_request=[self.lora_request(r.adapter) for r in requests],
-            use_tqdm=False,
-        )
-        results = []
-        for request, output in zip(requests, outputs, strict=True):
-            completion = output.outputs[0]
-            if request.on_text and completion.text:
-                request.on_text(completion.text)
-            reason = "length" if completion.finish_reason == "length" else "stop"
-            results.append(
-                GenerationResult(
-                    completion.text, len(output.prompt_token_ids), len(completion.token_ids), reason
-                )
-            )
-        return results
+    def decode_batch(self) -> VllmBatch:
+        return VllmBatch(self.engine.llm_engine)
+
+    def admit(self, batch: VllmBatch, request: GenerationRequest) -> None:
+        batch.add(request, self.sampling_params(request), self.lora_request(request.adapter))
 
     # routing and limits use an HF copy of the base (CPU by default)
     @property
@@ -329,6 +311,42 @@ class VllmBackend(AdapterSet):
 
     def base_only(self) -> AbstractContextManager:
         return nullcontext()
+
+
+class VllmBatch:
+    """The requests running in vLLM's engine; ``step`` runs one engine step (vLLM batches them) and
+    streams each request's new text as it is decoded."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.running: dict[str, tuple[GenerationRequest, str]] = {}  # request id -> (request, text so far)
+        self._ids = iter(range(2**62))
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def requests(self) -> list[GenerationRequest]:
+        return [request for request, _ in self.running.values()]
+
+    def add(self, request: GenerationRequest, params, lora_request) -> None:
+        request_id = f"dr-{next(self._ids)}"
+        self.engine.add_request(request_id, request.prompt, params, lora_request=lora_request)
+        self.running[request_id] = (request, "")
+
+    def step(self) -> list[tuple[GenerationRequest, GenerationResult]]:
+        finished = []
+        for output in self.engine.step():
+            request, seen = self.running[output.request_id]
+            completion = output.outputs[0]
+            if request.on_text and len(completion.text) > len(seen):
+                request.on_text(completion.text[len(seen) :])
+            self.running[output.request_id] = (request, completion.text)
+            if output.finished:
+                del self.running[output.request_id]
+                reason = "length" if completion.finish_reason == "length" else "stop"
+                n_prompt, n_out = len(output.prompt_token_ids), len(completion.token_ids)
+                finished.append((request, GenerationResult(completion.text, n_prompt, n_out, reason)))
+        return finished
 
 
 def _lora_rank(path: Path) -> int:

@@ -1,12 +1,10 @@
 """``BatchScheduler``: collects concurrent requests, routes them, and runs them as mixed batches.
 
-One worker thread owns the model. With a backend that batches continuously (``decode_batch``, the
-PEFT backend), it keeps one decode batch running: before every step it admits waiting jobs (up to
-``max_batch`` rows), routes the ``"auto"`` ones with one base forward and prefills each alone; the
-step decodes one token for every row, and finished rows leave at once. Otherwise (vLLM, which
-batches inside its engine) it takes the first waiting job, gathers more for up to ``max_wait_s``,
-routes them and runs one ``generate`` per sampling configuration. Results and streamed text go back
-to each job's asyncio queue; an error fails the jobs it touched, never the worker. A
+One worker thread owns the model and keeps one continuous batch running (``backend.decode_batch``):
+before every step it admits waiting jobs (up to ``max_batch`` running), routes the ``"auto"`` ones
+with one base forward and hands each to the backend (the PEFT backend prefills it alone); the step
+decodes one token for every running request, and finished ones leave at once. Results and streamed
+text go back to each job's asyncio queue; an error fails the jobs it touched, never the worker. A
 job pinned to an adapter that was removed after it was accepted fails alone (``AdapterRemovedError``).
 """
 
@@ -16,8 +14,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from delta_router.model_ids import AUTO_MODEL_NAME, BASE_ADAPTER
@@ -48,13 +44,13 @@ class Job:
 
 
 class BatchScheduler:
-    def __init__(self, backend, router: Router | None = None, max_batch: int = 8, max_wait_s: float = 0.01):
+    def __init__(self, backend, router: Router | None = None, max_batch: int = 8):
         self.backend, self.router = backend, router
-        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.max_batch = max_batch
         self.encoder = backend.encoder(**router.encoder_options) if router else None
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        # batches: forwards that generated tokens (decode steps when continuous); rows: requests in them
+        # batches: decode steps; rows: running requests summed over the steps
         self.stats = {"batches": 0, "rows": 0, "requests": 0, "errors": 0}
         # held while a batch is routed and generated, and while the registry changes what is served
         self.lock = threading.RLock()
@@ -80,12 +76,6 @@ class BatchScheduler:
 
     # ---- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
-        if hasattr(self.backend, "decode_batch"):
-            self._run_continuous()
-        else:
-            self._run_batches()
-
-    def _run_continuous(self) -> None:
         batch, running = self.backend.decode_batch(), {}  # id(request) -> Job
         stopping = False
         while True:
@@ -144,47 +134,6 @@ class BatchScheduler:
         for job in [job for job in jobs if job.request.adapter not in served]:
             job.emit("error", AdapterRemovedError(f"model {job.request.adapter!r} is no longer served"))
         return [job for job in jobs if job.request.adapter in served]
-
-    def _run_batches(self) -> None:
-        while (first := self._queue.get()) is not None:
-            batch = [first]
-            deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._queue.put(None)
-                    break
-                batch.append(job)
-            self._process(batch)
-
-    def _process(self, batch: list[Job]) -> None:
-        with self.lock:
-            self._process_locked(batch)
-
-    def _process_locked(self, batch: list[Job]) -> None:
-        batch = self._servable(batch)
-        try:
-            self._route([job for job in batch if job.request.adapter == AUTO_MODEL_NAME])
-        except Exception as err:  # noqa: BLE001 - report to the clients, keep serving
-            self._fail(batch, err)
-            return
-        groups: dict[tuple, list[Job]] = defaultdict(list)
-        for job in batch:
-            groups[job.request.sampling_key].append(job)
-        for jobs in groups.values():
-            try:
-                results = self.backend.generate([job.request for job in jobs])
-            except Exception as err:  # noqa: BLE001
-                self._fail(jobs, err)
-                continue
-            self.stats["batches"] += 1
-            self.stats["rows"] += len(jobs)
-            self.stats["requests"] += len(jobs)
-            for job, result in zip(jobs, results, strict=True):
-                job.emit("done", result)
 
     def _route(self, jobs: list[Job]) -> None:
         if not jobs:
