@@ -112,7 +112,8 @@ class RowDecoder:
 
 
 class AdapterSet:
-    """The served adapters of a backend, ``{id: directory}``, changed at run time by the registry."""
+    """What every backend shares: the served adapters, ``{id: directory}`` (changed at run time by the
+    registry), and ``generate`` on top of the backend's continuous batch (``decode_batch``, ``admit``)."""
 
     adapters: dict[str, Path]
 
