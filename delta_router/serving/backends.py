@@ -17,9 +17,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,87 +27,15 @@ from delta_router.errors import InvalidModelError
 from delta_router.model_ids import BASE_ADAPTER
 from delta_router.models.base import BaseLM
 from delta_router.routing.router import QueryEncoder, RouteDecision
-from delta_router.serving.decoding import DecodeBatch, RowAdapters, RowLora
+from delta_router.serving.decoding import (
+    DecodeBatch,
+    GenerationRequest,
+    GenerationResult,
+    RowAdapters,
+    RowLora,
+)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationRequest:
-    """One prompt to complete with ``adapter`` (an adapter id, a mix name, or ``BASE_ADAPTER``)."""
-
-    prompt: str
-    adapter: str = BASE_ADAPTER
-    max_tokens: int = 32
-    temperature: float = 0.0  # 0 = greedy (deterministic)
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: Sequence[str] = ()
-    min_tokens: int = 0  # EOS is ignored before this many tokens (benchmarks: fixed-length outputs)
-    on_text: Callable[[str], None] | None = field(default=None, repr=False)  # streamed text deltas
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-
-
-class RowDecoder:
-    """Turns the token stream of a batch into per-row text, stop handling and streamed deltas.
-
-    A ``transformers`` streamer: ``put`` first receives the prompts ``[B, T]``, then one token per
-    row ``[B]`` each step. Used for streamed and unstreamed requests alike.
-    """
-
-    def __init__(self, tokenizer, requests: Sequence[GenerationRequest], eos_ids: set[int]):
-        self.tokenizer, self.requests, self.eos_ids = tokenizer, requests, eos_ids
-        self.tokens: list[list[int]] = [[] for _ in requests]
-        self.texts = [""] * len(requests)
-        self.finish: list[str | None] = [None] * len(requests)
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        for row, token in enumerate(value.reshape(len(self.requests), -1)[:, -1].tolist()):
-            self.push(row, token)
-
-    def end(self) -> None:
-        for row, reason in enumerate(self.finish):
-            if reason is None:
-                self.finish[row] = "length"
-
-    def push(self, row: int, token: int) -> None:
-        if self.finish[row] is not None:
-            return
-        request = self.requests[row]
-        if token in self.eos_ids and len(self.tokens[row]) >= request.min_tokens:
-            self.finish[row] = "stop"
-            return
-        self.tokens[row].append(token)
-        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in request.stop if s) if i >= 0), default=-1)
-        if cut >= 0:
-            text, self.finish[row] = text[:cut], "stop"
-        elif len(self.tokens[row]) >= request.max_tokens:
-            self.finish[row] = "length"
-        elif text.endswith("\ufffd"):
-            return  # half a multi-byte character: wait for the rest
-        if request.on_text and len(text) > len(self.texts[row]):
-            request.on_text(text[len(self.texts[row]) :])
-        self.texts[row] = text
-
-    def results(self, prompt_tokens: Sequence[int]) -> list[GenerationResult]:
-        return [
-            GenerationResult(text, n, len(tokens), reason or "length")
-            for text, n, tokens, reason in zip(
-                self.texts, prompt_tokens, self.tokens, self.finish, strict=True
-            )
-        ]
 
 
 class AdapterSet:
@@ -225,7 +152,7 @@ class PeftBackend(AdapterSet):
     # ---- generation ----------------------------------------------------------------------------
     def decode_batch(self) -> DecodeBatch:
         """A new continuous batch (the scheduler keeps one running)."""
-        return DecodeBatch(self.model, self.tokenizer, self.lora, self.eos_ids, self.max_context, RowDecoder)
+        return DecodeBatch(self.model, self.tokenizer, self.lora, self.eos_ids, self.max_context)
 
     def admit(self, batch: DecodeBatch, request: GenerationRequest) -> GenerationResult | None:
         """Prefill ``request`` into ``batch``; its result if it finished at once."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +24,69 @@ import torch
 import torch.nn.functional as F
 
 from delta_router.errors import InvalidModelError
+from delta_router.model_ids import BASE_ADAPTER
 from delta_router.models.base import BaseLM
 from delta_router.models.finetunes import Finetune, load_lora_factors
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete with ``adapter`` (an adapter id, a mix name, or ``BASE_ADAPTER``)."""
+
+    prompt: str
+    adapter: str = BASE_ADAPTER
+    max_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy (deterministic)
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    min_tokens: int = 0  # EOS is ignored before this many tokens (benchmarks: fixed-length outputs)
+    on_text: Callable[[str], None] | None = field(default=None, repr=False)  # streamed text deltas
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+class TextStream:
+    """One request's tokens as text: EOS, stop strings and ``max_tokens`` end it; new text is passed
+    to ``request.on_text`` as it appears (a half multi-byte character waits for the rest)."""
+
+    def __init__(self, tokenizer, request: GenerationRequest, eos_ids: set[int]):
+        self.tokenizer, self.request, self.eos_ids = tokenizer, request, eos_ids
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish: str | None = None  # "stop" or "length" once finished
+
+    def push(self, token: int) -> None:
+        if self.finish is not None:
+            return
+        request = self.request
+        if token in self.eos_ids and len(self.tokens) >= request.min_tokens:
+            self.finish = "stop"
+            return
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in request.stop if s) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.finish = text[:cut], "stop"
+        elif len(self.tokens) >= request.max_tokens:
+            self.finish = "length"
+        elif text.endswith("\ufffd"):
+            return
+        if request.on_text and len(text) > len(self.text):
+            request.on_text(text[len(self.text) :])
+        self.text = text
+
+    def result(self, prompt_tokens: int) -> GenerationResult:
+        return GenerationResult(self.text, prompt_tokens, len(self.tokens), self.finish or "length")
+
 
 # per target module: (A [r, in], scale * B [out, r]), in the model's dtype and device
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -122,9 +181,9 @@ def _row_hook(terms: list):
 
 @dataclass
 class _Row:
-    request: object  # GenerationRequest
+    request: GenerationRequest
     adapters: RowAdapters
-    decoder: object  # RowDecoder of this one request
+    stream: TextStream
     prompt_tokens: int
     length: int  # tokens in this row's cache
     next_token: int = -1  # chosen, not yet in the cache
@@ -134,9 +193,9 @@ class _Row:
 class DecodeBatch:
     """The running requests of a backend (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, lora: RowLora, eos_ids: set[int], max_context: int, decoder_cls):
+    def __init__(self, model, tokenizer, lora: RowLora, eos_ids: set[int], max_context: int):
         self.model, self.tokenizer, self.lora = model, tokenizer, lora
-        self.eos_ids, self.max_context, self.decoder_cls = sorted(eos_ids), max_context, decoder_cls
+        self.eos_ids, self.max_context = sorted(eos_ids), max_context
         self.rows: list[_Row] = []
         self.cache = None  # DynamicCache [B, H, L, D] per layer, left-padded
         self.mask: torch.Tensor | None = None  # [B, L] 1 = a real token
@@ -145,18 +204,18 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def requests(self) -> list:
+    def requests(self) -> list[GenerationRequest]:
         return [row.request for row in self.rows]
 
-    def admit(self, request, adapters: RowAdapters):
+    def admit(self, request: GenerationRequest, adapters: RowAdapters) -> GenerationResult | None:
         """Prefill ``request`` alone and join the batch; its ``GenerationResult`` if it finished at once."""
         ids = self.tokenizer(request.prompt, return_tensors="pt")["input_ids"][:, -(self.max_context - 1) :]
-        decoder = self.decoder_cls(self.tokenizer, [request], set(self.eos_ids))
+        stream = TextStream(self.tokenizer, request, set(self.eos_ids))
         generator = None
         if request.temperature > 0:
             generator = torch.Generator(self.device)
             generator.manual_seed(request.seed if request.seed is not None else torch.seed())
-        row = _Row(request, adapters, decoder, ids.shape[1], ids.shape[1], generator=generator)
+        row = _Row(request, adapters, stream, ids.shape[1], ids.shape[1], generator=generator)
         with torch.inference_mode(), self.lora.applied([adapters]):
             out = self.model(input_ids=ids.to(self.device), use_cache=True)
         if self._advance(row, self._choose(out.logits[:, -1], [row])[0]):
@@ -164,7 +223,7 @@ class DecodeBatch:
         self._join(row, out.cache)
         return None
 
-    def step(self) -> list[tuple[object, object]]:
+    def step(self) -> list[tuple[GenerationRequest, GenerationResult]]:
         """One token for every running row, in one forward; (request, result) of the rows that finished."""
         if not self.rows:
             return []
@@ -194,7 +253,7 @@ class DecodeBatch:
         tokens = []
         for i, row in enumerate(rows):
             scores = logits[i]
-            if len(row.decoder.tokens[0]) < row.request.min_tokens:
+            if len(row.stream.tokens) < row.request.min_tokens:
                 scores = scores.clone()
                 scores[self.eos_ids] = float("-inf")
             if row.generator is None:
@@ -209,17 +268,16 @@ class DecodeBatch:
         return tokens
 
     def _advance(self, row: _Row, token: int) -> bool:
-        """Feed ``token`` to the row's decoder; True when the row is finished."""
-        row.decoder.push(0, token)
+        """Feed ``token`` to the row's text; True when the row is finished."""
+        row.stream.push(token)
         row.next_token = token
-        if row.decoder.finish[0] is None and row.length + 1 >= self.max_context:
-            row.decoder.end()  # out of context: "length"
-        return row.decoder.finish[0] is not None
+        if row.stream.finish is None and row.length + 1 >= self.max_context:
+            row.stream.finish = "length"  # out of context
+        return row.stream.finish is not None
 
     @staticmethod
-    def _result(row: _Row):
-        row.decoder.end()
-        return row.decoder.results([row.prompt_tokens])[0]
+    def _result(row: _Row) -> GenerationResult:
+        return row.stream.result(row.prompt_tokens)
 
     def _join(self, row: _Row, cache) -> None:
         if self.cache is None:
