@@ -51,7 +51,7 @@ ablations: install
 WILD_FEWSHOT ?= --fewshot-sizes 20 --fewshot-queries 5 --fewshot-formats alpaca chat qa
 wild: install
 	$(BIN)/delta-router -v zoo build --zoo wild
-	$(BIN)/delta-router -v zoo report --zoo wild --out reports/wild
+	$(BIN)/delta-router -v zoo report --zoo wild --eval-size 200 --where variant=strong --out reports/wild
 	$(BIN)/python benchmarks/route_accuracy.py --zoo wild --no-arrow --downstream 0 --settings mean:128 \
 		--json reports/wild/routing.json
 	$(BIN)/delta-router -v ablations --zoo wild --only clustering --only nuisance --only fewshot \

@@ -113,3 +113,8 @@ def test_wild_spec_draws_recorded_recipes_and_keeps_held_out_records_out(tiny_ba
             member.domains[0] if report.member_formats[member.id] == "alpaca"
             else f"{member.domains[0]} ({report.member_formats[member.id]})"
         ]  # fmt: skip
+    strong = build_report(
+        zoo, eval_size=4, progress=False, out_dir=tmp_path / "strong", where={"variant": "strong"}
+    )
+    assert set(strong.member_scores) == {m.id for m in single if m.variant == "strong"}
+    assert (tmp_path / "strong" / "report.md").exists()

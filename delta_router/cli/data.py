@@ -105,7 +105,7 @@ def cmd_zoo_report(args: argparse.Namespace) -> None:
     from delta_router.zoo.zoo import Zoo
 
     zoo = Zoo(args.zoo, args.base, progress=not args.json)
-    report = build_report(zoo, args.eval_size, not args.json, args.out)
+    report = build_report(zoo, args.eval_size, not args.json, args.out, parse_tags(args.where))
     if args.json:
         emit(args, report.to_dict())
         return
@@ -157,3 +157,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
         "--eval-size", type=POSITIVE, default=64, help="test records per domain (64)"
     )
     zoo.choices["report"].add_argument("--out", help="report directory (default: the zoo's report/)")
+    zoo.choices["report"].add_argument(
+        "--where",
+        action="append",
+        metavar="KEY=VALUE",
+        help="score only finetunes tagged so (variant=strong)",
+    )

@@ -126,10 +126,15 @@ class ZooReport:
 
 
 def build_report(
-    zoo: Zoo, eval_size: int = 64, progress: bool = True, out_dir: str | Path | None = None
+    zoo: Zoo,
+    eval_size: int = 64,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+    where: dict[str, str] | None = None,
 ) -> ZooReport:
     """Compute and write the report of a built zoo (``zoo.build()`` first), into ``out_dir``
-    (default ``<zoo root>/report``)."""
+    (default ``<zoo root>/report``). Held-out scores are computed for the domain finetunes whose tags
+    match ``where`` (all by default)."""
     clock = time.perf_counter()
     entries = zoo.load_index().list()
     domain_entries = [e for e in entries if e.tags.get("kind") == "domain"]
@@ -161,7 +166,8 @@ def build_report(
     report.seconds["clustering"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    _score_members(zoo, report, domain_entries, eval_size, progress)
+    scored = [e for e in domain_entries if all(e.tags.get(k) == v for k, v in (where or {}).items())]
+    _score_members(zoo, report, scored, eval_size, progress)
     report.seconds["held-out scoring"] = time.perf_counter() - clock
     atomic_write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2))
     atomic_write_text(out_dir / "report.md", report.to_markdown())
@@ -184,7 +190,7 @@ def _score_members(zoo: Zoo, report: ZooReport, entries: list[IndexEntry], eval_
     tokenizer = zoo.base.load_tokenizer()
     model = zoo.base.load_model()
     max_length = zoo.spec.train.max_length
-    tests = {d: zoo.splits(d).test[:eval_size] for d in zoo.spec.domains}
+    tests = {d: zoo.splits(d).test[:eval_size] for d in {e.tags["domain"] for e in entries}}
     test_hash = {d: hashlib.sha256(repr(r).encode()).hexdigest()[:12] for d, r in tests.items()}
 
     def cached_score(key: str, fmt: str, scorer) -> Score:
