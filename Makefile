@@ -48,14 +48,16 @@ ablations: install
 # The wild zoo (41 finetunes that differ in seed, rank, LoRA variant, modules, steps, format and
 # dataset; ~75 min to build on 2 cores, cached): its report, the clustering / recipe-factor /
 # few-shot analyses and the router's accuracy, with a README table next to the full zoo's figures.
-WILD_FEWSHOT ?= --fewshot-sizes 20 --fewshot-queries 5 --fewshot-formats alpaca chat qa
+WILD_FEWSHOT ?= --fewshot-sizes 20 --fewshot-queries 2 --fewshot-formats alpaca chat qa
 wild: install
 	$(BIN)/delta-router -v zoo build --zoo wild
 	$(BIN)/delta-router -v zoo report --zoo wild --eval-size 200 --where variant=strong --out reports/wild
 	$(BIN)/python benchmarks/route_accuracy.py --zoo wild --no-arrow --downstream 0 --settings mean:128 \
-		--json reports/wild/routing.json
-	$(BIN)/delta-router -v ablations --zoo wild --only clustering --only nuisance --only fewshot \
-		$(WILD_FEWSHOT) --out reports/wild --reference reports
+		--json reports/wild/routing.json --abstention reports/wild/abstention.png
+	$(BIN)/delta-router -v ablations --zoo wild --only clustering --only nuisance --only probes \
+		--out reports/wild --reference reports
+	$(BIN)/delta-router -v ablations --zoo wild --only fewshot $(WILD_FEWSHOT) --out reports/wild \
+		--reference reports
 
 # build on 5 tasks whose datasets no zoo trains on (BoolQ, SciQ, MedQA, BioASQ, MMLU psychology):
 # base vs returned vs selected vs random merges vs the oracle single, on 200 held-out records each.
