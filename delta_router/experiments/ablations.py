@@ -186,6 +186,10 @@ class Ablations:
         variants["unit-norm shift per probe"] = {"probes": paper, "normalize": "probe"}
         formats = ProbeSet.formats(tokenizer=self.zoo.base.load_tokenizer())
         variants[f"{len(formats)} probes, the paper's in each prompt format"] = {"probes": formats}
+        variants[f"{len(formats)} probes in each format, unit-norm per probe"] = {
+            "probes": formats,
+            "normalize": "probe",
+        }
         scores: dict[str, dict[str, float]] = {"silhouette": {}}
         by_format = [e.tags.get("format") for e in self.domain_entries]
         if None not in by_format and len(set(by_format)) > 1:  # also: grouping by how it was prompted
