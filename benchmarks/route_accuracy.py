@@ -169,7 +169,7 @@ def main() -> None:
         name = f"router ({pooling}, {max_length} tokens)"
         encoder = QueryEncoder.for_model(model, tokenizer, pooling=pooling, max_length=max_length)
         clock = time.perf_counter()
-        routers[name] = Router.fit_zoo(zoo, encoder)
+        routers[name] = Router.fit_zoo(zoo, encoder, threshold=None)  # top-1 accuracy; abstention: below
         fit_s = time.perf_counter() - clock
         clock = time.perf_counter()
         features[name] = encoder(texts)
