@@ -134,7 +134,7 @@ def cmd_ablations(args: argparse.Namespace) -> None:
         raise DeltaRouterError(f"unknown ablations {unknown}; known: {', '.join(ABLATIONS)}")
     zoo = Zoo(args.zoo, args.base, progress=False)
     ablations = Ablations(zoo, args.out, tuple(args.fewshot_sizes), args.fewshot_queries,
-                          args.fewshot_formats, args.fewshot_methods)  # fmt: skip
+                          args.fewshot_formats, args.fewshot_methods, args.probe_variants)  # fmt: skip
     results = ablations.run(args.only)
     if args.reference:
         from delta_router.experiments.summary import write_summary
@@ -246,6 +246,8 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
         help="also write OUT/README.md: the headline figures next to DIR's (another zoo's reports)",
     )
     p.add_argument("--reference-name", default="full", help="the zoo DIR's reports are of (default full)")
+    p.add_argument("--probe-variants", nargs="+", metavar="NAME",
+                   help='only these variants of the probes ablation, e.g. "5 probes (paper)"')  # fmt: skip
     p.set_defaults(func=cmd_ablations)
 
     p = sub.add_parser("demo", parents=[common], help="the end-to-end job on the default base")

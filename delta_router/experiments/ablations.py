@@ -71,11 +71,14 @@ class Ablations:
         fewshot_queries: int = 1,
         fewshot_formats: Sequence[str] = ("alpaca",),
         fewshot_methods: Sequence[str] = SELECTION_METHODS,
+        probe_variants: Sequence[str] | None = None,
     ):
-        """``fewshot_formats``: the prompt formats the few-shot queries' examples are given in."""
+        """``fewshot_formats``: the prompt formats the few-shot queries' examples are given in;
+        ``probe_variants``: run only these variants of the ``probes`` ablation (all by default)."""
         self.zoo, self.out_dir = zoo, Path(out_dir)
         self.fewshot_sizes, self.fewshot_queries = fewshot_sizes, fewshot_queries
         self.fewshot_formats, self.fewshot_methods = tuple(fewshot_formats), tuple(fewshot_methods)
+        self.probe_variants = probe_variants
         self.entries = zoo.load_index().list()
         self.domain_entries = [e for e in self.entries if e.tags.get("kind") == "domain"]
         self.labels = [e.tags["domain"] for e in self.domain_entries]
@@ -194,7 +197,12 @@ class Ablations:
         by_format = [e.tags.get("format") for e in self.domain_entries]
         if None not in by_format and len(set(by_format)) > 1:  # also: grouping by how it was prompted
             scores["silhouette by format"] = {}
+        unknown = set(self.probe_variants or ()) - set(variants)
+        if unknown:
+            raise ValueError(f"unknown probe variants {sorted(unknown)}; known: {list(variants)}")
         for name, options in variants.items():
+            if self.probe_variants is not None and name not in self.probe_variants:
+                continue
             embedder = DeltaEmbedder(self.zoo.base, progress=False, **options)
             vectors = embedder.transform(self.paths)
             scores["silhouette"][name] = silhouette(vectors, self.labels)
