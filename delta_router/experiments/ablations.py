@@ -39,7 +39,13 @@ from safetensors import safe_open
 from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
 from delta_router.embedding.embedder import DeltaEmbedder
 from delta_router.embedding.probes import PAPER_INPUT, ProbeSet
-from delta_router.evaluation.clustering import cosine_similarities, save_figure, silhouette, tsne_plot
+from delta_router.evaluation.clustering import (
+    cosine_similarities,
+    nearest_neighbours,
+    save_figure,
+    silhouette,
+    tsne_plot,
+)
 from delta_router.home import atomic_write_text
 from delta_router.models.finetunes import ADAPTER_WEIGHTS, Finetune
 from delta_router.search.selector import SELECTION_METHODS, TaskSelector
@@ -391,17 +397,13 @@ ABLATIONS: dict[str, Callable[[Ablations], dict]] = {
 def _grouping(vectors: np.ndarray, labels: Sequence[str]) -> dict:
     """Silhouette (cosine) by ``labels``, and how often a finetune's nearest neighbour shares its label
     (next to the chance rate of a random neighbour)."""
-    sims = cosine_similarities(vectors)
-    np.fill_diagonal(sims, -np.inf)
-    nearest = sims.argmax(1)
+    neighbours = nearest_neighbours(vectors, [str(i) for i in range(len(labels))], labels)
     sizes = Counter(labels)
     n = len(labels)
     return {
         "silhouette": silhouette(vectors, labels),
         "groups": len(sizes),
-        "nearest neighbour shares it": float(
-            np.mean([labels[i] == labels[j] for i, j in enumerate(nearest)])
-        ),
+        "nearest neighbour shares it": float(np.mean([nb.same_label for nb in neighbours])),
         "chance": float(sum(k * (k - 1) for k in sizes.values()) / (n * (n - 1))),
     }
 
