@@ -18,7 +18,6 @@ import hashlib
 import logging
 import zlib
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -111,10 +110,6 @@ class PeftBackend(AdapterSet):
 
     def encoder(self, **options) -> QueryEncoder:
         return QueryEncoder.for_model(self.model, self.tokenizer, **options)
-
-    def base_only(self) -> AbstractContextManager:
-        """Context in which the model is the plain base (it always is outside a decode step)."""
-        return nullcontext()
 
     def target(self, decision: RouteDecision) -> str:
         """The adapter name that serves ``decision``: one adapter, a weighted mix, or the base."""
@@ -236,9 +231,6 @@ class VllmBackend(AdapterSet):
 
     def encoder(self, **options) -> QueryEncoder:
         return self.hf.encoder(**options)
-
-    def base_only(self) -> AbstractContextManager:
-        return nullcontext()
 
 
 class VllmBatch:

@@ -112,8 +112,7 @@ class AdapterRegistry:
         else data-free from its vector, by a map fitted on the router's current models."""
         router = self.scheduler.router
         if examples:
-            with self.scheduler.backend.base_only():
-                features = self.scheduler.encoder(list(examples)).numpy()
+            features = self.scheduler.encoder(list(examples)).numpy()
             return unit_rows((features.mean(0) - router.center)[None])[0], "examples"
         known = [m for m in router.model_ids if m in self.index]
         if len(known) < 2:

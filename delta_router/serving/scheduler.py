@@ -140,8 +140,7 @@ class BatchScheduler:
             return
         if self.router is None:
             raise RuntimeError('model "auto" needs a router (serve --router DIR)')
-        with self.backend.base_only():
-            decisions = self.router.route(self.encoder, [job.route_text for job in jobs])
+        decisions = self.router.route(self.encoder, [job.route_text for job in jobs])  # the plain base
         for job, decision in zip(jobs, decisions, strict=True):
             job.decision = decision
             job.request.adapter = self.backend.target(decision)
