@@ -112,6 +112,44 @@ def test_batched_search_equals_one_at_a_time(embeddings):
     ]
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_add_many_equals_adding_one_at_a_time_and_commits_only_on_save(embeddings, tmp_path, kind):
+    models = random_embeddings(embeddings[0], 40)
+    tags = [{"shard": str(i % 3)} for i in range(40)]
+    one_by_one, bulk = ModelIndex(kind=kind), ModelIndex(kind=kind)
+    for emb, tag in zip(models, tags, strict=True):
+        one_by_one.add(emb, tag)
+    entries = bulk.add_many(models[:30], tags[:30])
+    bulk.add_many(models[30:], tags[30:])  # extends the structure the first call built
+    assert [e.model_id for e in entries] == [m.model_id for m in models[:30]]
+    assert bulk._faiss is not None and bulk._faiss.ntotal == 40
+    queries = random_embeddings(embeddings[0], 5, seed=7, prefix="q")
+    for query in queries:
+        got = [h.model_id for h in bulk.search(query, k=5, where={"shard": "1"})]
+        assert got == [h.model_id for h in one_by_one.search(query, k=5, where={"shard": "1"})]
+    bulk.save(tmp_path / "idx")
+    loaded = ModelIndex.load(tmp_path / "idx")
+    loaded.add_many(random_embeddings(embeddings[0], 3, seed=1, prefix="late"))
+    loaded.close()  # not saved: nothing of it lands
+    again = ModelIndex.load(tmp_path / "idx")
+    assert len(again) == 40 and again.get("m-7").tags == {"shard": "1"}
+
+
+def test_add_many_is_all_or_nothing(embeddings):
+    models = random_embeddings(embeddings[0], 4)
+    index = ModelIndex()
+    index.add(models[0])
+    with pytest.raises(DuplicateModelError, match="m-0"):
+        index.add_many(models[1:] + [models[0]])
+    with pytest.raises(DuplicateModelError, match="m-2"):
+        index.add_many([models[1], models[2], models[2]])
+    with pytest.raises(ValueError, match="tag sets"):
+        index.add_many(models[1:], [{}])
+    assert index.model_ids() == ["m-0"] and len(index.list()) == 1
+    index.add_many(models[1:])
+    assert index.model_ids() == ["m-0", "m-1", "m-2", "m-3"]
+
+
 def test_auto_kind_switches_to_a_graph_past_its_threshold(embeddings, monkeypatch):
     monkeypatch.setattr(index_module, "AUTO_APPROXIMATE_AT", 10)
     index = ModelIndex()

@@ -217,8 +217,9 @@ class DeltaEmbedder:
             raise ValueError(f"layer must be -1 or 0..{n_layers} for this base, got {layer}")
         self.layer, self.pooling, self.normalize, self.method = layer, pooling, normalize, method
         self.device = torch.device(device)
-        # adapters sharing one forward: 4 (20 probe rows) on CPU, GPUs want more (RESULTS.md)
-        self.adapters_per_batch = adapters_per_batch or (4 if self.device.type == "cpu" else 32)
+        # adapters sharing one forward: 16 on CPU (1.44x the compute floor, +350 MB over 4;
+        # benchmarks/RESULTS.md), GPUs want more
+        self.adapters_per_batch = adapters_per_batch or (16 if self.device.type == "cpu" else 32)
         self.cache, self.progress = cache, progress
         self._live = "base"  # what the live model's weights are: "base", a content hash, "dirty"
 

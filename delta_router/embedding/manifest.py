@@ -160,8 +160,7 @@ def embed_manifest(
                 else:
                     done.append((item, outcome))
             if index is not None and done:
-                for item, embedding in done:
-                    index.add(embedding, tags=item.tags)
+                index.add_many([embedding for _, embedding in done], [item.tags for item, _ in done])
                 index.save(index_dir)
             result.embedded += [embedding for _, embedding in done]
             bar.update(len(chunks[number]))

@@ -35,6 +35,7 @@ import os
 import sqlite3
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -185,50 +186,102 @@ class ModelIndex:
     def filtered(self, keep: Callable[[IndexEntry], bool]) -> ModelIndex:
         """A new in-memory index of the entries for which ``keep(entry)`` holds (same kind)."""
         out = ModelIndex(self.space, self.kind, self.hnsw_m, self.ivf_nlist, self.ef_search)
-        for entry in self.list():
-            if keep(entry):
-                out.add(entry.embedding, entry.tags)
+        kept = [entry for entry in self.list() if keep(entry)]
+        out.add_many([entry.embedding for entry in kept], [entry.tags for entry in kept])
         return out
 
     # ---- mutation (uncommitted until save) -----------------------------------------------------
     def add(self, embedding: Embedding, tags: Mapping[str, str] | None = None, replace: bool = False):
         """Add one embedding. Refuses an invalid id (``model_ids``), another space, and an existing
         id unless ``replace`` (then its tags are kept, updated by ``tags``)."""
-        check_model_id(embedding.model_id)
-        self._check_space(embedding.space, f"model {embedding.model_id!r}")
         tags = dict(tags or {})
         with self._lock:
-            if embedding.model_id in self._ids:
-                if not replace:
-                    raise DuplicateModelError(
-                        f"model {embedding.model_id!r} is already in the index "
-                        "(use replace=True / --replace to overwrite it)"
-                    )
+            if replace and embedding.model_id in self._ids:
                 tags = {**self.get(embedding.model_id).tags, **tags}
                 self.remove(embedding.model_id)
+            return self.add_many([embedding], [tags])[0]
+
+    def add_many(
+        self, embeddings: Sequence[Embedding], tags: Sequence[Mapping[str, str]] | None = None
+    ) -> list[IndexEntry]:
+        """Add new embeddings (``tags[i]`` for ``embeddings[i]``) in one SQL batch and one FAISS call.
+
+        The bulk path for hub-scale indexes: where the FAISS structure exists, or the index was
+        empty, it is extended (or built) here, so the graph of an approximate kind costs its
+        construction in this call and ``save`` only writes. All or nothing: an invalid or
+        duplicate id (in the batch or the index) or another space adds none of them.
+        """
+        tags = [dict(t) for t in tags] if tags is not None else [{} for _ in embeddings]
+        if len(tags) != len(embeddings):
+            raise ValueError(f"{len(embeddings)} embeddings but {len(tags)} tag sets")
+        if not embeddings:
+            return []
+        names = [e.model_id for e in embeddings]
+        for embedding in embeddings:
+            check_model_id(embedding.model_id)
+            self._check_space(embedding.space, f"model {embedding.model_id!r}")
+        if len(set(names)) != len(names):
+            raise DuplicateModelError(f"model ids repeat within the batch: {_repeated(names)}")
+        vectors = np.stack([np.asarray(e.vector, dtype=np.float32).reshape(-1) for e in embeddings])
+        with self._lock:
+            clash = [name for name in names if name in self._ids]
+            if clash:
+                raise DuplicateModelError(
+                    f"model {clash[0]!r} is already in the index "
+                    "(use replace=True / --replace to overwrite it)"
+                )
+            was_empty = not self._ids
+            if not self._db.in_transaction:
+                self._db.execute("BEGIN")  # so that RELEASE below never commits: save does
+            self._db.execute("SAVEPOINT add_many")
+            try:
+                ids = self._insert(embeddings, vectors, tags)
+            except BaseException:
+                self._db.execute("ROLLBACK TO add_many")
+                raise
+            finally:
+                self._db.execute("RELEASE add_many")
+            self._ids.update(zip(names, ids.tolist(), strict=True))
+            self._names.update(zip(ids.tolist(), names, strict=True))
+            if self._faiss is not None and self.structure != self._built_as:
+                self._faiss = None  # auto crossed its threshold: rebuild as the other kind
+            if self._faiss is not None:
+                self._faiss.add_with_ids(unit_rows(vectors), ids)
+            elif was_empty and len(embeddings) > 1:
+                self._faiss = self._build(ids, vectors)
+        return [IndexEntry(fid, e, t) for fid, e, t in zip(ids.tolist(), embeddings, tags, strict=True)]
+
+    def _insert(self, embeddings: Sequence[Embedding], vectors: np.ndarray, tags: list[dict]) -> np.ndarray:
+        """Insert model and tag rows; returns their faiss ids ``[N]``. The first insert takes
+        SQLite's write lock, so the ids after it are this transaction's alone."""
+
+        def row(embedding: Embedding, vector: np.ndarray) -> tuple[str, str, bytes]:
             record = embedding.to_dict(with_vector=False)
             del record["space"]
-            vector = np.ascontiguousarray(embedding.vector, dtype=np.float32)
-            try:
-                cursor = self._db.execute(
-                    "INSERT INTO models (model_id, record, vector) VALUES (?, ?, ?)",
-                    (embedding.model_id, json.dumps(record), vector.tobytes()),
-                )
-            except sqlite3.IntegrityError:  # another process added it since this index was loaded
-                raise DuplicateModelError(
-                    f"model {embedding.model_id!r} was added to the index by another process"
-                ) from None
-            faiss_id = cursor.lastrowid
+            return embedding.model_id, json.dumps(record), vector.tobytes()
+
+        try:
+            first = self._db.execute(
+                "INSERT INTO models (model_id, record, vector) VALUES (?, ?, ?)",
+                row(embeddings[0], vectors[0]),
+            ).lastrowid
+            ids = np.arange(first, first + len(embeddings), dtype=np.int64)
             self._db.executemany(
-                "INSERT INTO tags VALUES (?, ?, ?)", [(faiss_id, k, v) for k, v in tags.items()]
+                "INSERT INTO models (faiss_id, model_id, record, vector) VALUES (?, ?, ?, ?)",
+                (
+                    (int(fid), *row(e, v))
+                    for fid, e, v in zip(ids[1:], embeddings[1:], vectors[1:], strict=True)
+                ),
             )
-            self._ids[embedding.model_id], self._names[faiss_id] = faiss_id, embedding.model_id
-            if self._faiss is not None:
-                if self.structure != self._built_as:
-                    self._faiss = None  # auto crossed its threshold: rebuild as the other kind
-                else:
-                    self._faiss.add_with_ids(unit_rows(vector), np.array([faiss_id], dtype=np.int64))
-        return IndexEntry(faiss_id, embedding, tags)
+        except sqlite3.IntegrityError:  # another process added one of them since this index was loaded
+            raise DuplicateModelError(
+                "a model of this batch was added to the index by another process"
+            ) from None
+        self._db.executemany(
+            "INSERT INTO tags VALUES (?, ?, ?)",
+            ((fid, k, v) for fid, t in zip(ids.tolist(), tags, strict=True) for k, v in t.items()),
+        )
+        return ids
 
     def remove(self, model_id: str) -> None:
         with self._lock:
@@ -332,7 +385,9 @@ class ModelIndex:
             if self.space is not None and vector.shape[0] != self.space.dim:
                 raise SpaceMismatchError(f"query has dimension {vector.shape[0]}, the index {self.space.dim}")
             rows.append(vector)
-        return unit_rows(np.stack(rows)) if rows else np.zeros((0, self.space.dim if self.space else 0))
+        if not rows:
+            return np.zeros((0, self.space.dim if self.space else 0))
+        return unit_rows(rows[0][None, :] if len(rows) == 1 else np.stack(rows))
 
     def _matching(self, where: Mapping[str, str] | None) -> np.ndarray | None:
         """Faiss ids ``[M]`` of the models whose tags match every ``where`` pair (SQL); None: all."""
@@ -369,9 +424,11 @@ class ModelIndex:
             self._faiss = self._build()
         return self._faiss
 
-    def _build(self) -> faiss.Index:
-        """A FAISS index of every model's normalised vector, ids = faiss ids."""
-        ids, vectors = self._vectors()
+    def _build(self, ids: np.ndarray | None = None, vectors: np.ndarray | None = None) -> faiss.Index:
+        """A FAISS index of every model's normalised vector, ids = faiss ids (``ids`` ``[N]`` and raw
+        ``vectors`` ``[N, dim]`` when the caller holds all of them, else read from the database)."""
+        if ids is None:
+            ids, vectors = self._vectors()
         self._built_as, self._dead = self.structure, set()
         index = self._empty(self._built_as, vectors)
         index.add_with_ids(unit_rows(vectors), ids)
@@ -498,8 +555,7 @@ class ModelIndex:
             raise IndexFormatError(f"{directory} is already in index format {FORMAT_VERSION}")
         old = read_v1(directory)
         index = cls(old.space, old.kind, **old.params)
-        for embedding, tags in old.rows:
-            index.add(embedding, tags)
+        index.add_many([embedding for embedding, _ in old.rows], [tags for _, tags in old.rows])
         index.save(directory)
         for path in old.files:
             path.unlink()
@@ -582,6 +638,10 @@ class ModelIndex:
         with self._lock:
             self._db.rollback()
             self._db.close()
+
+
+def _repeated(names: Sequence[str]) -> str:
+    return ", ".join(sorted(name for name, count in Counter(names).items() if count > 1)[:5])
 
 
 def _search(index: faiss.Index, matrix: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
