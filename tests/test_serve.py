@@ -400,6 +400,35 @@ def test_adapters_register_and_leave_while_serving(tiny_base, other_base, adapte
         assert gone.status_code == 404
 
 
+def test_an_indexed_dora_adapter_is_not_served_and_not_routed_to(tiny_base, adapters, tmp_path, caplog):
+    """An index entry that cannot be served per row is skipped at start-up with a warning, not a
+    500 at its first request."""
+    from delta_router.cli import main
+    from delta_router.search.index import ModelIndex
+    from delta_router.serving import build_app
+    from delta_router.training.trainer import LoraTrainer, TrainConfig
+
+    idx = tmp_path / "idx"
+    router, _ = _indexed_router(tiny_base, adapters, idx)
+    dora_config = TrainConfig(max_steps=1, batch_size=2, micro_batch_size=2, use_dora=True)
+    dora = LoraTrainer(tiny_base, dora_config, progress=False).fit(
+        synthetic_domain("fruit").train[0], tmp_path / "dora"
+    )
+    assert main(["index", "add", str(dora.adapter_dir), "--index", str(idx), "--id", "dora",
+                 "--base", str(tiny_base)]) == 0  # fmt: skip
+    router.add("dora", router.profiles[0])  # a router fitted while it was indexed
+    app = build_app(ModelIndex.load(idx), router, max_loaded=2)
+    assert "dora" in caplog.text and "use_dora" in caplog.text
+    assert "dora" not in router.model_ids
+    with TestClient(app) as client:
+        assert {m["id"] for m in client.get("/v1/models").json()["data"]} >= {"fruit", "digits"}
+        assert "dora" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
+        reply = client.post("/v1/completions", json={"model": "dora", "prompt": "apple", "max_tokens": 2})
+        assert reply.status_code == 404
+        auto = client.post("/v1/completions", json={"model": "auto", "prompt": "apple", "max_tokens": 2})
+        assert auto.status_code == 200 and auto.json()["model"] != "dora"
+
+
 def _indexed_router(tiny_base, adapters, idx) -> tuple[Router, dict]:
     """An index at ``idx`` of ``adapters[0:2]`` (ids fruit, digits) and a router fitted on them."""
     from delta_router.cli import main

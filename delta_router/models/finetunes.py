@@ -112,6 +112,14 @@ class LoraFactors:
     plain: bool
 
 
+PEFT_ONLY_OPTIONS = ("use_dora", "modules_to_save", "alpha_pattern", "fan_in_fan_out")
+
+
+def peft_only_options(adapter_config: dict) -> list[str]:
+    """The options of an adapter config that need PEFT's own layers (no plain ``scale * B @ A``)."""
+    return [option for option in PEFT_ONLY_OPTIONS if adapter_config.get(option)]
+
+
 def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseLM) -> LoraFactors:
     """Read and validate an adapter against the live base ``model`` (a causal LM)."""
     cfg = finetune.adapter_config  # its peft_type was checked by Finetune.open
@@ -123,10 +131,7 @@ def load_lora_factors(finetune: Finetune, model: torch.nn.Module, base: BaseLM) 
     except Exception as exc:  # safetensors raises its own error type for corrupt headers
         raise InvalidModelError(f"{weights_file}: corrupt safetensors file ({exc})") from exc
 
-    plain = not (
-        cfg.get("use_dora") or cfg.get("modules_to_save") or cfg.get("alpha_pattern")
-        or cfg.get("fan_in_fan_out")
-    )  # fmt: skip
+    plain = not peft_only_options(cfg)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)

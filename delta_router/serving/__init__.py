@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 
-from delta_router.errors import DataError
+from delta_router.errors import DataError, DeltaRouterError
 from delta_router.models.base import resolve_base
+from delta_router.models.finetunes import Finetune, peft_only_options
 from delta_router.routing.router import Router
 from delta_router.search.index import ModelIndex
 
@@ -26,7 +27,9 @@ def build_app(
     device: str = "cpu",
     index_dir=None,
 ):
-    """The app serving every LoRA adapter of ``index`` (full finetunes are skipped, with a warning).
+    """The app serving every plain LoRA adapter of ``index``; full finetunes, and adapters whose
+    config needs PEFT's own layers (DoRA, ...: not servable per row), are skipped with a warning
+    (and taken out of the router).
 
     Its adapter registry (``POST``/``DELETE /v1/adapters``) commits changes to ``index_dir`` when
     given (``serve --index DIR`` passes it), else keeps them in memory."""
@@ -51,7 +54,33 @@ def build_app(
     options = {"device": device} if backend == "peft" else {}
     from delta_router.serving.registry import AdapterRegistry
 
+    refused = _not_servable_per_row(adapters)
+    if refused:
+        logger.warning(
+            "not served (they need PEFT's own layers; fold each into a full model to serve it): %s",
+            "; ".join(f"{name} ({why})" for name, why in refused.items()),
+        )
+        if router is not None:
+            for name in refused:
+                if name in router.model_ids:
+                    router.remove(name)
+        adapters = {name: path for name, path in adapters.items() if name not in refused}
     engine = BACKENDS[backend](base, adapters, max_loaded=max_loaded, **options)
     scheduler = BatchScheduler(engine, router, max_batch=max_batch)
     registry = AdapterRegistry(index, scheduler, index_dir)
     return create_app(scheduler, max_tokens_limit=max_tokens, registry=registry)
+
+
+def _not_servable_per_row(adapters: dict[str, str]) -> dict[str, str]:
+    """``{name: why}`` for adapters whose config asks for DoRA, modules_to_save, ... (config only:
+    cheap at start-up; a registration also checks the weights)."""
+    refused = {}
+    for name, path in adapters.items():
+        try:
+            options = peft_only_options(Finetune.open(path, name).adapter_config)
+        except DeltaRouterError as exc:
+            refused[name] = str(exc)
+            continue
+        if options:
+            refused[name] = ", ".join(options)
+    return refused
