@@ -19,11 +19,12 @@ removed); over thresholds on the best cosine, the share of the withheld domain's
 the base against the in-zoo accuracy (right adapter and not sent to the base), averaged over the
 withheld domains, for the default router and the data-free one (alpha 0.01); a table and a plot.
 
-Downstream (``--downstream N`` test records per domain): multiple-choice accuracy (or answer NLL for
-math/code) of the base, a random adapter, the router's top-1 adapter, Arrow, and the oracle
-(the domain's part-0 adapter).
+Downstream (``--downstream N`` test records per domain): multiple-choice accuracy (or minus the
+answer's NLL per token for math/code), mean per record with a 95% Student-t interval, of the base,
+a random adapter, the router's top-1 adapter, the data-free router's (leave one domain out, alpha
+0.01), Arrow, and the oracle (the domain's part-0 adapter).
 
-    python benchmarks/route_accuracy.py                 # full zoo, 40 queries/domain, 8 downstream
+    python benchmarks/route_accuracy.py                 # full zoo, 40 queries/domain, 40 downstream
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ import numpy as np
 import torch
 
 from delta_router import Zoo
-from delta_router.evaluation.scoring import score_records
+from delta_router.evaluation.scoring import example_scores
+from delta_router.evaluation.verification import Interval
 from delta_router.home import atomic_write_text
 from delta_router.routing.data_free import leave_one_group_out
 from delta_router.routing.router import QueryEncoder, Router, query_text
@@ -137,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default="full")
     parser.add_argument("--queries", type=int, default=40, help="test records per domain to route")
-    parser.add_argument("--downstream", type=int, default=8, help="test records per domain to score")
+    parser.add_argument("--downstream", type=int, default=40, help="test records per domain to score")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--settings", nargs="+", default=["mean:256", "last:256", "mean:128", "mean:64"],
                         help="router variants POOLING:TOKENS (mean:128 is the default router)")  # fmt: skip
@@ -239,39 +241,58 @@ def main() -> None:
     default = QueryEncoder.for_model(served, tokenizer)  # the Router's default settings
     encoder, router = default, routers[f"router ({default.pooling}, {default.max_length} tokens)"]
 
-    def score_with(adapter: str | None, records) -> float:
-        """Sum over ``records`` of the per-record score with ``adapter`` (None = the base)."""
+    def per_record(adapter: str | None, records) -> np.ndarray:
+        """``[n]`` scores with ``adapter`` (None = the base): correct (0/1) for multiple choice, else
+        minus the answer's NLL per token."""
         if adapter is None:
             with served.disable_adapter():
-                return score_records(served, tokenizer, records, max_length=256).main * len(records)
-        served.set_adapter(adapter)
-        return score_records(served, tokenizer, records, max_length=256).main * len(records)
+                scores = example_scores(served, tokenizer, records, max_length=256)
+        else:
+            served.set_adapter(adapter)
+            scores = example_scores(served, tokenizer, records, max_length=256)
+        if scores.correct is not None:
+            return scores.correct.astype(float)
+        return scores.gold_logprob / scores.gold_tokens
 
-    print(f"\n| domain (metric, n={args.downstream}) | base | random | router | arrow | oracle |")
-    print("|---|---|---|---|---|---|")
+    free = routers.get("data-free (LODO, alpha 0.01)")
+    methods = ("base", "random", "router", "data-free", "arrow", "oracle")
+    print(f"\nmean per record, 95% interval (n={args.downstream} per domain; acc, or -NLL/token: math, code)")
+    print("\n| domain | " + " | ".join(methods) + " |")
+    print("|---|" + "---|" * len(methods))
     clock = time.perf_counter()
     for domain in zoo.spec.domains:
         records = tests[domain][: args.downstream]
         with served.disable_adapter():
-            routed = router.route(encoder, [query_text(r) for r in records])
+            encoded = encoder([query_text(r) for r in records])
         picks = {
             "base": [None] * len(records),
             "random": [rng.choice(ids) for _ in records],
-            "router": [d.adapters[0] for d in routed],
+            "router": [d.adapters[0] for d in router.decide(encoded)],
             "oracle": [f"{domain}-0"] * len(records),
         }
-        totals = defaultdict(float)
+        if free is not None:  # its map never saw this domain (leave one domain out)
+            picks["data-free"] = [d.adapters[0] for d in free.decide(encoded)]
+        values: dict[str, np.ndarray] = {}
         for method, adapters in picks.items():
-            groups = defaultdict(list)
-            for record, adapter in zip(records, adapters, strict=True):
-                groups[adapter].append(record)
-            totals[method] = sum(score_with(adapter, group) for adapter, group in groups.items())
+            values[method] = np.empty(len(records))
+            for adapter in set(adapters):
+                rows = [i for i, a in enumerate(adapters) if a == adapter]
+                values[method][rows] = per_record(adapter, [records[i] for i in rows])
         if arrow is not None:
-            totals["arrow"] = score_records(arrow, tokenizer, records, max_length=256).main * len(records)
-        metric = "acc" if records[0].choices else "-nll"
-        cells = [f"{totals[m] / len(records):.3f}" if m in totals else "-" for m in
-                 ("base", "random", "router", "arrow", "oracle")]  # fmt: skip
-        print(f"| {domain} ({metric}) | " + " | ".join(cells) + " |", flush=True)
+            scores = example_scores(arrow, tokenizer, records, max_length=256)
+            values["arrow"] = (
+                scores.correct.astype(float)
+                if scores.correct is not None
+                else scores.gold_logprob / scores.gold_tokens
+            )
+        cells = []
+        for method in methods:
+            if method not in values:
+                cells.append("-")
+                continue
+            interval = Interval.of(values[method])
+            cells.append(f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]")
+        print(f"| {domain} | " + " | ".join(cells) + " |", flush=True)
     print(f"\ndownstream scoring: {time.perf_counter() - clock:.0f}s")
 
 

@@ -212,6 +212,11 @@ def test_refuses_other_probe_sets_naming_both(tiny_base, adapters, embeddings):
     with pytest.raises(SpaceMismatchError) as err:
         index.add(other.embed_one(adapters[1]))
     assert "paper" in str(err.value) and "custom" in str(err.value)
+    foreign = other.embed_one(adapters[1])
+    foreign.model_id = embeddings[0].model_id
+    with pytest.raises(SpaceMismatchError):
+        index.add(foreign, replace=True)
+    assert index.model_ids() == [embeddings[0].model_id]  # the entry it would replace is still there
     with pytest.raises(SpaceMismatchError):
         index.search(other.embed_one(adapters[1]))
     with pytest.raises(SpaceMismatchError, match="dimension"):

@@ -194,6 +194,8 @@ class ModelIndex:
     def add(self, embedding: Embedding, tags: Mapping[str, str] | None = None, replace: bool = False):
         """Add one embedding. Refuses an invalid id (``model_ids``), another space, and an existing
         id unless ``replace`` (then its tags are kept, updated by ``tags``)."""
+        check_model_id(embedding.model_id)  # before a replaced entry is removed
+        self._check_space(embedding.space, f"model {embedding.model_id!r}")
         tags = dict(tags or {})
         with self._lock:
             if replace and embedding.model_id in self._ids:
@@ -266,12 +268,10 @@ class ModelIndex:
                 row(embeddings[0], vectors[0]),
             ).lastrowid
             ids = np.arange(first, first + len(embeddings), dtype=np.int64)
+            rest = zip(ids[1:].tolist(), embeddings[1:], vectors[1:], strict=True)
             self._db.executemany(
                 "INSERT INTO models (faiss_id, model_id, record, vector) VALUES (?, ?, ?, ?)",
-                (
-                    (int(fid), *row(e, v))
-                    for fid, e, v in zip(ids[1:], embeddings[1:], vectors[1:], strict=True)
-                ),
+                ((fid, *row(e, v)) for fid, e, v in rest),
             )
         except sqlite3.IntegrityError:  # another process added one of them since this index was loaded
             raise DuplicateModelError(

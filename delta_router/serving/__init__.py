@@ -56,10 +56,7 @@ def build_app(
 
     refused = _not_servable_per_row(adapters)
     if refused:
-        logger.warning(
-            "not served (they need PEFT's own layers; fold each into a full model to serve it): %s",
-            "; ".join(f"{name} ({why})" for name, why in refused.items()),
-        )
+        logger.warning("not served: %s", "; ".join(f"{name} ({why})" for name, why in refused.items()))
         if router is not None:
             for name in refused:
                 if name in router.model_ids:
@@ -82,5 +79,8 @@ def _not_servable_per_row(adapters: dict[str, str]) -> dict[str, str]:
             refused[name] = str(exc)
             continue
         if options:
-            refused[name] = ", ".join(options)
+            refused[name] = (
+                f"{', '.join(options)}: needs PEFT's own layers, not servable per row; "
+                "fold it into a full model to serve it"
+            )
     return refused
