@@ -60,6 +60,24 @@ def test_mixed_batch_equals_one_request_at_a_time(backend):
     assert len(backend.loaded) <= 2  # LRU: max_loaded=1, or the batch's own adapters
 
 
+def test_a_failed_decode_step_fails_its_requests_and_the_server_goes_on(backend, monkeypatch):
+    from delta_router.serving.decoding import DecodeBatch
+
+    step, failures = DecodeBatch.step, iter([True])
+
+    def flaky(self):
+        if next(failures, False):
+            raise RuntimeError("simulated device error")
+        return step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", flaky)
+    with TestClient(create_app(BatchScheduler(backend), max_tokens_limit=8)) as client:
+        body = {"model": "fruit", "prompt": "apple", "max_tokens": 3}
+        failed = client.post("/v1/completions", json=body)
+        assert failed.status_code == 500 and "simulated" in failed.json()["error"]["message"]
+        assert client.post("/v1/completions", json=body).status_code == 200
+
+
 def test_a_request_joins_a_running_batch_and_decodes_as_if_alone(backend):
     """Continuous batching: rows join between steps and leave when done; greedy text is unchanged."""
     first = GenerationRequest(PROMPT, "fruit", max_tokens=8, min_tokens=8)
@@ -295,6 +313,14 @@ def test_vllm_batch_adds_requests_to_the_engine_and_streams_each_step(
     results = backend.generate(requests)
     assert [r.text for r in results] == ["ABCDE", "XY"] and streamed == ["AB", "CD", "E"]
     assert results[0].completion_tokens == 5 and results[0].finish_reason == "length"
+
+    engine = backend.engine.llm_engine  # a failed step: the scheduler aborts what was running
+    engine.abort_request = lambda ids: [engine.running.pop(i) for i in ids]
+    batch = backend.decode_batch()
+    backend.admit(batch, GenerationRequest("abcdef"))
+    assert len(engine.running) == 1
+    batch.abort()
+    assert len(batch) == 0 and not engine.running
 
 
 def test_cli_route_fit_query_then_serve_the_index(tiny_base, adapters, tmp_path, capsys):

@@ -248,6 +248,13 @@ class VllmBatch:
     def requests(self) -> list[GenerationRequest]:
         return [request for request, _ in self.running.values()]
 
+    def abort(self) -> None:
+        """Take every running request out of vLLM's engine (after a failed step), so that they stop
+        taking KV cache and steps."""
+        if self.running:
+            self.engine.abort_request(list(self.running))
+        self.running.clear()
+
     def add(self, request: GenerationRequest, params, lora_request) -> None:
         request_id = f"dr-{next(self._ids)}"
         self.engine.add_request(request_id, request.prompt, params, lora_request=lora_request)

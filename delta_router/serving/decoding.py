@@ -207,6 +207,10 @@ class DecodeBatch:
     def requests(self) -> list[GenerationRequest]:
         return [row.request for row in self.rows]
 
+    def abort(self) -> None:
+        """Drop every running request and its cache (after a failed step)."""
+        self.rows, self.cache, self.mask = [], None, None
+
     def admit(self, request: GenerationRequest, adapters: RowAdapters) -> GenerationResult | None:
         """Prefill ``request`` alone and join the batch; its ``GenerationResult`` if it finished at once."""
         ids = self.tokenizer(request.prompt, return_tensors="pt")["input_ids"][:, -(self.max_context - 1) :]

@@ -100,7 +100,7 @@ class BatchScheduler:
                     finished = batch.step()
                 except Exception as err:  # noqa: BLE001 - fail the running jobs, keep serving
                     self._fail([running.pop(id(r)) for r in batch.requests()], err)
-                    batch = self.backend.decode_batch()
+                    batch.abort()
                     continue
             if rows:
                 self.stats["batches"] += 1
