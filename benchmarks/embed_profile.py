@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
+import timeit
 from datetime import date
 
 import torch
@@ -40,12 +40,7 @@ from delta_router.models.lora_batch import lora_hooks
 def best_of(fn, repeats: int) -> float:
     """Fastest of ``repeats`` timed calls (s); one untimed warm-up call first."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timeit.repeat(fn, repeat=repeats, number=1))
 
 
 def linear_shapes(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -246,13 +246,9 @@ def main() -> None:
         minus the answer's NLL per token."""
         if adapter is None:
             with served.disable_adapter():
-                scores = example_scores(served, tokenizer, records, max_length=256)
-        else:
-            served.set_adapter(adapter)
-            scores = example_scores(served, tokenizer, records, max_length=256)
-        if scores.correct is not None:
-            return scores.correct.astype(float)
-        return scores.gold_logprob / scores.gold_tokens
+                return example_scores(served, tokenizer, records, max_length=256).main
+        served.set_adapter(adapter)
+        return example_scores(served, tokenizer, records, max_length=256).main
 
     free = routers.get("data-free (LODO, alpha 0.01)")
     methods = ("base", "random", "router", "data-free", "arrow", "oracle")
@@ -279,12 +275,7 @@ def main() -> None:
                 rows = [i for i, a in enumerate(adapters) if a == adapter]
                 values[method][rows] = per_record(adapter, [records[i] for i in rows])
         if arrow is not None:
-            scores = example_scores(arrow, tokenizer, records, max_length=256)
-            values["arrow"] = (
-                scores.correct.astype(float)
-                if scores.correct is not None
-                else scores.gold_logprob / scores.gold_tokens
-            )
+            values["arrow"] = example_scores(arrow, tokenizer, records, max_length=256).main
         cells = []
         for method in methods:
             if method not in values:

@@ -42,11 +42,13 @@ def test_example_scores_summarise_to_the_score_and_reorder(tiny_base):
     records = synthetic_domain("fruit").test[:6]
     scores = example_scores(model, tokenizer, records)
     assert scores.n == 6 and ((scores.gold_prob > 0) & (scores.gold_prob < 1)).all()
-    assert scores.summary().acc == pytest.approx(scores.correct.mean())
+    assert scores.summary().acc == pytest.approx(scores.correct.mean()) == pytest.approx(scores.main.mean())
     halves = ExampleScores.concat([scores.subset([3, 4, 5]), scores.subset([0, 1, 2])])
     np.testing.assert_array_equal(halves.subset([3, 4, 5, 0, 1, 2]).gold_prob, scores.gold_prob)
     free = [Record("Say it.", "", "apple banana")] * 2
-    assert example_scores(model, tokenizer, free).gold_prob is None
+    free_scores = example_scores(model, tokenizer, free)
+    assert free_scores.gold_prob is None
+    assert free_scores.summary().main == pytest.approx(free_scores.main.mean())  # equal-length answers
 
 
 @pytest.mark.parametrize("weights", [(0.5, 0.3, 0.2), (1.2, -0.4, 0.3)])

@@ -108,6 +108,12 @@ class ExampleScores:
             return self.gold_prob
         return self.gold_logprob / self.gold_tokens
 
+    @property
+    def main(self) -> np.ndarray:
+        """[n], per record what ``Score.main`` summarises: correct (0/1) for multiple choice, else
+        minus the NLL per answer token."""
+        return self.correct.astype(float) if self.correct is not None else self.utility
+
     def summary(self) -> Score:
         nll = float(-self.gold_logprob.sum() / self.gold_tokens.sum())
         if self.correct is None or self.correct_norm is None:

@@ -194,11 +194,10 @@ class ModelIndex:
     def add(self, embedding: Embedding, tags: Mapping[str, str] | None = None, replace: bool = False):
         """Add one embedding. Refuses an invalid id (``model_ids``), another space, and an existing
         id unless ``replace`` (then its tags are kept, updated by ``tags``)."""
-        check_model_id(embedding.model_id)  # before a replaced entry is removed
-        self._check_space(embedding.space, f"model {embedding.model_id!r}")
         tags = dict(tags or {})
         with self._lock:
             if replace and embedding.model_id in self._ids:
+                self._check_space(embedding.space, f"model {embedding.model_id!r}")  # before removing
                 tags = {**self.get(embedding.model_id).tags, **tags}
                 self.remove(embedding.model_id)
             return self.add_many([embedding], [tags])[0]
