@@ -74,6 +74,30 @@ def refuse_existing(path: str | Path, force: bool, inputs: tuple[str | Path, ...
     return path
 
 
+REPORT_MARKER = ".delta-router-report"
+
+
+def claim_report_dir(path: str | Path, force: bool) -> Path:
+    """Check a report directory before any compute, and mark it as one; return it as a Path.
+
+    A report command rewrites its own file names in ``path`` on every run (and never touches other
+    files), so ``path`` must be new, empty, a report directory already (``REPORT_MARKER``), or
+    ``force``d: a directory of someone's files is refused (``OutputExistsError``).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} is a file, not a directory: choose another --out")
+    held = sorted(p.name for p in path.iterdir())[:3] if path.is_dir() else []
+    if held and not (path / REPORT_MARKER).exists() and not force:
+        raise OutputExistsError(
+            f"{path} holds files no delta-router report wrote ({', '.join(held)}, ...): choose "
+            "another --out, or pass --force to write the report's files among them"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / REPORT_MARKER).touch()
+    return path
+
+
 def refuse_existing_file(path: str | Path, force: bool) -> Path:
     """Check an output file before any compute: not a directory, and not an existing file unless ``force``."""
     path = Path(path)

@@ -141,6 +141,15 @@ CASES = [
     ("index remove of one id twice", None, "index remove fruit fruit --index {root}/idx", "more than once"),
     ("serve on a busy port", busy_port, "serve --index {root}/idx --port {port}", "cannot listen"),
     ("--threshold out of range", None, "route query hi --router {root}/router --threshold 2", "--threshold"),
+    ("zoo report --out a directory of other files", None,
+     "zoo report --zoo small --out {root}/notes", "no delta-router report wrote"),
+    ("ablations --out a directory of other files", None,
+     "ablations --zoo small --out {root}/notes", "no delta-router report wrote"),
+    ("compare --out a directory of other files", None,
+     "compare --zoo small --out {root}/notes", "no delta-router report wrote"),
+    ("compare --suite unseen --out a directory of other files", None,
+     "compare --zoo small --suite unseen --out {root}/notes", "no delta-router report wrote"),
+    ("ablations --out a file", None, "ablations --zoo small --out {root}/fruit.jsonl", "is a file"),
 ]  # fmt: skip
 
 
@@ -214,3 +223,21 @@ def test_version_and_verbose_after_the_subcommand(template, capsys):
         main(["--version"])
     assert exit_.value.code == 0 and "delta-router" in capsys.readouterr().out
     assert main(["index", "info", "--index", str(template / "idx"), "-v", "--json"]) == 0
+
+
+def test_a_report_directory_is_claimed_once_and_then_rewritten(tmp_path):
+    """New or empty: claimed. Claimed: rewritten by later runs. Someone's files: only with force."""
+    from delta_router.errors import OutputExistsError
+    from delta_router.home import REPORT_MARKER, claim_report_dir
+
+    claim_report_dir(tmp_path / "new", force=False)
+    (tmp_path / "new" / "README.md").write_text("a report")
+    assert claim_report_dir(tmp_path / "new", force=False) == tmp_path / "new"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("my notes")
+    with pytest.raises(OutputExistsError, match="--force"):
+        claim_report_dir(tmp_path / "mine", force=False)
+    assert not (tmp_path / "mine" / REPORT_MARKER).exists()
+    claim_report_dir(tmp_path / "mine", force=True)
+    assert (tmp_path / "mine" / REPORT_MARKER).exists()
+    assert (tmp_path / "mine" / "README.md").read_text() == "my notes"  # claiming writes nothing else

@@ -17,7 +17,7 @@ from delta_router.cli.common import (
     parse_tags,
 )
 from delta_router.errors import DeltaRouterError
-from delta_router.home import refuse_existing
+from delta_router.home import claim_report_dir, refuse_existing
 
 
 def cmd_data_list(args: argparse.Namespace) -> None:
@@ -104,6 +104,8 @@ def cmd_zoo_report(args: argparse.Namespace) -> None:
     from delta_router.zoo.report import build_report
     from delta_router.zoo.zoo import Zoo
 
+    if args.out:
+        claim_report_dir(args.out, args.force)
     zoo = Zoo(args.zoo, args.base, progress=not args.json)
     report = build_report(zoo, args.eval_size, not args.json, args.out, parse_tags(args.where))
     if args.json:
@@ -157,6 +159,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
         "--eval-size", type=POSITIVE, default=64, help="test records per domain (64)"
     )
     zoo.choices["report"].add_argument("--out", help="report directory (default: the zoo's report/)")
+    zoo.choices["report"].add_argument(
+        "--force", action="store_true", help="write the report's files into an --out that holds other files"
+    )
     zoo.choices["report"].add_argument(
         "--where",
         action="append",

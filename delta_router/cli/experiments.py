@@ -12,7 +12,7 @@ from rich.table import Table
 from delta_router.cli.common import NON_NEGATIVE, POSITIVE, add_base_option, add_zoo_option, console, emit
 from delta_router.data.templates import PROMPT_FORMATS
 from delta_router.errors import DeltaRouterError
-from delta_router.home import atomic_write_text, refuse_existing_file
+from delta_router.home import atomic_write_text, claim_report_dir, refuse_existing_file
 from delta_router.models.base import resolve_base
 from delta_router.search.selector import SELECTION_METHODS
 
@@ -51,6 +51,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     if args.suite == "unseen":
         return cmd_unseen_suite(args)
+    out = claim_report_dir(args.out or "reports/compare", args.force)
     from delta_router.experiments.compare import (
         CompareConfig,
         SelectionComparison,
@@ -75,7 +76,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     rows = comparison.run(args.domains or ([] if tasks else zoo.spec.domains))
     for task in tasks:
         rows += comparison.run_task(*task)
-    out = write_report(rows, args.out or "reports/compare", "delta-router " + " ".join(sys.argv[1:]))
+    write_report(rows, out, "delta-router " + " ".join(sys.argv[1:]))
     if args.json:
         emit(args, summarize(rows))
         return
@@ -86,7 +87,6 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_unseen_suite(args: argparse.Namespace) -> None:
     """``compare --suite unseen``: build on tasks outside the zoo's datasets (``experiments.unseen``)."""
     from delta_router.experiments.unseen import (
-        REPORT_FILES,
         UNSEEN_SUITE,
         SuiteConfig,
         UnseenSuite,
@@ -97,12 +97,7 @@ def cmd_unseen_suite(args: argparse.Namespace) -> None:
     unknown = sorted(set(args.domains or []) - set(UNSEEN_SUITE))
     if unknown:
         raise DeltaRouterError(f"unknown unseen tasks {unknown}; the suite has {', '.join(UNSEEN_SUITE)}")
-    out = Path(args.out or "reports/unseen")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES) if out.is_dir() else []
-    if foreign or (out.exists() and not out.is_dir()):
-        raise DeltaRouterError(
-            f"{out} holds files this report does not write ({', '.join(foreign[:3])}); give a new --out"
-        )
+    out = claim_report_dir(args.out or "reports/unseen", args.force)
     config = SuiteConfig(
         k=(args.k or [3])[0], examples=args.examples, held_out=args.eval_size or 200, seeds=args.seeds
     )
@@ -132,6 +127,7 @@ def cmd_ablations(args: argparse.Namespace) -> None:
     unknown = sorted(set(args.only or []) - set(ABLATIONS))
     if unknown:
         raise DeltaRouterError(f"unknown ablations {unknown}; known: {', '.join(ABLATIONS)}")
+    claim_report_dir(args.out, args.force)
     zoo = Zoo(args.zoo, args.base, progress=False)
     ablations = Ablations(zoo, args.out, tuple(args.fewshot_sizes), args.fewshot_queries,
                           args.fewshot_formats, args.fewshot_methods, args.probe_variants)  # fmt: skip
@@ -225,6 +221,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", choices=("unseen",),
                    help="unseen: build on tasks no zoo trains on (--domain picks tasks)")  # fmt: skip
     p.add_argument("--out", help="report directory (default reports/compare; --suite: reports/unseen)")
+    p.add_argument(
+        "--force", action="store_true", help="write the report's files into an --out that holds other files"
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("ablations", parents=[common], help="rerun the paper's analyses on a zoo")
@@ -240,6 +239,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--fewshot-methods", nargs="+", choices=SELECTION_METHODS, default=list(SELECTION_METHODS),
                    help="selection methods of the few-shot ablation (default both)")  # fmt: skip
     p.add_argument("--out", default="reports", help="report directory (default reports)")
+    p.add_argument(
+        "--force", action="store_true", help="write the report's files into an --out that holds other files"
+    )
     p.add_argument(
         "--reference",
         metavar="DIR",

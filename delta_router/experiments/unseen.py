@@ -190,7 +190,6 @@ def _task_result(task, manifest, selection, verdicts, models, randoms, oracle) -
 
 
 PRIOR_COLUMNS = ("returned (selection prior)", "returned (base prior)")
-REPORT_FILES = ("results.json", "README.md", "unseen.png")  # all that write_report writes
 
 
 def write_report(results: Sequence[dict], out_dir: str | Path, command: str) -> Path:
