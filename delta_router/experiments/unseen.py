@@ -211,7 +211,7 @@ def write_report(results: Sequence[dict], out_dir: str | Path, command: str) -> 
     lines = [
         "# Unseen-task suite: build on tasks no finetune of the index trained on",
         "",
-        f"`{command}`",
+        f"Last run: `{command}` (tasks run before it keep their rows; `make unseen` runs the whole suite).",
         "",
         "Accuracy (%) on the held-out records, 95% intervals (per record; random merge: over seeds).",
         "",
