@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from delta_router import Merger, TaskSelector, Zoo
-from delta_router.search.selector import SELECTION_METHODS
+from delta_router.search.selector import INDEX_METHODS
 
 
 def main() -> None:
@@ -39,8 +39,8 @@ def main() -> None:
     print(f"zoo {args.zoo}: {len(index)} single-domain finetunes; {args.per_domain} queries x "
           f"{len(zoo.spec.domains)} domains, {args.examples} examples each\n")  # fmt: skip
 
-    correct: dict[str, dict[str, list[bool]]] = {m: defaultdict(list) for m in SELECTION_METHODS}
-    top3: dict[str, list[bool]] = {m: [] for m in SELECTION_METHODS}
+    correct: dict[str, dict[str, list[bool]]] = {m: defaultdict(list) for m in INDEX_METHODS}
+    top3: dict[str, list[bool]] = {m: [] for m in INDEX_METHODS}
     seconds: dict[str, list[float]] = defaultdict(list)
     print("| domain | query | method | top-1 | top-3 domains | top-1 cosine |")
     print("|---|---|---|---|---|---|")
@@ -48,7 +48,7 @@ def main() -> None:
         pool = zoo.splits(domain).fewshot
         for q in range(args.per_domain):
             examples = pool[q * args.examples : (q + 1) * args.examples]
-            for method in SELECTION_METHODS:
+            for method in INDEX_METHODS:
                 selection = TaskSelector(index, method=method, progress=False).select(examples, k=3)
                 domains = [h.entry.tags["domain"] for h in selection.hits]
                 correct[method][domain].append(domains[0] == domain)
@@ -58,12 +58,12 @@ def main() -> None:
                 print(f"| {domain} | {q} | {method} | {selection.hits[0].model_id} | {', '.join(domains)} "
                       f"| {selection.hits[0].score:.3f} |", flush=True)  # fmt: skip
 
-    print("\n| domain | " + " | ".join(f"top-1 {m}" for m in SELECTION_METHODS) + " |")
-    print("|---|" + "---|" * len(SELECTION_METHODS))
+    print("\n| domain | " + " | ".join(f"top-1 {m}" for m in INDEX_METHODS) + " |")
+    print("|---|" + "---|" * len(INDEX_METHODS))
     for domain in zoo.spec.domains:
-        cells = [f"{sum(correct[m][domain])}/{len(correct[m][domain])}" for m in SELECTION_METHODS]
+        cells = [f"{sum(correct[m][domain])}/{len(correct[m][domain])}" for m in INDEX_METHODS]
         print(f"| {domain} | " + " | ".join(cells) + " |")
-    for method in SELECTION_METHODS if args.per_domain else ():
+    for method in INDEX_METHODS if args.per_domain else ():
         hits = [c for per in correct[method].values() for c in per]
         near = top3[method]
         print(f"\n{method}: top-1 {sum(hits)}/{len(hits)} = {sum(hits) / len(hits):.0%}, "

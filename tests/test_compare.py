@@ -157,6 +157,8 @@ def test_every_ablation_runs_on_a_tiny_zoo(tiny_base, tmp_path):
     assert results["fewshot"]["accuracy"]["activations"]["5"]["queries"] == 2
     formats = results["task_format"]["retrieval"]
     assert {"as given", "letter answers", "no options", "as given, centred"} <= set(formats)
+    by_queries = [formats[f"{v}, by queries"] for v in ("as given", "letter answers", "no options")]
+    assert by_queries[0] == by_queries[1]  # what the examples ask, not how they answer
     assert all(0 <= row["top1"] <= row["top3"] <= 1 and row["tasks"] == 2 for row in formats.values())
     for name in ABLATIONS:
         assert (tmp_path / "reports" / f"{name}.md").exists()

@@ -67,6 +67,62 @@ def test_bad_selector_input_is_refused(zoo_index, tmp_path):
         selector.select(bad)
 
 
+@pytest.fixture(scope="module")
+def router(zoo_index):
+    """Profiles of every indexed model from its domain's training prompts."""
+    from delta_router.routing.router import QueryEncoder, Router, query_text
+
+    base = TaskSelector(zoo_index, method="activations", progress=False).embedder.base
+    encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer())
+    texts = {e.model_id: [query_text(r) for r in synthetic_domain(e.tags["domain"]).train[0]]
+             for e in zoo_index.list()}  # fmt: skip
+    return Router.fit(encoder, base.fingerprint, texts)
+
+
+@pytest.mark.parametrize("domain", sorted(SYNTHETIC_WORDS))
+def test_queries_method_ranks_by_what_the_examples_ask_not_how_they_answer(zoo_index, router, domain):
+    from dataclasses import replace
+
+    selector = TaskSelector(zoo_index, method="queries", router=router, progress=False)
+    given = selector.select(examples(domain), k=3)
+    assert [h.entry.tags["domain"] for h in given.hits] == [domain] * 3 and given.task_adapter is None
+    lettered = selector.select([replace(r, output="B") for r in examples(domain)], k=3)
+    assert lettered.model_ids == given.model_ids
+    assert [h.score for h in lettered.hits] == [h.score for h in given.hits]
+
+
+def test_queries_method_needs_a_router_of_the_same_base(zoo_index, router, other_base):
+    from delta_router.errors import IncompatibleBaseError
+    from delta_router.models.base import resolve_base
+    from delta_router.routing.router import QueryEncoder, Router
+
+    with pytest.raises(DataError, match="needs a router"):
+        TaskSelector(zoo_index, method="queries", progress=False)
+    other = resolve_base(other_base)
+    encoder = QueryEncoder.for_model(other.load_model(), other.load_tokenizer())
+    foreign = Router.fit(encoder, other.fingerprint, {m: ["a question"] for m in router.model_ids})
+    with pytest.raises(IncompatibleBaseError):
+        TaskSelector(zoo_index, method="queries", router=foreign, progress=False)
+    part = router.restricted(lambda m: m in router.model_ids[:2])
+    selector = TaskSelector(zoo_index, method="queries", router=part, progress=False)
+    assert set(selector.select(examples("fruit"), k=2).model_ids) == set(router.model_ids[:2])
+    with pytest.raises(DataError, match="only 2 indexed models have a router profile"):
+        selector.select(examples("fruit"), k=3)
+
+
+def test_select_command_by_queries(zoo_index, router, tmp_path, capsys):
+    from delta_router.cli import main
+
+    write_task(tmp_path, "fruit")
+    router.save(tmp_path / "router")
+    common = ["select", "--examples", str(tmp_path / "task.jsonl"), "--index", str(zoo_index.directory)]
+    assert main([*common, "--method", "queries", "--router", str(tmp_path / "router"), "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["candidates"]
+    assert [h["tags"]["domain"] for h in hits] == ["fruit"] * 3
+    assert main([*common, "--router", str(tmp_path / "router")]) == 2  # with the default method
+    assert "--method queries" in capsys.readouterr().err
+
+
 def write_task(tmp_path, domain: str) -> list[str]:
     rows = [r.to_dict() for r in examples(domain, 30)]
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))

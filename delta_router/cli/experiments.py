@@ -14,7 +14,7 @@ from delta_router.data.templates import PROMPT_FORMATS
 from delta_router.errors import DeltaRouterError
 from delta_router.home import atomic_write_text, claim_report_dir, refuse_existing_file
 from delta_router.models.base import resolve_base
-from delta_router.search.selector import SELECTION_METHODS
+from delta_router.search.selector import INDEX_METHODS, SELECTION_METHODS
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -214,7 +214,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=POSITIVE, default=20, help="few-shot examples per task (default 20)")
     p.add_argument("--eval-size", type=POSITIVE, help="held-out records per domain (300; suite: 200)")
     p.add_argument("--limit", type=POSITIVE, help="lm-eval document limit per task")
-    p.add_argument("--method", choices=SELECTION_METHODS, default="finetune", help="selection method")
+    p.add_argument("--method", choices=INDEX_METHODS, default="finetune", help="selection method")
     p.add_argument("--lorahub", type=NON_NEGATIVE, default=5, metavar="N",
                    help="LoraHub protocol: top-1 + N-1 random vs N random (0: skip; default 5)")  # fmt: skip
     p.add_argument("--lorahub-budget", type=POSITIVE, default=40, help="loss evaluations per LoraHub search")
@@ -237,7 +237,8 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--fewshot-formats", nargs="+", choices=PROMPT_FORMATS, default=["alpaca"],
                    help="prompt formats of the few-shot queries' examples (default alpaca)")  # fmt: skip
     p.add_argument("--fewshot-methods", nargs="+", choices=SELECTION_METHODS, default=list(SELECTION_METHODS),
-                   help="selection methods of the few-shot ablation (default both)")  # fmt: skip
+                   help="selection methods of the few-shot ablation (default all; queries: with the zoo's "
+                   "profiles from training prompts and data-free ones)")  # fmt: skip
     p.add_argument("--out", default="reports", help="report directory (default reports)")
     p.add_argument(
         "--force", action="store_true", help="write the report's files into an --out that holds other files"

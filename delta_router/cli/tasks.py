@@ -7,17 +7,34 @@ import argparse
 from rich.table import Table
 
 from delta_router.cli.common import POSITIVE, console, emit, selection_table
+from delta_router.errors import DataError
 from delta_router.home import refuse_existing
 from delta_router.search.index import ModelIndex
 
 
-def cmd_select(args: argparse.Namespace) -> None:
+def load_router(args: argparse.Namespace):
+    """The ``--router`` of ``--method queries`` (None without one); refused with another method."""
+    if args.router is None:
+        return None
+    if args.method != "queries":
+        raise DataError(f"--router ranks by queries: it needs --method queries, not {args.method}")
+    from delta_router.routing.router import Router
+
+    return Router.load(args.router)
+
+
+def task_selector(args: argparse.Namespace):
+    """The ``TaskSelector`` that ``select`` and ``lorahub`` rank with."""
     from delta_router.search.selector import TaskSelector
 
-    index = ModelIndex.load(args.index)
-    selector = TaskSelector(
-        index, method=args.method, progress=not args.json, prompt_format=args.prompt_format
-    )
+    return TaskSelector(
+        ModelIndex.load(args.index), method=args.method, progress=not args.json,
+        prompt_format=args.prompt_format, router=load_router(args),
+    )  # fmt: skip
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    selector = task_selector(args)
     selection = selector.select(args.examples, k=args.k)
     title = f"closest finetunes to {args.examples} ({selection.method}, {selection.num_examples} examples)"
     emit(args, selection.to_dict(), selection_table(selection, title))
@@ -32,6 +49,7 @@ def cmd_build(args: argparse.Namespace) -> None:
         method=args.method, weighting=args.weighting, eval_examples=args.eval, seed=args.seed,
         output=args.output, rank=args.rank, force=args.force, progress=not args.json,
         verify=args.verify, confidence=args.confidence, folds=args.folds, prior=args.prior,
+        router=load_router(args),
     )  # fmt: skip
     if args.json:
         emit(args, result.to_dict())
@@ -72,15 +90,10 @@ def verification_table(verdict) -> Table:
 
 def cmd_lorahub(args: argparse.Namespace) -> None:
     from delta_router.merging.lorahub import LoraHub
-    from delta_router.search.selector import TaskSelector, read_examples
+    from delta_router.search.selector import read_examples
 
     refuse_existing(args.out, args.force, inputs=(args.index,))  # before minutes of compute, not after
-    selector = TaskSelector(
-        ModelIndex.load(args.index),
-        method=args.method,
-        progress=not args.json,
-        prompt_format=args.prompt_format,
-    )
+    selector = task_selector(args)
     selection = selector.select(args.examples, k=args.k)
     adapters = [h.entry.embedding.path for h in selection.hits]
     hub = LoraHub(selector.embedder.base, adapters, budget=args.budget, progress=not args.json)
@@ -116,9 +129,16 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
         p.add_argument("--examples", required=True, help="JSONL/CSV of the task's examples (>= 5, ~20)")
         p.add_argument("--index", required=True, help="index directory")
         p.add_argument("-k", "--k", type=POSITIVE, default=3, help="number of finetunes (default 3)")
-        p.add_argument("--method", choices=SELECTION_METHODS, default="finetune",
-                       help="how the task is embedded: finetune = the paper's few-shot LoRA (default); "
-                       "activations = the base's activations on the examples, no training")  # fmt: skip
+        p.add_argument(
+            "--method",
+            choices=SELECTION_METHODS,
+            default="finetune",
+            help="how the task is embedded: finetune = the paper's few-shot LoRA (default); "
+            "activations = the base's activations on the examples, no training; "
+            "queries = what the examples ask, not how they answer (needs --router)",
+        )
+        p.add_argument("--router", metavar="DIR", help="router of the index's models (route fit; "
+                       "--data-free needs no data) whose profiles --method queries ranks by")  # fmt: skip
         p.set_defaults(func=func)
 
     for name in ("select", "lorahub"):

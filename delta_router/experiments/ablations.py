@@ -16,7 +16,9 @@
 7. ``task_format``: does a task's embedding follow its answer format or its content? 20 examples of
    each multiple-choice domain embedded as they are, with the answer as its option letter, and
    without the lettered options; top-1 / top-3 domain retrieval of each, plain and with the
-   zoo-wide common component removed (index and query vectors centred on the index mean).
+   zoo-wide common component removed (index and query vectors centred on the index mean); and by
+   the ``"queries"`` method (what the examples ask), with profiles from the finetunes' training
+   prompts and data-free ones (each domain's profiles mapped by a map fitted without that domain).
 
 Embeddings are cached by content hash and space, few-shot finetunes by examples, so reruns are fast.
 """
@@ -48,6 +50,8 @@ from delta_router.evaluation.clustering import (
 )
 from delta_router.home import atomic_write_text
 from delta_router.models.finetunes import ADAPTER_WEIGHTS, Finetune
+from delta_router.routing.data_free import leave_one_group_out, reference_pairs
+from delta_router.routing.router import QueryEncoder, Router
 from delta_router.search.selector import SELECTION_METHODS, TaskSelector
 
 logger = logging.getLogger(__name__)
@@ -272,9 +276,14 @@ class Ablations:
     def fewshot(self) -> dict:
         index = self.zoo.load_index().filtered(lambda e: e.tags.get("kind") == "domain")
         table: dict[str, dict[str, dict[str, float]]] = {}
+        selectors = {}
         for method, fmt in itertools.product(self.fewshot_methods, self.fewshot_formats):
-            key = method if self.fewshot_formats == ("alpaca",) else f"{method}, {fmt} format"
-            selector = TaskSelector(index, method=method, progress=False, prompt_format=fmt)
+            if method != "queries":
+                key = method if self.fewshot_formats == ("alpaca",) else f"{method}, {fmt} format"
+                selectors[key] = TaskSelector(index, method=method, progress=False, prompt_format=fmt)
+        if "queries" in self.fewshot_methods:  # reads no template: one row for every format
+            selectors |= self._query_selectors(index, DeltaEmbedder.for_space(index.space, progress=False))
+        for key, selector in selectors.items():
             table[key] = {}
             for size in self.fewshot_sizes:
                 top1, top3 = [], []
@@ -331,7 +340,15 @@ class Ablations:
         domains = [e.tags["domain"] for e in entries]
         common = vectors.mean(0)
         selector = TaskSelector(index, progress=False)
+        by_queries = self._query_selectors(index, selector.embedder)
         rows: dict[str, dict[str, list[bool]]] = {}
+
+        def record(key: str, domain: str, top: list[str]) -> None:
+            rows.setdefault(key, {"top1": [], "top3": []})
+            rows[key]["top1"].append(top[0] == domain)
+            rows[key]["top3"].append(domain in top)
+            logger.info("task_format %s %s: %s", domain, key, top)
+
         for domain in self.zoo.spec.domains:
             examples = self.zoo.splits(domain).fewshot[:size]
             if examples[0].choices is None:
@@ -343,15 +360,28 @@ class Ablations:
                 for centred in (False, True):
                     q, v = (query - common, vectors - common) if centred else (query, vectors)
                     order = np.argsort(-(v @ q) / (np.linalg.norm(v, axis=1) * np.linalg.norm(q)))
-                    top = [domains[i] for i in order[:3]]
                     key = f"{variant}{', centred' if centred else ''}"
-                    rows.setdefault(key, {"top1": [], "top3": []})
-                    rows[key]["top1"].append(top[0] == domain)
-                    rows[key]["top3"].append(domain in top)
-                    logger.info("task_format %s %s: %s", domain, key, top)
+                    record(key, domain, [domains[i] for i in order[:3]])
+                for name, by in by_queries.items():
+                    hits = by.select(records, k=3).hits
+                    record(f"{variant}, {name}", domain, [h.entry.tags["domain"] for h in hits])
         table = {key: {**{m: float(np.mean(hits)) for m, hits in r.items()}, "tasks": len(r["top1"])}
                  for key, r in rows.items()}  # fmt: skip
         return {"retrieval": table, "examples": size}
+
+    def _query_selectors(self, index, embedder: DeltaEmbedder) -> dict[str, TaskSelector]:
+        """The ``"queries"`` method over the zoo's domain finetunes, with profiles from their training
+        prompts and data-free ones (from their vectors, each domain's map fitted without it)."""
+        encoder = QueryEncoder.for_model(embedder.model, embedder.tokenizer)
+        deltas, trained = reference_pairs(self.zoo, encoder)
+        domains = [index.get(m).tags["domain"] for m in trained.model_ids]
+        predicted = leave_one_group_out(deltas, trained.profiles, domains)
+        free = Router(trained.model_ids, predicted, trained.center, trained.base_fingerprint)
+        routers = {"by queries": trained, "by queries, data-free profiles": free}
+        return {
+            name: TaskSelector(index, "queries", embedder=embedder, router=router, progress=False)
+            for name, router in routers.items()
+        }
 
     def _line_plot(self, table: dict, path: Path) -> None:
         import matplotlib

@@ -42,6 +42,7 @@ from delta_router.merging.merger import PROVENANCE_FILE, WEIGHTINGS, Merger, Mer
 from delta_router.model_ids import BASE_MODEL_NAME
 from delta_router.models.base import BaseLM
 from delta_router.models.finetunes import Finetune
+from delta_router.routing.router import Router
 from delta_router.search.index import ModelIndex
 from delta_router.search.selector import Selection, TaskSelector, read_examples
 
@@ -219,12 +220,14 @@ def build_merged_model(
     confidence: float = 0.95,
     folds: int = 2,
     prior: str = "selection",
+    router: Router | None = None,
 ) -> BuildResult:
     """Select finetunes for ``examples``, verify the candidates on them, write the chosen one to ``out_dir``.
 
     ``output="model"`` writes a full model with mergekit; ``"adapter"`` one LoRA adapter (PEFT), of
     rank ``rank`` for TIES-style recipes (see ``Merger.merge_adapters``). With ``verify=False`` the
     top-``k`` are merged with ``recipe`` and ``weighting`` without checking them against the base.
+    ``router`` is the profiles ``method="queries"`` ranks by (see ``TaskSelector``).
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -241,7 +244,7 @@ def build_merged_model(
     records = read_examples(examples)
     held_out = read_examples(eval_examples) if eval_examples is not None else None
     clock = time.perf_counter()
-    selector = TaskSelector(index, method=method, progress=progress)
+    selector = TaskSelector(index, method=method, progress=progress, router=router)
     depth = min(len(index), max(k, SELECT_AT_LEAST) if verify else k)
     selection = selector.select(records, k=depth)
     seconds = {f"select: {name}": s for name, s in selection.seconds.items()}

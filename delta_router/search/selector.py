@@ -7,6 +7,12 @@ Methods (``SELECTION_METHODS``):
 - ``"activations"`` (training-free): the base's pooled activation on the examples (prompt +
   answer) minus its activation on the probes, ``[d]``, searched in the same index. No training;
   one forward over the examples.
+- ``"queries"`` (format-neutral): what the examples ask, not how they answer. Their task texts
+  (instruction + input; no answer, no template) are encoded by the base as a ``Router`` encodes
+  queries, and each model's score is the mean cosine of the examples to its router profile (profiles
+  from the finetunes' prompts, or data-free from their vectors: ``route fit``). A task LoRA learns
+  the answer format first: on the full zoo, the same questions answered by letter retrieve the right
+  domain 1 time in 5 by ``"finetune"`` and 5 in 5 by ``"queries"`` (reports/task_format.md).
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from delta_router.data.sequences import ANSWER_SEPARATOR
 from delta_router.embedding.embedder import DeltaEmbedder
 from delta_router.errors import DataError
 from delta_router.home import cache_dir
+from delta_router.routing.router import QueryEncoder, Router, query_text
 from delta_router.search.index import ModelIndex, SearchHit
 from delta_router.training.trainer import LoraTrainer, TrainConfig, records_hash
 
 logger = logging.getLogger(__name__)
 
-SELECTION_METHODS = ("finetune", "activations")
+SELECTION_METHODS = ("finetune", "activations", "queries")
+INDEX_METHODS = ("finetune", "activations")  # the methods that need nothing but the index
 # The few-shot LoRA of a task's examples: 6 steps of 16 128-token examples (seconds on 2 cores). The
 # zoo's finetunes are trained with it too, so task and zoo deltas are comparable.
 FEWSHOT_TRAIN_CONFIG = TrainConfig(max_steps=6, max_length=128)
@@ -46,7 +54,7 @@ class Selection:
     examples_sha256: str
     num_examples: int
     hits: list[SearchHit]
-    query: np.ndarray  # [d] float32, the task's vector in the index's space
+    query: np.ndarray  # [d] float32, the task's vector (index space; router query space for "queries")
     seconds: dict[str, float] = field(default_factory=dict)
     task_adapter: str | None = None  # the few-shot finetune ("finetune" method)
 
@@ -104,7 +112,9 @@ class TaskSelector:
 
     The few-shot finetune uses ``FEWSHOT_TRAIN_CONFIG`` by default (the full zoo's recipe), so the
     task's vector is comparable with the zoo's; ~1 min on 2 CPU cores. ``prompt_format`` renders the
-    examples (for training, or for the activations) in one of ``PROMPT_FORMATS``.
+    examples (for training, or for the activations) in one of ``PROMPT_FORMATS``. The ``"queries"``
+    method needs ``router``, fitted on the same base; models of the index it does not profile are
+    not ranked.
     """
 
     def __init__(
@@ -115,20 +125,31 @@ class TaskSelector:
         embedder: DeltaEmbedder | None = None,
         progress: bool = True,
         prompt_format: str | None = None,
+        router: Router | None = None,
     ):
         if method not in SELECTION_METHODS:
             raise ValueError(f"method must be one of {SELECTION_METHODS}, got {method!r}")
+        if method == "queries" and router is None:
+            raise DataError(
+                "selecting by queries needs a router of the index's models "
+                "(delta-router route fit --index DIR --data-free --out ROUTER)"
+            )
         if index.space is None or len(index) == 0:
             raise DataError("the index is empty: add finetunes before selecting from it")
         self.index, self.method, self.progress = index, method, progress
         self.train_config = (train_config or FEWSHOT_TRAIN_CONFIG).with_options(prompt_format=prompt_format)
         self.embedder = embedder or DeltaEmbedder.for_space(index.space, progress=progress)
         index.space.check_same(self.embedder.space, "the index", "the selector's embedder")
+        self.router = router
+        if router is not None:
+            router.check_base(self.embedder.base.fingerprint, "the index's base")
 
     def select(self, examples: str | Path | Sequence[Record | dict], k: int = 3) -> Selection:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         records = read_examples(examples)
+        if self.method == "queries" and k > len(self._profiled()):
+            raise DataError(f"k={k} but only {len(self._profiled())} indexed models have a router profile")
         if k > len(self.index):
             raise DataError(f"k={k} but the index holds only {len(self.index)} models")
         digest = records_hash(records)
@@ -140,6 +161,11 @@ class TaskSelector:
             clock = time.perf_counter()
             query = self.embedder.embed_one(adapter, f"task-{digest[:12]}").vector
             seconds["embed"] = time.perf_counter() - clock
+        elif self.method == "queries":
+            query, hits = self._by_queries(records, k)
+            seconds = {"queries": time.perf_counter() - clock}
+            logger.info("selected %s (queries)", [h.model_id for h in hits])
+            return Selection(self.method, digest, len(records), hits, query, seconds)
         else:
             tokenizer, fmt = self.embedder.tokenizer, self.train_config.prompt_format
             texts = [r.formatted(fmt, tokenizer) + ANSWER_SEPARATOR + r.output for r in records]
@@ -151,6 +177,30 @@ class TaskSelector:
         seconds["search"] = time.perf_counter() - clock
         logger.info("selected %s (%s)", [h.model_id for h in hits], self.method)
         return Selection(self.method, digest, len(records), hits, query, seconds, adapter and str(adapter))
+
+    def _profiled(self) -> list[int]:
+        """Rows of the router's profiles whose model is in the index."""
+        return [i for i, m in enumerate(self.router.model_ids) if m in self.index]
+
+    def _by_queries(self, records: Sequence[Record], k: int) -> tuple[np.ndarray, list[SearchHit]]:
+        """The mean centred encoding of the examples' task texts ``[d]``, and the top-``k`` models by
+        mean cosine of the examples to their profiles."""
+        router, rows = self.router, self._profiled()
+        if len(rows) < len(router.model_ids) or len(rows) < len(self.index):
+            logger.warning(
+                "ranking the %d models both the index and the router hold (index %d, router %d)",
+                len(rows), len(self.index), len(router.model_ids),
+            )  # fmt: skip
+        options = router.encoder_options
+        encoder = QueryEncoder.for_model(self.embedder.model, self.embedder.tokenizer, **options)
+        features = encoder([query_text(r) for r in records]).numpy()
+        scores = router.similarities(features)[:, rows].mean(0)
+        order = np.argsort(-scores, kind="stable")[:k]
+        hits = [
+            SearchHit(n, router.model_ids[rows[i]], float(scores[i]), self.index)
+            for n, i in enumerate(order, 1)
+        ]
+        return (features - router.center).mean(0).astype(np.float32), hits
 
     def task_finetune(self, records: Sequence[Record]) -> Path:
         """The few-shot LoRA of ``records``, trained once and cached by examples + recipe + base."""
