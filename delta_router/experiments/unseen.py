@@ -88,7 +88,7 @@ class UnseenSuite:
             verdicts["base"] = verdicts["selection"].with_prior(None)
             build_seconds = time.perf_counter() - clock
             logger.info("%s: build returned %s in %.0fs", task, verdicts["selection"].chosen, build_seconds)
-            score = _Scorer(verifier, task, held_out)
+            score = HeldOutScorer(verifier, task, held_out)
             # every candidate as build would write it (fitted ones refitted on all the examples)
             verified = {r.name for r in verdicts["selection"].results}  # a candidate may have been skipped
             candidates = {
@@ -100,9 +100,9 @@ class UnseenSuite:
                 picked = random.Random(seed).sample(ids, cfg.k)
                 members = tuple((self._finetune(i), 1.0 / cfg.k) for i in picked)
                 randoms.append(score(Candidate(f"random-{cfg.k} seed {seed}", "merge", members)))
-            screened = {i: score(_single(self._finetune(i)), limit=cfg.screen) for i in ids}
+            screened = {i: score(single(self._finetune(i)), limit=cfg.screen) for i in ids}
             finalists = sorted(ids, key=lambda i: -screened[i].correct.mean())[: cfg.finalists]
-            oracle_scores = {i: score(_single(self._finetune(i))) for i in finalists}
+            oracle_scores = {i: score(single(self._finetune(i))) for i in finalists}
             oracle = max(finalists, key=lambda i: oracle_scores[i].correct.mean())
         finally:
             verifier.close()
@@ -124,36 +124,48 @@ class UnseenSuite:
         return Finetune.open(self.index.get(model_id).embedding.path, model_id)
 
 
-def _single(finetune: Finetune) -> Candidate:
+def single(finetune: Finetune) -> Candidate:
     return Candidate(finetune.model_id, "single", ((finetune, 1.0),))
 
 
-class _Scorer:
-    """Held-out scores of candidates patched into the verifier's base, cached on disk by content."""
+class HeldOutScorer:
+    """Held-out scores of candidates patched into the verifier's base, cached on disk by content
+    (``verifier`` may be None to read the cache only)."""
 
-    def __init__(self, verifier: TaskVerifier, task: str, records: list[Record]):
+    def __init__(self, verifier: TaskVerifier | None, task: str, records: list[Record]):
         self.verifier, self.records = verifier, records
         self.directory = cache_dir("unseen", task)
 
+    def cached(self, candidate: Candidate, limit: int | None = None) -> ExampleScores | None:
+        """The stored scores of ``candidate`` on the first ``limit`` records, or None."""
+        path = self._path(candidate, limit)
+        if not path.exists():
+            return None
+        stored = json.loads(path.read_text())
+        return ExampleScores(*(None if stored[f] is None else np.asarray(stored[f]) for f in SCORE_FIELDS))
+
     def __call__(self, candidate: Candidate, limit: int | None = None) -> ExampleScores:
-        records = self.records[:limit] if limit else self.records
-        key = json.dumps(
-            [[ft.content_hash, w] for ft, w in candidate.members] + [[r.to_dict() for r in records]],
-            sort_keys=True,
-        )
-        path = self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-        if path.exists():
-            stored = json.loads(path.read_text())
-            return ExampleScores(
-                *(None if stored[f] is None else np.asarray(stored[f]) for f in SCORE_FIELDS)
-            )
+        scores = self.cached(candidate, limit)
+        if scores is not None:
+            return scores
         with self.verifier.patcher.patched(candidate) as model:
-            scores = example_scores(model, self.verifier.tokenizer, records)
+            scores = example_scores(model, self.verifier.tokenizer, self._records(limit))
         stored = {
             f: None if getattr(scores, f) is None else getattr(scores, f).tolist() for f in SCORE_FIELDS
         }
-        atomic_write_text(path, json.dumps(stored))
+        atomic_write_text(self._path(candidate, limit), json.dumps(stored))
         return scores
+
+    def _records(self, limit: int | None) -> list[Record]:
+        return self.records[:limit] if limit else self.records
+
+    def _path(self, candidate: Candidate, limit: int | None) -> Path:
+        key = json.dumps(
+            [[ft.content_hash, w] for ft, w in candidate.members]
+            + [[r.to_dict() for r in self._records(limit)]],
+            sort_keys=True,
+        )
+        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
 def _task_result(task, manifest, selection, verdicts, models, randoms, oracle) -> dict:
