@@ -138,14 +138,11 @@ class HeldOutScorer:
 
     def cached(self, candidate: Candidate, limit: int | None = None) -> ExampleScores | None:
         """The stored scores of ``candidate`` on the first ``limit`` records, or None."""
-        path = self._path(candidate, limit)
-        if not path.exists():
-            return None
-        stored = json.loads(path.read_text())
-        return ExampleScores(*(None if stored[f] is None else np.asarray(stored[f]) for f in SCORE_FIELDS))
+        return self._read(self._path(candidate, limit))
 
     def __call__(self, candidate: Candidate, limit: int | None = None) -> ExampleScores:
-        scores = self.cached(candidate, limit)
+        path = self._path(candidate, limit)
+        scores = self._read(path)
         if scores is not None:
             return scores
         with self.verifier.patcher.patched(candidate) as model:
@@ -153,8 +150,15 @@ class HeldOutScorer:
         stored = {
             f: None if getattr(scores, f) is None else getattr(scores, f).tolist() for f in SCORE_FIELDS
         }
-        atomic_write_text(self._path(candidate, limit), json.dumps(stored))
+        atomic_write_text(path, json.dumps(stored))
         return scores
+
+    @staticmethod
+    def _read(path: Path) -> ExampleScores | None:
+        if not path.exists():
+            return None
+        stored = json.loads(path.read_text())
+        return ExampleScores(*(None if stored[f] is None else np.asarray(stored[f]) for f in SCORE_FIELDS))
 
     def _records(self, limit: int | None) -> list[Record]:
         return self.records[:limit] if limit else self.records

@@ -148,8 +148,6 @@ class TaskSelector:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         records = read_examples(examples)
-        if self.method == "queries" and k > len(self._profiled()):
-            raise DataError(f"k={k} but only {len(self._profiled())} indexed models have a router profile")
         if k > len(self.index):
             raise DataError(f"k={k} but the index holds only {len(self.index)} models")
         digest = records_hash(records)
@@ -178,14 +176,13 @@ class TaskSelector:
         logger.info("selected %s (%s)", [h.model_id for h in hits], self.method)
         return Selection(self.method, digest, len(records), hits, query, seconds, adapter and str(adapter))
 
-    def _profiled(self) -> list[int]:
-        """Rows of the router's profiles whose model is in the index."""
-        return [i for i, m in enumerate(self.router.model_ids) if m in self.index]
-
     def _by_queries(self, records: Sequence[Record], k: int) -> tuple[np.ndarray, list[SearchHit]]:
         """The mean centred encoding of the examples' task texts ``[d]``, and the top-``k`` models by
         mean cosine of the examples to their profiles."""
-        router, rows = self.router, self._profiled()
+        router = self.router
+        rows = [i for i, m in enumerate(router.model_ids) if m in self.index]  # profiles of indexed models
+        if k > len(rows):
+            raise DataError(f"k={k} but only {len(rows)} indexed models have a router profile")
         if len(rows) < len(router.model_ids) or len(rows) < len(self.index):
             logger.warning(
                 "ranking the %d models both the index and the router hold (index %d, router %d)",
