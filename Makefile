@@ -48,7 +48,7 @@ ablations: install
 # The wild zoo (41 finetunes that differ in seed, rank, LoRA variant, modules, steps, format and
 # dataset; ~75 min to build on 2 cores, cached): its report, the clustering / recipe-factor /
 # few-shot analyses and the router's accuracy, with a README table next to the full zoo's figures.
-WILD_FEWSHOT ?= --fewshot-sizes 20 --fewshot-queries 1 --fewshot-formats alpaca chat qa
+WILD_FEWSHOT ?= --fewshot-sizes 20 --fewshot-queries 2 --fewshot-formats alpaca chat qa
 wild: install
 	$(BIN)/delta-router -v zoo build --zoo wild
 	$(BIN)/delta-router -v zoo report --zoo wild --eval-size 200 --where variant=strong --out reports/wild

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rich import box
 from rich.table import Table
 
 from delta_router.cli.common import POSITIVE, console, emit, selection_table
@@ -71,20 +72,29 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def verification_table(verdict) -> Table:
-    """One row per candidate: accuracy and gain over the base on the examples, with intervals."""
-    table = Table(title=f"candidates on the examples (returned: {verdict.chosen})")
-    for col in ("candidate", "kind", "acc [95%]", "utility", "gain over base [95%]", "lower bound"):
-        table.add_column(col)
+    """One row per candidate: accuracy and gain over the base on the examples, with intervals.
+
+    The number columns never wrap, so the table reads on an 80-column terminal (names wrap instead).
+    """
+    table = Table(
+        title=f"candidates on the examples (returned: {verdict.chosen})",
+        caption="gain: over the base; bound: its corrected lower bound; CV: cross-validated",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("candidate", overflow="fold")
+    for col in ("acc [95%]", "utility", "gain [95%]", "bound"):
+        table.add_column(col, no_wrap=True, justify="right")
     for r in verdict.results:
         acc = r.accuracy
-        acc_text = "-" if acc is None else f"{acc.mean:.3f} [{acc.low:.2f}, {acc.high:.2f}]"
+        acc_text = "-" if acc is None else f"{acc.mean:.2f} [{acc.low:.2f}, {acc.high:.2f}]"
         gain, bound = "-", "-"
         if r.gain is not None:
             g = r.gain.interval
-            gain, bound = f"{g.mean:+.4f} [{g.low:+.3f}, {g.high:+.3f}]", f"{r.gain.bound:+.4f}"
-        kind = r.origin + (" (CV)" if r.cross_validated else "")
-        name = f"[bold]{r.name}[/bold]" if r.name == verdict.chosen else r.name
-        table.add_row(name, kind, acc_text, f"{r.scores.utility.mean():.4f}", gain, bound)
+            gain, bound = f"{g.mean:+.3f} [{g.low:+.2f}, {g.high:+.2f}]", f"{r.gain.bound:+.3f}"
+        name = r.name + (" (CV)" if r.cross_validated else "")
+        name = f"[bold]{name}[/bold]" if r.name == verdict.chosen else name
+        table.add_row(name, acc_text, f"{r.scores.utility.mean():.3f}", gain, bound)
     return table
 
 
