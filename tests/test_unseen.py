@@ -46,7 +46,9 @@ def test_suite_scores_every_condition_and_reports(suite, tmp_path, monkeypatch):
         assert interval["low"] <= interval["mean"] <= interval["high"]
     out = write_report([result], tmp_path / "report", "test")
     assert json.loads((out / "results.json").read_text())[0]["task"] == "sciq"
-    assert "| sciq (n=12)" in (out / "README.md").read_text() and (out / "unseen.png").stat().st_size > 0
+    readme = (out / "README.md").read_text()
+    assert "| sciq (n=12)" in readme and "ceiling of the verification" in readme
+    assert (out / "unseen.png").stat().st_size > 0
 
     monkeypatch.setattr(unseen, "example_scores", lambda *a, **k: pytest.fail("scored again"))
     assert suite.run_task("sciq")["accuracy"] == acc  # every held-out score comes from the cache

@@ -256,6 +256,14 @@ def write_report(results: Sequence[dict], out_dir: str | Path, command: str) -> 
                 f"- {prior} prior: returned - base {np.mean(gains):+.1f} points on average (worst task "
                 f"{min(gains):+.1f}); returned - random merge {np.mean(vs_random):+.1f} points."
             )
+        best = [max(c["mean"] for c in r["candidates_held_out"].values()) for r in results]
+        ceiling = [100 * (b - np.mean(r["random_accuracies"])) for b, r in zip(best, results, strict=True)]
+        lines.append(
+            f"- ceiling of the verification: the best of build's candidates, picked in hindsight on the "
+            f"held-out records, - random merge {np.mean(ceiling):+.1f} points (per task: "
+            + ", ".join(f"{r['task']} {c:+.1f}" for r, c in zip(results, ceiling, strict=True))
+            + ")."
+        )
         lines += ["", "Why each build returned what it did:", ""]
         for r in results:
             lines += [f"- **{r['task']}**, {prior} prior: {why}." for prior, why in r["reason"].items()]
