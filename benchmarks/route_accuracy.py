@@ -9,9 +9,9 @@ Methods, in one run:
   one base forward over its first ``tokens`` tokens, mean / last-token pooling;
 - ``arrow``: PEFT's Arrow (per-token routing over the same adapters, top_k=3); its decision for a
   query is the adapter with the largest routing weight summed over tokens and layers;
-- ``data-free (LODO)``: profiles predicted from each adapter's Delta Activation alone
-  (``routing.data_free``), the map fitted on the other domains' adapters (leave one domain out),
-  one row per ridge ``alpha``; queries encoded as the default router encodes them;
+- ``data-free (LODO)``: profiles predicted from each adapter's profile delta alone
+  (``routing.data_free.profile_embedder``), the map fitted on the other domains' adapters (leave
+  one domain out), one row per ridge ``alpha``; queries encoded as the default router encodes them;
 - ``random``: a uniformly random adapter (expected accuracy 1 / #domains).
 
 Abstention (``--abstention PNG``): each domain in turn is withheld from the router (its adapters
@@ -45,7 +45,7 @@ from delta_router import Zoo
 from delta_router.evaluation.scoring import example_scores
 from delta_router.evaluation.verification import Interval
 from delta_router.home import atomic_write_text
-from delta_router.routing.data_free import leave_one_group_out
+from delta_router.routing.data_free import leave_one_group_out, profile_embedder
 from delta_router.routing.router import QueryEncoder, Router, query_text
 
 
@@ -183,9 +183,8 @@ def main() -> None:
     ids = [m.id for m in members]
     default = "router (mean, 128 tokens)"
     if default in routers:  # data-free: the default router's query space, profiles from deltas alone
-        index = zoo.load_index()
         reference = routers[default]
-        deltas = np.stack([index.get(i).embedding.vector for i in reference.model_ids])
+        deltas = profile_embedder(zoo.base).transform([paths[i] for i in reference.model_ids])
         groups = [domain_of[i] for i in reference.model_ids]
         for alpha in args.alphas:
             predicted = leave_one_group_out(deltas, reference.profiles, groups, alpha)

@@ -82,7 +82,7 @@ def _fit_data_free(args: argparse.Namespace) -> None:
     index.space.check_same(reference_index.space, f"the index {args.index}", where)
     encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
     deltas, reference = reference_pairs(zoo, encoder, progress=not args.json)
-    router = fit_data_free(index, deltas, reference)
+    router = fit_data_free(index, deltas, reference, progress=not args.json)
     router.save(args.out, force=args.force)
     payload = {"router": args.out, "models": router.model_ids, "reference_zoo": args.reference_zoo}
     emit(args, payload, _ids_table(router.model_ids, args.out))
@@ -174,7 +174,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--per-model", type=POSITIVE, default=32, help="examples per model (default 32)")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling (default: mean)")
     p.add_argument("--data-free", action="store_true",
-                   help="profile every indexed model from its vector alone (no examples)")  # fmt: skip
+                   help="profile every indexed model from its files alone (no examples)")  # fmt: skip
     p.add_argument("--reference-zoo", default="full",
                    help="--data-free: the built zoo whose data fit the map (default full)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")

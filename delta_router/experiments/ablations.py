@@ -371,7 +371,7 @@ class Ablations:
 
     def _query_selectors(self, index, embedder: DeltaEmbedder) -> dict[str, TaskSelector]:
         """The ``"queries"`` method over the zoo's domain finetunes, with profiles from their training
-        prompts and data-free ones (from their vectors, each domain's map fitted without it)."""
+        prompts and data-free ones (from their profile deltas, each domain's map fitted without it)."""
         encoder = QueryEncoder.for_model(embedder.model, embedder.tokenizer)
         deltas, trained = reference_pairs(self.zoo, encoder)
         domains = [index.get(m).tags["domain"] for m in trained.model_ids]

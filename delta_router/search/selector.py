@@ -10,7 +10,7 @@ Methods (``SELECTION_METHODS``):
 - ``"queries"`` (format-neutral): what the examples ask, not how they answer. Their task texts
   (instruction + input; no answer, no template) are encoded by the base as a ``Router`` encodes
   queries, and each model's score is the mean cosine of the examples to its router profile (profiles
-  from the finetunes' prompts, or data-free from their vectors: ``route fit``). A task LoRA learns
+  from the finetunes' prompts, or data-free from their weights: ``route fit``). A task LoRA learns
   the answer format first: on the full zoo, the same questions answered by letter retrieve the right
   domain 1 time in 5 by ``"finetune"`` and 5 in 5 by ``"queries"`` (reports/task_format.md).
 """

@@ -1,8 +1,8 @@
 """A live registry of served adapters: register and remove finetunes while the server runs.
 
 ``AdapterRegistry.register(path)`` checks a LoRA adapter against the base, embeds it (its Delta
-Activation), profiles it for the router (from its vector by a ``ProfileMap`` fitted on the
-router's current models, or from example queries when given), and then, under the scheduler's
+Activation), profiles it for the router (from its profile delta by a ``ProfileMap`` fitted on
+the router's current models, or from example queries when given), and then, under the scheduler's
 lock, adds it to the index (committed to the index directory when there is one), the router and
 the backend in one step: either all three change or none does. ``remove`` undoes that. Embedding
 and profiling run outside the lock, so traffic keeps flowing while a finetune is registered; the
@@ -22,7 +22,7 @@ from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DataError, DuplicateModelError
 from delta_router.model_ids import check_model_id
 from delta_router.models.finetunes import Finetune
-from delta_router.routing.data_free import ProfileMap
+from delta_router.routing.data_free import ProfileMap, profile_embedder
 from delta_router.search.index import ModelIndex
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class AdapterRegistry:
         self.index, self.scheduler = index, scheduler
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self._embedder: DeltaEmbedder | None = None
+        self._profile_embedder: DeltaEmbedder | None = None
         router = scheduler.router
         self.profiles = {m: "examples" for m in (router.model_ids if router else [])}  # how each was made
 
@@ -70,9 +71,10 @@ class AdapterRegistry:
         self.scheduler.backend.check_adapter(finetune.path)  # e.g. DoRA: not servable per row
         embedding = self.embedder.embed_one(finetune)  # refuses an adapter of another base
         router, backend = self.scheduler.router, self.scheduler.backend
+        # forward passes outside the lock: traffic keeps flowing
+        profile, source = self._profile(finetune, examples) if router else (None, None)
         with self.scheduler.lock:
             self._refuse_taken(finetune.model_id)  # a concurrent registration of the same id
-            profile, source = self._profile(embedding.vector, examples) if router else (None, None)
             self.index.add(embedding, tags=tags or {})
             try:
                 if self.index_dir is not None:
@@ -107,17 +109,21 @@ class AdapterRegistry:
         if model_id in self.index or model_id in self.scheduler.backend.model_ids():
             raise DuplicateModelError(f"model id {model_id!r} is already served; DELETE it first")
 
-    def _profile(self, vector: np.ndarray, examples: Sequence[str] | None) -> tuple[np.ndarray, str]:
+    def _profile(self, finetune: Finetune, examples: Sequence[str] | None) -> tuple[np.ndarray, str]:
         """The router profile of a new adapter: from ``examples`` (queries of its task) when given,
-        else data-free from its vector, by a map fitted on the router's current models."""
+        else data-free from its profile delta, by a map fitted on the router's current models."""
         router = self.scheduler.router
         if examples:
             features = self.scheduler.encoder(list(examples)).numpy()
             return unit_rows((features.mean(0) - router.center)[None])[0], "examples"
-        known = [m for m in router.model_ids if m in self.index]
+        with self.scheduler.lock:  # a consistent snapshot; the forward passes run outside the lock
+            profiles = dict(zip(router.model_ids, router.profiles.copy(), strict=True))
+        known = [m for m in profiles if m in self.index]
         if len(known) < 2:
             raise DataError("a data-free profile needs >= 2 routed models to learn from: give examples")
-        deltas = np.stack([self.index.get(m).embedding.vector for m in known])
-        profiles = np.stack([router.profiles[router.model_ids.index(m)] for m in known])
-        population = np.vstack([deltas, vector[None]])
-        return ProfileMap().fit(deltas, profiles, population).predict(vector[None])[0], "data-free"
+        if self._profile_embedder is None:
+            self._profile_embedder = profile_embedder(self.embedder.base)
+        paths = [self.index.get(m).embedding.path for m in known]
+        deltas = self._profile_embedder.transform([*paths, finetune])  # cached but the new one
+        mapping = ProfileMap().fit(deltas[:-1], np.stack([profiles[m] for m in known]), deltas)
+        return mapping.predict(deltas[-1:])[0], "data-free"
