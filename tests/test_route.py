@@ -78,8 +78,8 @@ def test_profile_map_interpolates_its_reference_and_refuses_too_little():
         ProfileMap().fit(deltas[:1], profiles[:1])
 
 
-def test_data_free_router_sends_queries_to_their_domain(tiny_base, encoder, tmp_path):
-    """Profiles from the indexed vectors alone, mapped by a reference zoo (here the same zoo)."""
+def test_data_free_router_sends_queries_to_their_domain(tiny_base, encoder, tmp_path, monkeypatch):
+    """Profiles from the finetunes alone, mapped by a reference zoo (here the same zoo); API and CLI."""
     from delta_router.routing.data_free import fit_data_free, reference_pairs
     from delta_router.training.trainer import TrainConfig
     from delta_router.zoo.zoo import Zoo, ZooSpec
@@ -96,3 +96,14 @@ def test_data_free_router_sends_queries_to_their_domain(tiny_base, encoder, tmp_
         queries = [query_text(r) for r in synthetic_domain(domain, seed=7).test]
         picks = [d.adapters[0] for d in router.route(encoder, queries)]
         assert np.mean([p.startswith(domain) for p in picks]) >= 0.9
+
+    from delta_router.cli import main
+    from delta_router.zoo import zoo as zoo_module
+
+    monkeypatch.setattr(zoo_module, "Zoo", lambda *args, **kwargs: zoo)  # --reference-zoo: this one
+    out = tmp_path / "router"
+    argv = ["route", "fit", "--index", str(zoo.index_dir), "--data-free", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    fitted = Router.load(out)
+    assert fitted.model_ids == router.model_ids and fitted.threshold is not None  # the calibrated default
+    assert np.allclose(np.abs(fitted.profiles @ router.profiles.T).diagonal(), 1.0, atol=1e-4)
