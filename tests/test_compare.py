@@ -191,3 +191,18 @@ def test_ablations_on_a_wild_zoo_compare_mixed_finetunes_and_recipe_factors(tiny
     assert "| silhouette by domain: Delta Activations |" in readme and "| 0.614 |" in readme
     assert "few-shot top-1 domain, activations, chat format, 5 examples" in readme
     assert "| silhouette by format, probes: 5 probes (paper) |" in readme
+
+
+def test_comparison_merges_a_full_finetune_with_loras(tiny_base, tmp_path):
+    """A wild zoo holds full finetunes: a merge with one is a full model, not a refusal."""
+    from delta_router.testing import tiny_wild_zoo
+
+    zoo = tiny_wild_zoo(tiny_base, tmp_path / "zoo")
+    zoo.build()
+    config = CompareConfig(ks=(2,), recipes=("linear",), seeds=1, examples=5, eval_size=8,
+                           method="activations", hub_size=0)  # fmt: skip
+    comparison = SelectionComparison(zoo, config, progress=False)
+    rows = comparison.run(["fruit"])
+    every = next(r for r in rows if r.condition == "all")
+    kinds = {comparison.index.get(m).embedding.kind for m in every.models}
+    assert kinds == {"lora", "full"} and 0.0 <= every.score <= 1.0

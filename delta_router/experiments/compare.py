@@ -2,7 +2,9 @@
 
 For each target domain, 20 examples of its few-shot pool select the top-k of the zoo's
 single-domain finetunes (``TaskSelector``); every condition is merged into one LoRA adapter
-(``Merger.merge_adapters``) and scored with lm-eval on the domain's held-out split:
+(``Merger.merge_adapters``; into a full model with ``Merger.merge`` where no adapter holds it: a
+full finetune or DoRA among them, as in the ``wild`` zoo) and scored with lm-eval on the domain's
+held-out split:
 
 - ``base``: the base model;
 - ``selected``: the top-k merge (``k=1``: the best single candidate itself);
@@ -37,8 +39,9 @@ from delta_router.evaluation.clustering import save_figure
 from delta_router.evaluation.harness import LmEvaluator, load_for_eval, task_name, write_tasks
 from delta_router.home import atomic_write_text, cache_dir
 from delta_router.merging.lorahub import LoraHub
-from delta_router.merging.merger import PROVENANCE_FILE, Merger, MergeRecipe
+from delta_router.merging.merger import PROVENANCE_FILE, Merger, MergeRecipe, adapter_merge_refusal
 from delta_router.model_ids import BASE_MODEL_NAME
+from delta_router.models.finetunes import Finetune
 from delta_router.search.selector import TaskSelector
 from delta_router.serialize import to_json
 from delta_router.training.trainer import records_hash
@@ -224,7 +227,12 @@ class SelectionComparison:
             if len(paths) <= 1:
                 return (paths[0] if paths else BASE_MODEL_NAME), {}
             if not work_dir.exists():
-                Merger(self.zoo.base, recipe, progress=False).merge_adapters(paths, work_dir)
+                merger = Merger(self.zoo.base, recipe, progress=False)
+                finetunes = [Finetune.open(p) for p in paths]
+                if adapter_merge_refusal(finetunes) is None:
+                    merger.merge_adapters(finetunes, work_dir)
+                else:  # a full finetune or DoRA among them: only a full model holds the merge
+                    merger.merge(finetunes, work_dir)
             return work_dir, {}
 
         return build

@@ -124,6 +124,22 @@ def materialize(finetune: Finetune, base: BaseLM) -> Path:
     return target
 
 
+def adapter_merge_refusal(finetunes: Sequence[Finetune]) -> str | None:
+    """Why ``Merger.merge_adapters`` cannot hold the merge of ``finetunes`` exactly (a full model,
+    DoRA, saved modules), or ``None`` when it can; ``Merger.merge`` merges any of them."""
+    if any(ft.kind != "lora" for ft in finetunes):
+        return "an adapter merge needs LoRA adapters only; merge full models with merge()"
+    for ft in finetunes:
+        cfg = ft.adapter_config
+        if cfg.get("use_dora") or cfg.get("modules_to_save"):
+            what = "DoRA" if cfg.get("use_dora") else "saved modules (modules_to_save)"
+            return (
+                f"{ft.path}: uses {what}; a merged LoRA adapter cannot hold it exactly: "
+                "merge into a full model instead (--output model)"
+            )
+    return None
+
+
 class Merger:
     """Merges finetunes of one base: ``Merger(base, "ties").merge(paths, out_dir, scores=...)``."""
 
@@ -221,16 +237,9 @@ class Merger:
         """
         out_dir = refuse_existing(out_dir, force)
         finetunes, weights = self._open(sources, scores, weights)
-        if any(ft.kind != "lora" for ft in finetunes):
-            raise MergeError("an adapter merge needs LoRA adapters only; merge full models with merge()")
-        for ft in finetunes:
-            cfg = ft.adapter_config
-            if cfg.get("use_dora") or cfg.get("modules_to_save"):
-                what = "DoRA" if cfg.get("use_dora") else "saved modules (modules_to_save)"
-                raise MergeError(
-                    f"{ft.path}: uses {what}; a merged LoRA adapter cannot hold it exactly: "
-                    "merge into a full model instead (--output model)"
-                )
+        refusal = adapter_merge_refusal(finetunes)
+        if refusal is not None:
+            raise MergeError(refusal)
         with atomic_directory(out_dir, force=force) as tmp:
             if self.recipe.adapter_combination == "cat":
                 self._stack_adapters(finetunes, self._normalized(weights), tmp)
