@@ -49,6 +49,8 @@ ablations: install
 # dataset; ~75 min to build on 2 cores, cached): its report, the clustering / recipe-factor /
 # few-shot analyses and the router's accuracy, with a README table next to the full zoo's figures.
 WILD_FEWSHOT ?= --fewshot-sizes 20 --fewshot-queries 2 --fewshot-formats alpaca chat qa
+WILD_COMPARE ?= --domain sentiment --domain science --domain biomedical --domain commonsense --domain legal \
+	--k 3 --recipe linear --seeds 5 --limit 40 --lorahub 0
 wild: install
 	$(BIN)/delta-router -v zoo build --zoo wild
 	$(BIN)/delta-router -v zoo report --zoo wild --eval-size 200 --where variant=strong --out reports/wild
@@ -58,6 +60,7 @@ wild: install
 		--out reports/wild --reference reports
 	$(BIN)/delta-router -v ablations --zoo wild --only fewshot $(WILD_FEWSHOT) --out reports/wild \
 		--reference reports
+	$(BIN)/delta-router -v compare --zoo wild $(WILD_COMPARE) --out reports/wild/compare
 
 # build on 5 tasks whose datasets no zoo trains on (BoolQ, SciQ, MedQA, BioASQ, MMLU psychology):
 # base vs returned vs selected vs random merges vs the oracle single, on 200 held-out records each.
