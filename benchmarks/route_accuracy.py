@@ -9,9 +9,10 @@ Methods, in one run:
   one base forward over its first ``tokens`` tokens, mean / last-token pooling;
 - ``arrow``: PEFT's Arrow (per-token routing over the same adapters, top_k=3); its decision for a
   query is the adapter with the largest routing weight summed over tokens and layers;
-- ``data-free (LODO)``: profiles predicted from each adapter's profile delta alone
-  (``routing.data_free.profile_embedder``), the map fitted on the other domains' adapters (leave
-  one domain out), one row per ridge ``alpha``; queries encoded as the default router encodes them;
+- ``data-free (LODO)``: profiles predicted from each adapter's profile deltas alone
+  (``routing.data_free.profile_deltas``, ``--profile-deltas``), the map fitted on the other domains'
+  adapters (leave one domain out), one row per ridge ``alpha``; queries encoded as the default router
+  encodes them;
 - ``random``: a uniformly random adapter (expected accuracy 1 / #domains).
 
 Abstention (``--abstention PNG``): each domain in turn is withheld from the router (its adapters
@@ -45,7 +46,7 @@ from delta_router import Zoo
 from delta_router.evaluation.scoring import example_scores
 from delta_router.evaluation.verification import Interval
 from delta_router.home import atomic_write_text
-from delta_router.routing.data_free import leave_one_group_out, profile_embedder
+from delta_router.routing.data_free import PROFILE_DELTAS, leave_one_group_out, profile_deltas
 from delta_router.routing.router import QueryEncoder, Router, query_text
 
 
@@ -145,6 +146,8 @@ def main() -> None:
                         help="router variants POOLING:TOKENS (mean:128 is the default router)")  # fmt: skip
     parser.add_argument("--no-arrow", action="store_true", help="skip PEFT's Arrow (minutes)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01, 0.03, 0.1])
+    parser.add_argument("--profile-deltas", choices=PROFILE_DELTAS, default="formats",
+                        help="what the data-free map reads (see routing.data_free)")  # fmt: skip
     parser.add_argument("--abstention", metavar="PNG", help="withheld-domain abstention curve, plotted here")
     parser.add_argument(
         "--json", metavar="FILE", help="also write the accuracies here (e.g. reports/wild/routing.json)"
@@ -184,7 +187,7 @@ def main() -> None:
     default = "router (mean, 128 tokens)"
     if default in routers:  # data-free: the default router's query space, profiles from deltas alone
         reference = routers[default]
-        deltas = profile_embedder(zoo.base).transform([paths[i] for i in reference.model_ids])
+        deltas = profile_deltas(zoo.load_index(), reference.model_ids, args.profile_deltas, zoo.base)
         groups = [domain_of[i] for i in reference.model_ids]
         for alpha in args.alphas:
             predicted = leave_one_group_out(deltas, reference.profiles, groups, alpha)

@@ -107,3 +107,18 @@ def test_data_free_router_sends_queries_to_their_domain(tiny_base, encoder, tmp_
     fitted = Router.load(out)
     assert fitted.model_ids == router.model_ids and fitted.threshold is not None  # the calibrated default
     assert np.allclose(np.abs(fitted.profiles @ router.profiles.T).diagonal(), 1.0, atol=1e-4)
+
+    # --profile-deltas index: the map reads the indexed vectors, no forward pass
+    from delta_router.routing import data_free
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("--profile-deltas index ran the profile embedder")
+
+    monkeypatch.setattr(data_free, "profile_embedder", no_forward)
+    out = tmp_path / "router-index"
+    argv[argv.index("--out") + 1] = str(out)
+    assert main([*argv, "--profile-deltas", "index"]) == 0
+    by_index = Router.load(out)
+    expected = fit_data_free(index, reference_pairs(zoo, encoder, "index")[0], reference, deltas="index")
+    assert by_index.model_ids == router.model_ids
+    assert np.allclose(by_index.profiles, expected.profiles, atol=1e-5)

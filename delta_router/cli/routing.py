@@ -14,6 +14,7 @@ from delta_router.embedding.embedder import POOLINGS
 from delta_router.errors import DeltaRouterError
 from delta_router.home import refuse_existing
 from delta_router.models.base import resolve_base
+from delta_router.routing.data_free import PROFILE_DELTAS
 from delta_router.search.index import ModelIndex
 
 
@@ -81,10 +82,11 @@ def _fit_data_free(args: argparse.Namespace) -> None:
     where = f"the reference zoo {args.reference_zoo}"
     index.space.check_same(reference_index.space, f"the index {args.index}", where)
     encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
-    deltas, reference = reference_pairs(zoo, encoder, progress=not args.json)
-    router = fit_data_free(index, deltas, reference, progress=not args.json)
+    deltas, reference = reference_pairs(zoo, encoder, args.profile_deltas, progress=not args.json)
+    router = fit_data_free(index, deltas, reference, deltas=args.profile_deltas, progress=not args.json)
     router.save(args.out, force=args.force)
-    payload = {"router": args.out, "models": router.model_ids, "reference_zoo": args.reference_zoo}
+    payload = {"router": args.out, "models": router.model_ids, "reference_zoo": args.reference_zoo,
+               "profile_deltas": args.profile_deltas}  # fmt: skip
     emit(args, payload, _ids_table(router.model_ids, args.out))
 
 
@@ -177,6 +179,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="profile every indexed model from its files alone (no examples)")  # fmt: skip
     p.add_argument("--reference-zoo", default="full",
                    help="--data-free: the built zoo whose data fit the map (default full)")  # fmt: skip
+    p.add_argument("--profile-deltas", choices=PROFILE_DELTAS, default="formats",
+                   help="--data-free: what the map reads of each model: formats = the probes in every "
+                        "prompt format, a forward pass per model (default); index = the index's vectors, "
+                        "no forward pass (huge indexes of one prompt format)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_route_fit)
     query = route.add_parser("query", parents=[common], help="where would these queries go?")

@@ -11,7 +11,9 @@ The deltas the map reads are not the index's (the paper's 5 Alpaca probes) but `
 the paper's probes in every prompt format, each probe's shift unit-normed before the mean. On
 finetunes trained in mixed prompt formats the index's deltas follow the format, these the domain
 (wild zoo, leave one domain out: 80.7% routed right against 51.8%; full zoo 89.3% against
-88.6%). It costs one forward pass of 15 probes per finetune, cached like any embedding.
+88.6%). It costs one forward pass of 15 probes per finetune, cached like any embedding; for an index
+too large for that, ``deltas="index"`` maps the index's own vectors (no forward pass; as good on
+finetunes that share one prompt format).
 
 Measured leave-one-domain-out (the map is fitted without the domain it predicts): see
 ``benchmarks/route_accuracy.py`` and benchmarks/RESULTS.md.
@@ -42,6 +44,9 @@ DEFAULT_ALPHA = 0.01  # ridge strength, from a leave-one-domain-out sweep on the
 # the best trade within 5 points, sends 62% of a withheld domain's queries to the base for 4.0
 # points of in-zoo accuracy on the full zoo (19% for 1.8 on wild; RESULTS.md).
 DATA_FREE_THRESHOLD = 0.30
+# What a ProfileMap reads of each finetune: "formats", ``profile_embedder``'s deltas (a forward pass of
+# 15 probes per finetune, cached), or "index", the vectors already in the index (free at any scale).
+PROFILE_DELTAS = ("formats", "index")
 
 
 @dataclass
@@ -92,10 +97,29 @@ def profile_embedder(base: str | BaseLM, progress: bool = False) -> DeltaEmbedde
     return DeltaEmbedder(base, probes, normalize="probe", progress=progress)
 
 
-def reference_pairs(zoo, encoder: QueryEncoder, progress: bool = False) -> tuple[np.ndarray, Router]:
-    """The reference of a built zoo: its domain finetunes' profile deltas ``[n, d]``
-    (``profile_embedder``) and their data-based ``Router`` (from their training prompts); both cached
-    under the home."""
+def profile_deltas(
+    index: ModelIndex,
+    model_ids: list[str],
+    deltas: str = "formats",
+    base: str | BaseLM | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """What a ``ProfileMap`` reads of each of ``model_ids``: ``[n, hidden]`` float32, the ``deltas``
+    of ``PROFILE_DELTAS`` (``base``: the index's, already loaded, to skip loading it again)."""
+    if deltas not in PROFILE_DELTAS:
+        raise DataError(f"unknown profile deltas {deltas!r}; choose from {', '.join(PROFILE_DELTAS)}")
+    entries = [index.get(m) for m in model_ids]
+    if deltas == "index":
+        return np.stack([e.embedding.vector for e in entries]).astype(np.float32)
+    embedder = profile_embedder(base or index.space.base_name, progress)
+    return embedder.transform([e.embedding.path for e in entries])
+
+
+def reference_pairs(
+    zoo, encoder: QueryEncoder, deltas: str = "formats", progress: bool = False
+) -> tuple[np.ndarray, Router]:
+    """The reference of a built zoo: its domain finetunes' ``profile_deltas`` ``[n, d]`` and their
+    data-based ``Router`` (from their training prompts); both cached under the home."""
     index = zoo.load_index()
     key = json.dumps(
         [zoo.spec.name, index.space.to_dict(), encoder.layer, encoder.pooling, encoder.max_length]
@@ -106,8 +130,7 @@ def reference_pairs(zoo, encoder: QueryEncoder, progress: bool = False) -> tuple
     else:
         router = Router.fit_zoo(zoo, encoder, progress=progress)
         router.save(directory, force=True)
-    paths = [index.get(m).embedding.path for m in router.model_ids]
-    return profile_embedder(zoo.base, progress).transform(paths), router
+    return profile_deltas(index, router.model_ids, deltas, zoo.base, progress), router
 
 
 def fit_data_free(
@@ -115,21 +138,21 @@ def fit_data_free(
     reference_deltas: np.ndarray,
     reference: Router,
     alpha: float = DEFAULT_ALPHA,
+    deltas: str = "formats",
     progress: bool = False,
     **options,
 ) -> Router:
-    """A ``Router`` over every model of ``index``, profiled from its profile delta (a forward pass of
-    ``profile_embedder`` over its files) by a ``ProfileMap`` fitted on the reference pairs; queries
-    centred like the reference router's."""
+    """A ``Router`` over every model of ``index``, profiled from its ``profile_deltas`` (of the same
+    kind as ``reference_deltas``) by a ``ProfileMap`` fitted on the reference pairs; queries centred
+    like the reference router's."""
     if index.space is None or len(index) == 0:
         raise DataError("the index is empty: add finetunes before fitting a router")
     ids = index.model_ids()
-    embedder = profile_embedder(index.space.base_name, progress)
-    vectors = embedder.transform([index.get(m).embedding.path for m in ids])
+    vectors = profile_deltas(index, ids, deltas, progress=progress)
     population = np.vstack([reference_deltas, vectors])
     mapping = ProfileMap(alpha).fit(reference_deltas, reference.profiles, population)
     settings = {"layer": reference.layer, "pooling": reference.pooling, "max_length": reference.max_length}
-    logger.info("data-free profiles for %d models from %d reference pairs", len(ids), len(reference_deltas))
+    logger.info("data-free profiles: %d models, %s deltas, %d pairs", len(ids), deltas, len(reference_deltas))
     options.setdefault("threshold", DATA_FREE_THRESHOLD)
     return Router(
         ids, mapping.predict(vectors), reference.center, reference.base_fingerprint, **settings,
