@@ -17,6 +17,7 @@ from pathlib import Path
 
 from delta_router.data import EXTRA_DATASETS, DomainSplits, Record, load_domain
 from delta_router.embedding.embedder import DeltaEmbedder
+from delta_router.errors import IndexFormatError
 from delta_router.home import cache_dir
 from delta_router.models.base import DEFAULT_BASE, BaseLM, resolve_base
 from delta_router.search.index import ModelIndex
@@ -146,6 +147,12 @@ class Zoo:
         return index
 
     def load_index(self) -> ModelIndex:
+        """The built zoo's index; a zoo not built yet is an ``IndexFormatError`` that says how to build it."""
+        if not ModelIndex.exists(self.index_dir):
+            raise IndexFormatError(
+                f"the zoo {self.spec.name!r} is not built for the base {self.base.name} (no index at "
+                f"{self.index_dir}): run `delta-router zoo build --zoo {self.spec.name}` first"
+            )
         return ModelIndex.load(self.index_dir, migrate=True)  # our own cache: convert it in place
 
 
