@@ -154,3 +154,34 @@ def test_probe_set_in_every_prompt_format(tiny_base):
     assert len(probes) == 3 * len(paper) and probes.texts[: len(paper)] == paper
     assert all(t.startswith("Question: ") for t in probes.texts[-len(paper) :])
     assert len(set(probes.texts)) == len(probes) and probes.fingerprint != ProbeSet.paper().fingerprint
+
+
+def test_concurrent_embeds_from_threads_do_not_mix_adapters(tiny_base, adapters, monkeypatch):
+    """The server embeds registrations from several threads with one embedder: each thread's forward
+    must see only its own adapter (two threads are held inside the forward together if they can be)."""
+    import contextlib
+    import threading
+
+    expected = DeltaEmbedder(tiny_base, cache=False, progress=False).transform(adapters[:2])
+    embedder = DeltaEmbedder(tiny_base, cache=False, progress=False)
+    embedder.base_activations()
+    both_inside = threading.Barrier(2, timeout=1.0)
+    forward = embedder._forward
+
+    def forward_together(groups: int = 1):
+        # without a lock both threads' adapter hooks are now on the model; with one, the first times
+        # out (the other thread is kept out) and goes on alone
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_inside.wait()
+        return forward(groups)
+
+    monkeypatch.setattr(embedder, "_forward", forward_together)
+    got: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda i=i: got.update({i: embedder.transform([adapters[i]])[0]}))
+               for i in range(2)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(2):
+        assert np.allclose(got[i], expected[i], atol=1e-5)

@@ -426,6 +426,37 @@ def test_adapters_register_and_leave_while_serving(tiny_base, other_base, adapte
         assert gone.status_code == 404
 
 
+def test_a_profile_from_examples_is_encoded_under_the_scheduler_lock(tiny_base, adapters, tmp_path):
+    """The query encoder runs the serving model, whose decode steps put row-LoRA hooks on it: a
+    registration with examples encodes them only while it holds the lock the decode loop holds."""
+    import threading
+
+    from delta_router.search.index import ModelIndex
+    from delta_router.serving.registry import AdapterRegistry
+
+    idx = tmp_path / "idx"
+    router, examples = _indexed_router(tiny_base, adapters, idx)
+    scheduler = BatchScheduler(PeftBackend(resolve_base(tiny_base), {}), router)
+    encode, held = scheduler.encoder, []
+
+    def try_lock() -> None:
+        free = scheduler.lock.acquire(blocking=False)
+        held.append(not free)
+        if free:
+            scheduler.lock.release()
+
+    def encoder(texts):
+        other = threading.Thread(target=try_lock)
+        other.start()
+        other.join()
+        return encode(texts)
+
+    scheduler.encoder = encoder
+    registry = AdapterRegistry(ModelIndex.load(idx), scheduler)
+    assert registry.register(adapters[3], "shown", examples=examples["fruit"][:4])["profile"] == "examples"
+    assert held == [True]
+
+
 def test_an_indexed_dora_adapter_is_not_served_and_not_routed_to(tiny_base, adapters, tmp_path, caplog):
     """An index entry that cannot be served per row is skipped at start-up with a warning, not a
     500 at its first request."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -222,6 +223,8 @@ class DeltaEmbedder:
         self.adapters_per_batch = adapters_per_batch or (16 if self.device.type == "cpu" else 32)
         self.cache, self.progress = cache, progress
         self._live = "base"  # what the live model's weights are: "base", a content hash, "dirty"
+        # one live model: a thread that runs it (hooks, swapped weights, PEFT) holds this
+        self._model_lock = threading.RLock()
 
     @classmethod
     def for_space(cls, space: EmbeddingSpace, **options) -> DeltaEmbedder:
@@ -316,6 +319,10 @@ class DeltaEmbedder:
     # ---- activations ---------------------------------------------------------------------------
     def base_activations(self) -> torch.Tensor:
         """Pooled base activations on the probes, ``[P, d]`` fp32; computed once, cached on disk."""
+        with self._model_lock:
+            return self._base_activations()
+
+    def _base_activations(self) -> torch.Tensor:
         if "_base_acts" not in self.__dict__:
             path = cache_dir("activations") / f"{self.space.key}.npy"
             if self.cache and path.exists():
@@ -330,16 +337,21 @@ class DeltaEmbedder:
 
     def text_activations(self, texts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
         """The base's pooled activations on arbitrary texts (same layer/pooling): ``[N, d]`` fp32."""
-        self._ensure_base()
-        options = (self.layer, self.pooling, self.max_tokens, batch_size, self.device)
-        return encode_texts(self.body, self.tokenizer, texts, *options)
+        with self._model_lock:
+            self._ensure_base()
+            options = (self.layer, self.pooling, self.max_tokens, batch_size, self.device)
+            return encode_texts(self.body, self.tokenizer, texts, *options)
 
     def activations(self, finetunes: Sequence[Finetune]) -> list[torch.Tensor]:
         """Pooled activations on the probes, ``[P, d]`` fp32 each, for a chunk of finetunes.
 
         Plain LoRA adapters share one forward; full finetunes and adapters that need PEFT
-        (DoRA, ...) run one at a time.
+        (DoRA, ...) run one at a time. Thread-safe: one thread at a time runs the live model.
         """
+        with self._model_lock:
+            return self._activations(finetunes)
+
+    def _activations(self, finetunes: Sequence[Finetune]) -> list[torch.Tensor]:
         out: dict[int, torch.Tensor] = {}
         plain: list[tuple[int, LoraFactors]] = []
         for i, ft in enumerate(finetunes):

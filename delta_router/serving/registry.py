@@ -113,8 +113,9 @@ class AdapterRegistry:
         """The router profile of a new adapter: from ``examples`` (queries of its task) when given,
         else data-free from its profile delta, by a map fitted on the router's current models."""
         router = self.scheduler.router
-        if examples:
-            features = self.scheduler.encoder(list(examples)).numpy()
+        if examples:  # the encoder runs the serving model, which decode steps hook: hold the lock
+            with self.scheduler.lock:
+                features = self.scheduler.encoder(list(examples)).numpy()
             return unit_rows((features.mean(0) - router.center)[None])[0], "examples"
         with self.scheduler.lock:  # a consistent snapshot; the forward passes run outside the lock
             profiles = dict(zip(router.model_ids, router.profiles.copy(), strict=True))
