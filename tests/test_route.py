@@ -63,6 +63,26 @@ def test_save_load_round_trip_and_checks(router, encoder, tiny_base, other_base,
         Router.fit(encoder, resolve_base(tiny_base).fingerprint, {"a": ["x"], "b": []})
 
 
+def test_each_profile_keeps_how_it_was_made(router, tmp_path):
+    """``sources`` follow add / remove / restricted and a save; a router saved before them loads as
+    profiled from examples."""
+    import json
+
+    routed = Router.load(router.save(tmp_path / "router"))
+    assert routed.sources == ["examples"] * len(routed.model_ids)
+    routed.add("guessed", routed.profiles[0], "data-free")
+    routed.remove(routed.model_ids[0])
+    assert routed.sources[-1] == "data-free" and len(routed.sources) == len(routed.model_ids)
+    assert routed.restricted(lambda m: m == "guessed").sources == ["data-free"]
+    assert Router.load(routed.save(tmp_path / "again")).sources == routed.sources
+    with pytest.raises(DataError, match="profile source"):
+        routed.add("other", routed.profiles[0], "hearsay")
+    meta = json.loads((tmp_path / "router" / "router.json").read_text())
+    del meta["sources"]
+    (tmp_path / "router" / "router.json").write_text(json.dumps(meta))
+    assert Router.load(tmp_path / "router").sources == ["examples"] * len(router.model_ids)
+
+
 def test_profile_map_interpolates_its_reference_and_refuses_too_little():
     from delta_router.routing.data_free import ProfileMap, leave_one_group_out
 
@@ -91,7 +111,7 @@ def test_data_free_router_sends_queries_to_their_domain(tiny_base, encoder, tmp_
     index = zoo.build()
     deltas, reference = reference_pairs(zoo, encoder)
     router = fit_data_free(index, deltas, reference, threshold=None)  # the mapping, not the fallback
-    assert router.model_ids == index.model_ids()
+    assert router.model_ids == index.model_ids() and set(router.sources) == {"data-free"}
     for domain in SYNTHETIC_WORDS:
         queries = [query_text(r) for r in synthetic_domain(domain, seed=7).test]
         picks = [d.adapters[0] for d in router.route(encoder, queries)]

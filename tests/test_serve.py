@@ -457,6 +457,34 @@ def test_a_profile_from_examples_is_encoded_under_the_scheduler_lock(tiny_base, 
     assert held == [True]
 
 
+def test_a_data_free_registration_learns_only_from_profiles_made_from_examples(
+    tiny_base, adapters, tmp_path, monkeypatch
+):
+    """The map of a data-free registration is fitted on the models profiled from examples, never on
+    earlier guesses; with none of those it refuses and changes nothing."""
+    from delta_router.errors import DataError
+    from delta_router.routing.data_free import ProfileMap
+    from delta_router.search.index import ModelIndex
+    from delta_router.serving.registry import AdapterRegistry
+
+    idx = tmp_path / "idx"
+    router, _ = _indexed_router(tiny_base, adapters, idx)
+    scheduler = BatchScheduler(PeftBackend(resolve_base(tiny_base), {}), router)
+    registry = AdapterRegistry(ModelIndex.load(idx), scheduler)
+    assert registry.register(adapters[2], "guessed")["profile"] == "data-free"
+    fit, pairs = ProfileMap.fit, []
+    monkeypatch.setattr(ProfileMap, "fit", lambda self, d, *rest: pairs.append(len(d)) or fit(self, d, *rest))
+    registry.register(adapters[3], "guessed-too")
+    assert pairs == [2]  # fruit and digits, not "guessed"
+    assert router.sources == ["examples", "examples", "data-free", "data-free"]
+
+    registry.remove("guessed-too")
+    router.sources = ["data-free"] * len(router.model_ids)  # as if fitted with --data-free
+    with pytest.raises(DataError, match="profiled from examples"):
+        registry.register(adapters[3], "guessed-too")
+    assert "guessed-too" not in router.model_ids and "guessed-too" not in registry.index
+
+
 def test_an_indexed_dora_adapter_is_not_served_and_not_routed_to(tiny_base, adapters, tmp_path, caplog):
     """An index entry that cannot be served per row is skipped at start-up with a warning, not a
     500 at its first request."""

@@ -156,7 +156,7 @@ def fit_data_free(
     options.setdefault("threshold", DATA_FREE_THRESHOLD)
     return Router(
         ids, mapping.predict(vectors), reference.center, reference.base_fingerprint, **settings,
-        base_name=reference.base_name, **options,
+        base_name=reference.base_name, sources=["data-free"] * len(ids), **options,
     )  # fmt: skip
 
 

@@ -100,8 +100,12 @@ class RouteDecision:
         return to_json(self) | {"target": self.target}
 
 
+PROFILE_SOURCES = ("examples", "data-free")  # how a profile was made: from queries, or from weights
+
+
 class Router:
-    """Profiles ``[M, d]`` (unit rows) of ``model_ids`` in the centred query space of one base."""
+    """Profiles ``[M, d]`` (unit rows) of ``model_ids`` in the centred query space of one base;
+    ``sources[i]`` (``PROFILE_SOURCES``) says how profile ``i`` was made (default: from examples)."""
 
     def __init__(
         self,
@@ -116,9 +120,14 @@ class Router:
         threshold: float | None = None,
         temperature: float = 0.05,
         base_name: str = "",
+        sources: Sequence[str] | None = None,
     ):
         if len(model_ids) != len(profiles) or not len(model_ids):
             raise DataError(f"{len(model_ids)} model ids for {len(profiles)} profiles")
+        self.sources = list(sources) if sources is not None else ["examples"] * len(model_ids)
+        unknown = set(self.sources) - set(PROFILE_SOURCES)
+        if len(self.sources) != len(model_ids) or unknown:
+            raise DataError(f"profile sources must be one of {PROFILE_SOURCES} per model, got {sources}")
         self.model_ids, self.profiles, self.center = list(model_ids), profiles.astype(np.float32), center
         self.base_fingerprint, self.layer, self.pooling = base_fingerprint, layer, pooling
         self.max_length = max_length
@@ -156,17 +165,21 @@ class Router:
         examples = {m.id: [query_text(r) for r in zoo.training_records(m)[:per_model]] for m in members}
         return cls.fit(encoder, zoo.base.fingerprint, examples, base_name=zoo.base.name, **options)
 
-    def add(self, model_id: str, profile: np.ndarray) -> None:
-        """Route to ``model_id`` too, with ``profile`` ([d], in this router's centred query space)."""
+    def add(self, model_id: str, profile: np.ndarray, source: str = "examples") -> None:
+        """Route to ``model_id`` too, with ``profile`` ([d], in this router's centred query space)
+        made from ``source``."""
         if model_id in self.model_ids:
             raise DataError(f"{model_id!r} is routed already")
+        if source not in PROFILE_SOURCES:
+            raise DataError(f"profile source must be one of {PROFILE_SOURCES}, got {source!r}")
         self.model_ids.append(model_id)
+        self.sources.append(source)
         self.profiles = np.vstack([self.profiles, unit_rows(np.asarray(profile, np.float32)[None])])
 
     def remove(self, model_id: str) -> None:
         """Stop routing to ``model_id``."""
         i = self.model_ids.index(model_id)
-        del self.model_ids[i]
+        del self.model_ids[i], self.sources[i]
         self.profiles = np.delete(self.profiles, i, axis=0)
 
     # ---- routing -------------------------------------------------------------------------------
@@ -222,7 +235,7 @@ class Router:
         return Router(
             [self.model_ids[i] for i in rows], self.profiles[rows], self.center, self.base_fingerprint,
             self.layer, self.pooling, self.max_length, self.top_k, self.threshold, self.temperature,
-            self.base_name,
+            self.base_name, [self.sources[i] for i in rows],
         )  # fmt: skip
 
     # ---- persistence ---------------------------------------------------------------------------
@@ -242,6 +255,7 @@ class Router:
             "top_k": self.top_k,
             "threshold": self.threshold,
             "temperature": self.temperature,
+            "sources": self.sources,
         }
         with atomic_directory(Path(directory), force=force) as tmp:
             np.save(tmp / "profiles.npy", np.vstack([self.profiles, self.center[None]]))
@@ -261,6 +275,7 @@ class Router:
                 f"{directory}: router format {meta.get('format')}, this version reads {ROUTER_FORMAT}"
             )
         options = {k: meta[k] for k in ("top_k", "threshold", "temperature", "base_name")} | overrides
+        options["sources"] = meta.get("sources")  # routers saved before sources were kept: examples
         return cls(
             meta["model_ids"],
             matrix[:-1],

@@ -1,17 +1,19 @@
 """A live registry of served adapters: register and remove finetunes while the server runs.
 
 ``AdapterRegistry.register(path)`` checks a LoRA adapter against the base, embeds it (its Delta
-Activation), profiles it for the router (from its profile delta by a ``ProfileMap`` fitted on
-the router's current models, or from example queries when given), and then, under the scheduler's
-lock, adds it to the index (committed to the index directory when there is one), the router and
-the backend in one step: either all three change or none does. ``remove`` undoes that. Embedding
-and profiling run outside the lock, so traffic keeps flowing while a finetune is registered; the
-router's directory on disk is never rewritten (the registry lives in the index).
+Activation), profiles it for the router (from example queries when given, else from its profile
+delta by a ``ProfileMap`` fitted on the router's models whose profiles came from examples), and
+then, under the scheduler's lock, adds it to the index (committed to the index directory when there
+is one), the router and the backend in one step: either all three change or none does. ``remove``
+undoes that. Embedding and data-free profiling run outside the lock, so traffic keeps flowing while a
+finetune is registered; the router's directory on disk is never rewritten (the registry lives in
+the index).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +29,10 @@ from delta_router.search.index import ModelIndex
 
 logger = logging.getLogger(__name__)
 
+# (delta, profile) pairs a data-free registration fits its map on, at most: a seeded sample of the
+# routed models profiled from examples (the kernel is pairs x pairs; a hub-size router would not fit)
+MAX_MAP_PAIRS = 1024
+
 
 class AdapterRegistry:
     """The served adapters of ``scheduler``'s backend, kept in step with ``index`` and the router."""
@@ -36,8 +42,6 @@ class AdapterRegistry:
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self._embedder: DeltaEmbedder | None = None
         self._profile_embedder: DeltaEmbedder | None = None
-        router = scheduler.router
-        self.profiles = {m: "examples" for m in (router.model_ids if router else [])}  # how each was made
 
     @property
     def embedder(self) -> DeltaEmbedder:
@@ -48,12 +52,14 @@ class AdapterRegistry:
     def describe(self, model_id: str) -> dict:
         """What ``/v1/models`` says of one served adapter."""
         entry = self.index.get(model_id)
+        router = self.scheduler.router
+        routed = router is not None and model_id in router.model_ids
         return {
             "base": self.index.space.base_name,
             "kind": entry.embedding.kind,
             "tags": entry.tags,
             "domain": entry.tags.get("domain"),
-            "profile": self.profiles.get(model_id),
+            "profile": router.sources[router.model_ids.index(model_id)] if routed else None,
         }
 
     def register(
@@ -84,8 +90,7 @@ class AdapterRegistry:
                 raise
             backend.add_adapter(finetune.model_id, finetune.path)
             if router is not None:
-                router.add(finetune.model_id, profile)
-                self.profiles[finetune.model_id] = source
+                router.add(finetune.model_id, profile, source)
         logger.info("registered %s (%s profile)", finetune.model_id, source)
         return {"id": finetune.model_id, **self.describe(finetune.model_id)}
 
@@ -102,7 +107,6 @@ class AdapterRegistry:
                 self.index.remove(model_id)
                 if self.index_dir is not None:
                     self.index.save(self.index_dir)
-            self.profiles.pop(model_id, None)
         logger.info("removed %s", model_id)
 
     def _refuse_taken(self, model_id: str) -> None:
@@ -111,17 +115,24 @@ class AdapterRegistry:
 
     def _profile(self, finetune: Finetune, examples: Sequence[str] | None) -> tuple[np.ndarray, str]:
         """The router profile of a new adapter: from ``examples`` (queries of its task) when given,
-        else data-free from its profile delta, by a map fitted on the router's current models."""
+        else data-free from its profile delta, by a map fitted on the router's models whose profiles
+        came from examples (a map fitted on predicted profiles would learn its own guesses)."""
         router = self.scheduler.router
         if examples:  # the encoder runs the serving model, which decode steps hook: hold the lock
             with self.scheduler.lock:
                 features = self.scheduler.encoder(list(examples)).numpy()
             return unit_rows((features.mean(0) - router.center)[None])[0], "examples"
         with self.scheduler.lock:  # a consistent snapshot; the forward passes run outside the lock
-            profiles = dict(zip(router.model_ids, router.profiles.copy(), strict=True))
-        known = [m for m in profiles if m in self.index]
+            rows = zip(router.model_ids, router.profiles.copy(), router.sources, strict=True)
+            profiles = {m: p for m, p, source in rows if source == "examples"}
+        known = [m for m in sorted(profiles) if m in self.index]
+        if len(known) > MAX_MAP_PAIRS:
+            known = random.Random(0).sample(known, MAX_MAP_PAIRS)
         if len(known) < 2:
-            raise DataError("a data-free profile needs >= 2 routed models to learn from: give examples")
+            raise DataError(
+                "a data-free profile needs >= 2 routed models profiled from examples to learn from: "
+                "give examples"
+            )
         if self._profile_embedder is None:
             self._profile_embedder = profile_embedder(self.embedder.base)
         paths = [self.index.get(m).embedding.path for m in known]
