@@ -29,8 +29,8 @@ from delta_router.search.index import ModelIndex
 
 logger = logging.getLogger(__name__)
 
-# (delta, profile) pairs a data-free registration fits its map on, at most: a seeded sample of the
-# routed models profiled from examples (the kernel is pairs x pairs; a hub-size router would not fit)
+# (delta, profile) pairs a data-free registration fits its map on, at most: a seeded sample (the
+# kernel is pairs x pairs; a hub-size router would not fit in memory)
 MAX_MAP_PAIRS = 1024
 
 
@@ -116,23 +116,23 @@ class AdapterRegistry:
     def _profile(self, finetune: Finetune, examples: Sequence[str] | None) -> tuple[np.ndarray, str]:
         """The router profile of a new adapter: from ``examples`` (queries of its task) when given,
         else data-free from its profile delta, by a map fitted on the router's models whose profiles
-        came from examples (a map fitted on predicted profiles would learn its own guesses)."""
+        came from examples (or, in a router with fewer than 2 of those, on all its models: a data-free
+        router's profiles are its reference map's predictions)."""
         router = self.scheduler.router
         if examples:  # the encoder runs the serving model, which decode steps hook: hold the lock
             with self.scheduler.lock:
                 features = self.scheduler.encoder(list(examples)).numpy()
             return unit_rows((features.mean(0) - router.center)[None])[0], "examples"
         with self.scheduler.lock:  # a consistent snapshot; the forward passes run outside the lock
-            rows = zip(router.model_ids, router.profiles.copy(), router.sources, strict=True)
-            profiles = {m: p for m, p, source in rows if source == "examples"}
-        known = [m for m in sorted(profiles) if m in self.index]
+            rows = list(zip(router.model_ids, router.profiles.copy(), router.sources, strict=True))
+        profiles = {m: p for m, p, source in rows if source == "examples" and m in self.index}
+        if len(profiles) < 2:  # a data-free router: its profiles are the reference map's, learn from those
+            profiles = {m: p for m, p, _ in rows if m in self.index}
+        known = sorted(profiles)
         if len(known) > MAX_MAP_PAIRS:
             known = random.Random(0).sample(known, MAX_MAP_PAIRS)
         if len(known) < 2:
-            raise DataError(
-                "a data-free profile needs >= 2 routed models profiled from examples to learn from: "
-                "give examples"
-            )
+            raise DataError("a data-free profile needs >= 2 routed models to learn from: give examples")
         if self._profile_embedder is None:
             self._profile_embedder = profile_embedder(self.embedder.base)
         paths = [self.index.get(m).embedding.path for m in known]
