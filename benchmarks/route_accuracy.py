@@ -23,7 +23,7 @@ withheld domains, for the default router and the data-free one (alpha 0.01); a t
 Downstream (``--downstream N`` test records per domain): multiple-choice accuracy (or minus the
 answer's NLL per token for math/code), mean per record with a 95% Student-t interval, of the base,
 a random adapter, the router's top-1 adapter, the data-free router's (leave one domain out, alpha
-0.01), Arrow, and the oracle (the domain's part-0 adapter).
+0.01), Arrow, and the oracle (the domain's part-0 adapter; on ``wild`` its strong member).
 
     python benchmarks/route_accuracy.py                 # full zoo, 40 queries/domain, 40 downstream
 """
@@ -237,8 +237,13 @@ def main() -> None:
     # ---- downstream: score each domain's records with the adapter each method picks ----------
     from peft import PeftModel
 
-    served = PeftModel.from_pretrained(model, paths[ids[0]], adapter_name=ids[0]).eval()
-    for model_id in ids[1:]:
+    from delta_router.evaluation.harness import load_for_eval
+    from delta_router.models.finetunes import Finetune
+
+    full = {m for m in ids if Finetune.open(paths[m]).kind == "full"}  # wild: a few full finetunes
+    adapters = [m for m in ids if m not in full]
+    served = PeftModel.from_pretrained(model, paths[adapters[0]], adapter_name=adapters[0]).eval()
+    for model_id in adapters[1:]:
         served.load_adapter(paths[model_id], adapter_name=model_id)
     default = QueryEncoder.for_model(served, tokenizer)  # the Router's default settings
     encoder, router = default, routers[f"router ({default.pooling}, {default.max_length} tokens)"]
@@ -246,6 +251,9 @@ def main() -> None:
     def per_record(adapter: str | None, records) -> np.ndarray:
         """``[n]`` scores with ``adapter`` (None = the base): correct (0/1) for multiple choice, else
         minus the answer's NLL per token."""
+        if adapter in full:
+            scored = load_for_eval(paths[adapter], zoo.base)[0]
+            return example_scores(scored, tokenizer, records, max_length=256).main
         if adapter is None:
             with served.disable_adapter():
                 return example_scores(served, tokenizer, records, max_length=256).main
