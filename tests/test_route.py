@@ -98,7 +98,9 @@ def test_profile_map_interpolates_its_reference_and_refuses_too_little():
         ProfileMap().fit(deltas[:1], profiles[:1])
 
 
-def test_data_free_router_sends_queries_to_their_domain(tiny_base, encoder, tmp_path, monkeypatch):
+def test_data_free_router_sends_queries_to_their_domain(
+    tiny_base, other_base, encoder, tmp_path, monkeypatch
+):
     """Profiles from the finetunes alone, mapped by a reference zoo (here the same zoo); API and CLI."""
     from delta_router.routing.data_free import fit_data_free, reference_pairs
     from delta_router.training.trainer import TrainConfig
@@ -112,6 +114,12 @@ def test_data_free_router_sends_queries_to_their_domain(tiny_base, encoder, tmp_
     deltas, reference = reference_pairs(zoo, encoder)
     router = fit_data_free(index, deltas, reference, threshold=None)  # the mapping, not the fallback
     assert router.model_ids == index.model_ids() and set(router.sources) == {"data-free"}
+    foreign = Router(reference.model_ids, reference.profiles, reference.center,
+                     resolve_base(other_base).fingerprint)  # fmt: skip
+    with pytest.raises(IncompatibleBaseError, match="the index's base"):
+        fit_data_free(index, deltas, foreign)
+    with pytest.raises(DataError, match="reference deltas"):
+        fit_data_free(index, deltas[:-1], reference)
     for domain in SYNTHETIC_WORDS:
         queries = [query_text(r) for r in synthetic_domain(domain, seed=7).test]
         picks = [d.adapters[0] for d in router.route(encoder, queries)]

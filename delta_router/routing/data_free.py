@@ -147,6 +147,9 @@ def fit_data_free(
     like the reference router's."""
     if index.space is None or len(index) == 0:
         raise DataError("the index is empty: add finetunes before fitting a router")
+    reference.check_base(index.space.base, "the index's base")
+    if len(reference_deltas) != len(reference.model_ids):
+        raise DataError(f"{len(reference_deltas)} reference deltas for {len(reference.model_ids)} profiles")
     ids = index.model_ids()
     vectors = profile_deltas(index, ids, deltas, progress=progress)
     population = np.vstack([reference_deltas, vectors])
