@@ -48,7 +48,9 @@ def forward_seconds_per_model(count: int) -> float:
             embedder.transform(paths[1:])
             return (time.perf_counter() - clock) / (count - 1)
         finally:
-            if previous is not None:
+            if previous is None:
+                os.environ.pop("DELTA_ROUTER_HOME")
+            else:
                 os.environ["DELTA_ROUTER_HOME"] = previous
 
 
