@@ -483,6 +483,36 @@ def test_a_data_free_registration_learns_only_from_profiles_made_from_examples(
     assert pairs == [2, 3]
 
 
+def test_first_registrations_at_once_build_one_embedder(tiny_base, adapters, tmp_path, monkeypatch):
+    """Each embedder holds a copy of the base: two threads asking for it first get the same one."""
+    import threading
+    import time
+
+    from delta_router.search.index import ModelIndex
+    from delta_router.serving import registry as registry_module
+
+    idx = tmp_path / "idx"
+    router, _ = _indexed_router(tiny_base, adapters, idx)
+    registry = registry_module.AdapterRegistry(
+        ModelIndex.load(idx), BatchScheduler(PeftBackend(resolve_base(tiny_base), {}), router)
+    )
+    built = []
+
+    def slow_for_space(space, **options):
+        time.sleep(0.2)  # both threads would see none built yet
+        built.append(space)
+        return object()
+
+    monkeypatch.setattr(registry_module.DeltaEmbedder, "for_space", slow_for_space)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(registry.embedder)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 1 and got[0] is got[1]
+
+
 def test_an_indexed_dora_adapter_is_not_served_and_not_routed_to(tiny_base, adapters, tmp_path, caplog):
     """An index entry that cannot be served per row is skipped at start-up with a warning, not a
     500 at its first request."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,12 +43,21 @@ class AdapterRegistry:
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self._embedder: DeltaEmbedder | None = None
         self._profile_embedder: DeltaEmbedder | None = None
+        self._embedders_lock = threading.RLock()  # first registrations at once build one of each
 
     @property
     def embedder(self) -> DeltaEmbedder:
-        if self._embedder is None:
-            self._embedder = DeltaEmbedder.for_space(self.index.space, progress=False)
-        return self._embedder
+        with self._embedders_lock:
+            if self._embedder is None:
+                self._embedder = DeltaEmbedder.for_space(self.index.space, progress=False)
+            return self._embedder
+
+    @property
+    def profile_deltas_embedder(self) -> DeltaEmbedder:
+        with self._embedders_lock:
+            if self._profile_embedder is None:
+                self._profile_embedder = profile_embedder(self.embedder.base)
+            return self._profile_embedder
 
     def describe(self, model_id: str) -> dict:
         """What ``/v1/models`` says of one served adapter."""
@@ -133,9 +143,7 @@ class AdapterRegistry:
             known = random.Random(0).sample(known, MAX_MAP_PAIRS)
         if len(known) < 2:
             raise DataError("a data-free profile needs >= 2 routed models to learn from: give examples")
-        if self._profile_embedder is None:
-            self._profile_embedder = profile_embedder(self.embedder.base)
         paths = [self.index.get(m).embedding.path for m in known]
-        deltas = self._profile_embedder.transform([*paths, finetune])  # cached but the new one
+        deltas = self.profile_deltas_embedder.transform([*paths, finetune])  # cached but the new one
         mapping = ProfileMap().fit(deltas[:-1], np.stack([profiles[m] for m in known]), deltas)
         return mapping.predict(deltas[-1:])[0], "data-free"
