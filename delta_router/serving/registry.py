@@ -133,17 +133,17 @@ class AdapterRegistry:
             with self.scheduler.lock:
                 features = self.scheduler.encoder(list(examples)).numpy()
             return unit_rows((features.mean(0) - router.center)[None])[0], "examples"
-        with self.scheduler.lock:  # a consistent snapshot; the forward passes run outside the lock
-            rows = list(zip(router.model_ids, router.profiles.copy(), router.sources, strict=True))
-        profiles = {m: p for m, p, source in rows if source == "examples" and m in self.index}
-        if len(profiles) < 2:  # a data-free router: its profiles are the reference map's, learn from those
-            profiles = {m: p for m, p, _ in rows if m in self.index}
-        known = sorted(profiles)
-        if len(known) > MAX_MAP_PAIRS:
-            known = random.Random(0).sample(known, MAX_MAP_PAIRS)
+        with self.scheduler.lock:  # a consistent snapshot of the rows used; forward passes run outside
+            rows = [i for i, m in enumerate(router.model_ids) if m in self.index]
+            from_examples = [i for i in rows if router.sources[i] == "examples"]
+            if len(from_examples) >= 2:  # else a data-free router: learn from its reference map's profiles
+                rows = from_examples
+            if len(rows) > MAX_MAP_PAIRS:
+                rows = sorted(random.Random(0).sample(rows, MAX_MAP_PAIRS))
+            known, profiles = [router.model_ids[i] for i in rows], router.profiles[rows]  # a copy
         if len(known) < 2:
             raise DataError("a data-free profile needs >= 2 routed models to learn from: give examples")
         paths = [self.index.get(m).embedding.path for m in known]
         deltas = self.profile_deltas_embedder.transform([*paths, finetune])  # cached but the new one
-        mapping = ProfileMap().fit(deltas[:-1], np.stack([profiles[m] for m in known]), deltas)
+        mapping = ProfileMap().fit(deltas[:-1], profiles, deltas)
         return mapping.predict(deltas[-1:])[0], "data-free"
