@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from delta_router.errors import MergeError
+from delta_router.errors import InvalidModelError, MergeError
 from delta_router.merging.candidates import Candidate, DeltaPatcher
 from delta_router.merging.merger import (
     PROVENANCE_FILE,
@@ -73,6 +74,15 @@ def test_bad_recipes_and_existing_output_are_refused(tiny_base, adapters, tmp_pa
     with pytest.raises(FileExistsError, match="--force"):
         Merger(tiny_base, "linear", progress=False).merge(adapters[:2], tmp_path / "exists")
     assert (tmp_path / "exists" / "notes.txt").read_text() == "mine"
+
+
+def test_corrupt_adapter_is_named_not_a_traceback(tiny_base, adapters, tmp_path):
+    broken = Path(shutil.copytree(adapters[0], tmp_path / "broken"))
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # header intact, data cut
+    with pytest.raises(InvalidModelError, match="broken/adapter_model.safetensors: corrupt"):
+        Merger(tiny_base, "linear", progress=False).merge([adapters[1], broken], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_adapter_merge_stays_small_and_equals_the_linear_full_merge(tiny_base, adapters, tmp_path):

@@ -339,8 +339,14 @@ def fold_lora(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Modul
     loads (DoRA, rank patterns, ...), so a folded model is the one PEFT would serve.
     """
     from peft import PeftModel
+    from safetensors import SafetensorError
 
-    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval()
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except SafetensorError as exc:
+        weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+        raise InvalidModelError(f"{weights}: corrupt safetensors file ({exc})") from exc
+    return peft_model.merge_and_unload().eval()
 
 
 def _incompatible(finetune: Finetune, base: BaseLM, detail: str) -> None:
