@@ -32,6 +32,42 @@ def test_unresolvable_bases_say_how_to_fix_it(adapters, tmp_path):
         resolve_base(tmp_path / "empty")
 
 
+def test_a_broken_base_directory_is_named_not_a_traceback(tiny_base, adapters, tmp_path):
+    from delta_router import DeltaEmbedder
+
+    corrupt = shutil.copytree(tiny_base, tmp_path / "corrupt")
+    weights = next(corrupt.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:3000])
+    with pytest.raises(BaseModelError, match="corrupt safetensors"):
+        resolve_base(corrupt).fingerprint  # noqa: B018
+    with pytest.raises(BaseModelError, match="cannot load the model"):
+        resolve_base(corrupt).load_model()
+    untokenized = shutil.copytree(tiny_base, tmp_path / "untokenized")
+    for file in untokenized.glob("tok*"):
+        file.unlink()
+    with pytest.raises(BaseModelError, match="no usable tokenizer in .*untokenized"):
+        resolve_base(untokenized).load_tokenizer()
+    with pytest.raises(BaseModelError, match="no usable tokenizer"):
+        DeltaEmbedder(untokenized, cache=False, progress=False).embed_one(adapters[0])
+
+
+def test_texts_without_tokens_are_refused(tiny_base):
+    from delta_router import DeltaEmbedder
+    from delta_router.errors import DataError, ProbeError
+
+    embedder = DeltaEmbedder(tiny_base, cache=False, progress=False)
+    with pytest.raises(DataError, match="text 1 .* has no tokens"):
+        embedder.text_activations(["a query", ""])
+
+    def no_tokens(texts, **_):  # a base whose tokenizer knows none of the probes' text
+        empty = torch.zeros(len(texts), 0, dtype=torch.long)
+        return {"input_ids": empty, "attention_mask": empty}
+
+    embedder.__dict__["tokenizer"] = no_tokens
+    with pytest.raises(ProbeError, match="probe 0 of 'paper' has no tokens .* tokenizer files"):
+        embedder.probe_batch  # noqa: B018
+
+
 def test_paper_probes_are_exactly_the_papers():
     probes = ProbeSet.paper()
     assert len(probes) == 5

@@ -213,6 +213,7 @@ def test_text_parts_n_1_and_extreme_seeds_are_accepted(client):
 
 
 STREAMED = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+BLANK_LAST_TURN = [{"role": "user", "content": "hi"}, {"role": "user", "content": " "}]
 IMAGE = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}]
 
 
@@ -237,6 +238,7 @@ IMAGE = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url":
         ("chat/completions", STREAMED | {"temperature": 0.5, "seed": 2**70}, 400, "seed"),
         ("chat/completions", STREAMED | {"n": 2}, 400, "only n=1 is supported"),
         ("chat/completions", {"messages": IMAGE}, 400, "only text content parts"),
+        ("chat/completions", {"messages": BLANK_LAST_TURN}, 400, "last user message"),
     ],
 )
 def test_bad_requests_get_openai_errors(client, path, body, status, needle):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import reprlib
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,13 @@ from tqdm.auto import tqdm
 from delta_router.data.sequences import clip_text
 from delta_router.embedding.probes import ProbeSet
 from delta_router.embedding.vectors import unit_rows
-from delta_router.errors import IncompatibleBaseError, InvalidModelError, SpaceMismatchError
+from delta_router.errors import (
+    DataError,
+    IncompatibleBaseError,
+    InvalidModelError,
+    ProbeError,
+    SpaceMismatchError,
+)
 from delta_router.home import atomic_write_bytes, cache_dir
 from delta_router.models.base import DEFAULT_BASE, BaseFingerprint, BaseLM, resolve_base
 from delta_router.models.finetunes import Finetune, LoraFactors, iter_full_weights, load_lora_factors
@@ -172,6 +179,9 @@ def encode_texts(
         chunk = [clip_text(t, max_length) for t in texts[start : start + batch_size]]
         batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        for i in (mask.sum(1) == 0).nonzero().flatten().tolist():
+            text = texts[start + i]
+            raise DataError(f"text {start + i} ({reprlib.repr(text)}) has no tokens: nothing to encode")
         with torch.inference_mode():
             rows.append(pooled_hidden_states(body, ids, mask, layer, pooling).cpu())
     return torch.cat(rows)
@@ -282,6 +292,11 @@ class DeltaEmbedder:
     def probe_batch(self) -> dict[str, torch.Tensor]:
         """All probes tokenized in one padded batch: ``input_ids``/``attention_mask`` ``[P, T]``."""
         batch = self.tokenizer(list(self.probes.texts), padding=True, return_tensors="pt")
+        for i in (batch["attention_mask"].sum(1) == 0).nonzero().flatten().tolist():
+            raise ProbeError(
+                f"probe {i} of {self.probes.name!r} has no tokens with the tokenizer of base "
+                f"{self.base.name!r} ({self.base.path}): does that directory hold its tokenizer files?"
+            )
         return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
     def _forward(self, groups: int = 1) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from delta_router.errors import BaseModelError, InvalidModelError
 from delta_router.home import atomic_directory, atomic_write_text, cache_dir, sha256_file
@@ -120,15 +120,18 @@ class BaseLM:
         digest = hashlib.sha256()
         # The first 4096 values (as fp32) of the first two and the last tensor, by name.
         keys: list[tuple[str, Path]] = []
-        for file in files:
-            with safe_open(str(file), framework="pt") as fh:
-                keys.extend((key, file) for key in fh.keys())
-        keys.sort()
-        for key, file in [*keys[:2], keys[-1]]:
-            with safe_open(str(file), framework="pt") as fh:
-                values = fh.get_tensor(key).flatten()[:4096].to(torch.float32).numpy()
-            digest.update(key.encode())
-            digest.update(np.ascontiguousarray(values).tobytes())
+        try:
+            for file in files:
+                with safe_open(str(file), framework="pt") as fh:
+                    keys.extend((key, file) for key in fh.keys())
+            keys.sort()
+            for key, file in [*keys[:2], keys[-1]]:
+                with safe_open(str(file), framework="pt") as fh:
+                    values = fh.get_tensor(key).flatten()[:4096].to(torch.float32).numpy()
+                digest.update(key.encode())
+                digest.update(np.ascontiguousarray(values).tobytes())
+        except SafetensorError as exc:
+            raise BaseModelError(f"base {self.name!r}: {file}: corrupt safetensors file ({exc})") from exc
         arch, hidden, layers, vocab = shape_signature(self.config)
         return BaseFingerprint(arch, hidden, layers, vocab, digest.hexdigest()[:16])
 
@@ -139,14 +142,24 @@ class BaseLM:
         """The causal LM in eval mode (fp32 on CPU by default)."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype)
+        except (SafetensorError, OSError) as exc:
+            raise BaseModelError(f"base {self.name!r}: cannot load the model in {self.path} ({exc})") from exc
         return model.to(device).eval()
 
     def load_tokenizer(self):
         """The tokenizer, with a pad token (the EOS token if the base has none)."""
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as exc:  # no or broken tokenizer files
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(": ")
+            raise BaseModelError(
+                f"base {self.name!r}: no usable tokenizer in {self.path} (tokenizer.json and "
+                f"tokenizer_config.json expected; {reason})"
+            ) from exc
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer

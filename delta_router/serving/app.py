@@ -110,8 +110,9 @@ class ChatBody(SamplingFields):
     @field_validator("messages")
     @classmethod
     def has_user_turn(cls, value):
-        if not any(m.role == "user" and m.content.strip() for m in value):
-            raise ValueError("messages need at least one non-empty user message")
+        users = [m for m in value if m.role == "user"]
+        if not users or not users[-1].content.strip():  # the last one is what is routed and answered
+            raise ValueError("the last user message must not be empty")
         return value
 
 
