@@ -44,6 +44,23 @@ def test_embed_index_search_flow(tiny_base, adapters, tmp_path, capsys):
     assert "adapter-0" in capsys.readouterr().out
 
 
+def test_an_index_built_with_a_probe_file_works_without_that_file(tiny_base, adapters, tmp_path, capsys):
+    probes = tmp_path / "my-probes.json"
+    probes.write_text(json.dumps(["Tell me something.", "Write a poem.", "Explain this."]))
+    idx = str(tmp_path / "idx")
+    run_json(capsys, "index", "add", *map(str, adapters[:3]), "--index", idx,
+             "--base", str(tiny_base), "--probes", str(probes))  # fmt: skip
+    probes.unlink()  # the index holds the probe texts
+    assert run_json(capsys, "embed", str(adapters[3]), "--index", idx)["size"] == 4
+    hits = run_json(capsys, "index", "search", str(adapters[1]), "--index", idx, "-k", "1")
+    assert hits[0]["model_id"] == "adapter-1"
+    examples = tmp_path / "task.jsonl"
+    examples.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(6)))
+    picked = run_json(capsys, "select", "--index", idx, "--examples", str(examples), "-k", "2",
+                      "--method", "activations")  # fmt: skip
+    assert len(picked["candidates"]) == 2
+
+
 def test_embed_without_index_writes_vectors(tiny_base, adapters, tmp_path, capsys):
     out_file = tmp_path / "emb.json"
     rows = run_json(capsys, "embed", str(adapters[0]), "--base", str(tiny_base), "--id", "x",

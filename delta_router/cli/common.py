@@ -48,8 +48,9 @@ def embedder_from_args(args: argparse.Namespace, index: ModelIndex | None = None
             return value
         return from_space if space is not None else default
 
-    probes = pick("probes", space.probe_set if space else None, "paper")
-    if space is not None and args.probes is None and probes not in BUILTIN_PROBE_SETS:
+    probes = pick("probes", space.probe_spec if space else None, "paper")
+    older_index = isinstance(probes, str) and probes not in BUILTIN_PROBE_SETS  # no stored probe texts
+    if space is not None and args.probes is None and older_index:
         raise DeltaRouterError(
             f"the index was built with the probe file {probes!r}: pass it again with --probes FILE"
         )

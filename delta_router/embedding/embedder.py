@@ -60,6 +60,8 @@ class EmbeddingSpace:
     """Everything that must match for two embeddings to be comparable.
 
     ``base_name`` and ``probe_set`` are labels for messages; equality uses the fingerprints.
+    ``probe_texts`` are the probes themselves, so an index built with a probe file can be searched
+    without that file (empty in spaces written before they were stored).
     """
 
     base: BaseFingerprint
@@ -70,6 +72,12 @@ class EmbeddingSpace:
     dim: int
     base_name: str = field(default="", compare=False)
     probe_set: str = field(default="", compare=False)
+    probe_texts: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def probe_spec(self) -> ProbeSet | str:
+        """The probes of this space: the stored texts, else the probe set's name."""
+        return ProbeSet(self.probe_set, self.probe_texts) if self.probe_texts else self.probe_set
 
     @property
     def key(self) -> str:
@@ -241,7 +249,7 @@ class DeltaEmbedder:
         """An embedder whose vectors land in ``space`` (e.g. an index's); refuses if they cannot."""
         embedder = cls(
             base=space.base_name,
-            probes=space.probe_set,
+            probes=space.probe_spec,
             layer=space.layer,
             pooling=space.pooling,
             normalize=space.normalize,
@@ -257,7 +265,7 @@ class DeltaEmbedder:
         return EmbeddingSpace(
             base=fp, probes=self.probes.fingerprint, layer=self.layer, pooling=self.pooling,
             normalize=self.normalize, dim=fp.hidden_size, base_name=self.base.name,
-            probe_set=self.probes.name,
+            probe_set=self.probes.name, probe_texts=self.probes.texts,
         )  # fmt: skip
 
     def _cache_file(self, content_hash: str) -> Path:
