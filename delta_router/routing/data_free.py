@@ -121,9 +121,8 @@ def reference_pairs(
     """The reference of a built zoo: its domain finetunes' ``profile_deltas`` ``[n, d]`` and their
     data-based ``Router`` (from their training prompts); both cached under the home."""
     index = zoo.load_index()
-    key = json.dumps(
-        [zoo.spec.name, index.space.to_dict(), encoder.layer, encoder.pooling, encoder.max_length]
-    )
+    space = {k: v for k, v in index.space.to_dict().items() if k != "probe_texts"}  # fingerprinted
+    key = json.dumps([zoo.spec.name, space, encoder.layer, encoder.pooling, encoder.max_length])
     directory = cache_dir("references") / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (directory / "router.json").exists():
         router = Router.load(directory)
