@@ -303,6 +303,35 @@ def test_future_format_and_corruption_are_refused(embeddings, tmp_path):
         ModelIndex.load(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_read_only_index_is_searched_and_refuses_changes(embeddings, tmp_path, monkeypatch, kind):
+    index = ModelIndex(kind=kind)
+    index.add_many(embeddings[:3])
+    index.save(tmp_path / "idx")
+    index.close()
+
+    def files():  # SQLite's side files come and go with readers (a writable test directory)
+        return {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir() if "-" not in p.name}
+
+    before = files()
+    # no write permission (tests run as root, which chmod cannot stop): what os.access reports
+    monkeypatch.setattr(index_module.os, "access", lambda path, mode: mode != index_module.os.W_OK)
+    loaded = ModelIndex.load(tmp_path / "idx")
+    assert loaded.read_only and len(loaded) == 3
+    assert loaded.search(embeddings[1], k=1)[0].model_id == embeddings[1].model_id
+    for change in (
+        lambda: loaded.add(embeddings[3]),
+        lambda: loaded.remove(embeddings[0].model_id),
+        lambda: loaded.update(embeddings[0].model_id, tags={"a": "b"}),
+        lambda: loaded.save(tmp_path / "idx"),
+    ):
+        with pytest.raises(IndexFormatError, match="read-only"):
+            change()
+    assert len(loaded) == 3
+    loaded.close()
+    assert files() == before
+
+
 def test_saving_over_another_index_is_refused(embeddings, tmp_path):
     for i in range(2):
         index = ModelIndex()

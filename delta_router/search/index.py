@@ -122,6 +122,7 @@ class ModelIndex:
         self.space = space
         self.kind, self.hnsw_m, self.ivf_nlist, self.ef_search = kind, hnsw_m, ivf_nlist, ef_search
         self.directory: Path | None = None
+        self.read_only = False  # loaded from a directory this process cannot write
         self._db = _connect(":memory:")
         self._lock = threading.RLock()  # one connection, shared by the server's threads
         self._ids: dict[str, int] = {}  # model_id -> faiss_id
@@ -212,6 +213,7 @@ class ModelIndex:
         construction in this call and ``save`` only writes. All or nothing: an invalid or
         duplicate id (in the batch or the index) or another space adds none of them.
         """
+        self._check_writable()
         tags = [dict(t) for t in tags] if tags is not None else [{} for _ in embeddings]
         if len(tags) != len(embeddings):
             raise ValueError(f"{len(embeddings)} embeddings but {len(tags)} tag sets")
@@ -283,6 +285,7 @@ class ModelIndex:
         return ids
 
     def remove(self, model_id: str) -> None:
+        self._check_writable()
         with self._lock:
             faiss_id = self._faiss_id(model_id)
             del self._ids[model_id], self._names[faiss_id]
@@ -300,6 +303,7 @@ class ModelIndex:
         self, model_id: str, embedding: Embedding | None = None, tags: Mapping[str, str] | None = None
     ) -> IndexEntry:
         """Replace the embedding and/or merge new tags (a tag set to ``""`` is deleted)."""
+        self._check_writable()
         if embedding is not None:
             if embedding.model_id != model_id:
                 raise ValueError(f"embedding is for {embedding.model_id!r}, not {model_id!r}")
@@ -474,6 +478,7 @@ class ModelIndex:
         directory = Path(directory)
         with self._lock:
             if self.directory is not None and directory.resolve() == self.directory.resolve():
+                self._check_writable()
                 self._write_meta()
                 self._db.commit()
             else:
@@ -506,6 +511,13 @@ class ModelIndex:
         self._db.close()
         self._db, self.directory = _connect(directory / DB_FILE), directory
         self._graph_ntotal = None
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise IndexFormatError(
+                f"{self.directory} is read-only here (no write permission): it can be searched, "
+                "not changed; copy it to a writable directory to change it"
+            )
 
     def _write_meta(self) -> None:
         meta = {
@@ -574,8 +586,9 @@ class ModelIndex:
                     f"`delta-router index migrate --index {directory}`"
                 )
             return cls.migrate(directory)
+        read_only = not (os.access(directory, os.W_OK) and os.access(directory / DB_FILE, os.W_OK))
         try:
-            db = _connect(directory / DB_FILE)
+            db = _connect_read_only(directory / DB_FILE) if read_only else _connect(directory / DB_FILE)
         except sqlite3.DatabaseError as exc:
             raise IndexFormatError(f"{directory / DB_FILE}: corrupt index database ({exc})") from exc
         try:
@@ -596,7 +609,7 @@ class ModelIndex:
             if index.space is None and db.execute("SELECT 1 FROM models LIMIT 1").fetchone():
                 raise ValueError("models without an embedding space")
             index._db.close()
-            index._db, index.directory = db, directory
+            index._db, index.directory, index.read_only = db, directory, read_only
             index._ids = dict(db.execute("SELECT model_id, faiss_id FROM models"))
         except (sqlite3.DatabaseError, KeyError, TypeError, ValueError, AttributeError) as exc:
             db.close()
@@ -654,6 +667,21 @@ def _search(index: faiss.Index, matrix: np.ndarray, k: int, params=None) -> tupl
         return index.search(matrix, k, params=params)
     finally:
         faiss.omp_set_num_threads(threads)
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that never writes, for an index in a directory this process cannot write to.
+
+    SQLite's read-only mode still needs the WAL's side files (``-shm``) of a WAL database; where the
+    directory lacks them and cannot hold them, the file is opened as immutable.
+    """
+    uri = path.resolve().as_uri()
+    try:
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
+        db.execute("SELECT 1 FROM meta LIMIT 1")
+    except sqlite3.OperationalError:
+        db = sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
+    return db
 
 
 def _connect(path: str | Path, wal: bool = True) -> sqlite3.Connection:
