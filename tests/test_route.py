@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -61,6 +63,12 @@ def test_save_load_round_trip_and_checks(router, encoder, tiny_base, other_base,
         Router.load(tmp_path)
     with pytest.raises(DataError, match="profile examples"):
         Router.fit(encoder, resolve_base(tiny_base).fingerprint, {"a": ["x"], "b": []})
+    meta_file = tmp_path / "router" / "router.json"
+    meta = json.loads(meta_file.read_text())
+    for broken in ({k: v for k, v in meta.items() if k != "base"}, meta | {"base": {"hidden": 1}}, [meta]):
+        meta_file.write_text(json.dumps(broken))
+        with pytest.raises(DataError, match="router.json: missing or malformed|not a saved router"):
+            Router.load(tmp_path / "router")
 
 
 def test_each_profile_keeps_how_it_was_made(router, tmp_path):

@@ -270,19 +270,24 @@ class Router:
             matrix = np.load(directory / "profiles.npy")
         except (OSError, ValueError) as err:
             raise DataError(f"{directory} is not a saved router ({err})") from err
+        if not isinstance(meta, dict):
+            raise DataError(f"{directory} is not a saved router (router.json holds no JSON object)")
         if meta.get("format") != ROUTER_FORMAT:
             raise DataError(
                 f"{directory}: router format {meta.get('format')}, this version reads {ROUTER_FORMAT}"
             )
-        options = {k: meta[k] for k in ("top_k", "threshold", "temperature", "base_name")} | overrides
-        options["sources"] = meta.get("sources")  # routers saved before sources were kept: examples
-        return cls(
-            meta["model_ids"],
-            matrix[:-1],
-            matrix[-1],
-            BaseFingerprint.from_dict(meta["base"]),
-            meta["layer"],
-            meta["pooling"],
-            meta["max_length"],
-            **options,
-        )
+        try:
+            options = {k: meta[k] for k in ("top_k", "threshold", "temperature", "base_name")} | overrides
+            options["sources"] = meta.get("sources")  # routers saved before sources were kept: examples
+            return cls(
+                meta["model_ids"],
+                matrix[:-1],
+                matrix[-1],
+                BaseFingerprint.from_dict(meta["base"]),
+                meta["layer"],
+                meta["pooling"],
+                meta["max_length"],
+                **options,
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as err:  # StoredFieldError is a ValueError
+            raise DataError(f"{directory / 'router.json'}: missing or malformed field ({err!r})") from err
