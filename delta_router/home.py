@@ -61,7 +61,7 @@ def refuse_existing(path: str | Path, force: bool, inputs: tuple[str | Path, ...
     and, even with ``force``, a path that is or contains one of ``inputs`` (writing it would delete
     what the command reads).
     """
-    path = Path(path)
+    path = _refuse_file_parent(Path(path), "--out")
     for source in inputs:
         if _is_within(Path(source), path):
             raise OutputExistsError(f"--out {path} would replace the input {source}: choose another --out")
@@ -98,13 +98,22 @@ def claim_report_dir(path: str | Path, force: bool) -> Path:
     return path
 
 
-def refuse_existing_file(path: str | Path, force: bool) -> Path:
-    """Check an output file before any compute: not a directory, and not an existing file unless ``force``."""
-    path = Path(path)
+def refuse_existing_file(path: str | Path, force: bool, option: str = "--out") -> Path:
+    """Check an output file (of ``option``, for messages) before any compute: not a directory, and not an
+    existing file unless ``force``."""
+    path = _refuse_file_parent(Path(path), option)
     if path.is_dir():
-        raise OutputExistsError(f"{path} is a directory: give a file path for --out")
+        raise OutputExistsError(f"{path} is a directory: give a file path for {option}")
     if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists: choose another --out or pass --force")
+        raise OutputExistsError(f"{path} already exists: choose another {option} or pass --force")
+    return path
+
+
+def _refuse_file_parent(path: Path, option: str) -> Path:
+    """``path``, unless one of its parents is a file (it could never be created there)."""
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OutputExistsError(f"{option} {path}: {parent} is a file, not a directory")
     return path
 
 

@@ -161,6 +161,23 @@ CASES = [
     ("compare --suite unseen --out a directory of other files", None,
      "compare --zoo small --suite unseen --out {root}/notes", "no delta-router report wrote"),
     ("ablations --out a file", None, "ablations --zoo small --out {root}/fruit.jsonl", "is a file"),
+    ("embed --out under a file", None,
+     "embed {root}/adapter-0 --out {root}/fruit.jsonl/v.json", "fruit.jsonl is a file, not a directory"),
+    ("build --out under a file", None,
+     "build --examples {root}/fruit.jsonl --index {root}/idx -k 1 --out {root}/fruit.jsonl/m",
+     "fruit.jsonl is a file, not a directory"),
+    ("train --column without =", None,
+     "train --data {root}/fruit.jsonl --column instruction --out {root}/t", "--column expects KEY=VALUE"),
+    ("train on a file without the mapped column", None,
+     "train --data {root}/fruit.jsonl --column instruction=task --out {root}/t", "--column instruction="),
+    ("embed --manifest --failures an existing file", write("m.jsonl", '{"path": "adapter-0"}\n'),
+     "embed --manifest {root}/m.jsonl --index {root}/idx --failures {root}/fruit.jsonl",
+     "choose another --failures"),
+    ("embed --manifest with a malformed line", write("m.jsonl", '{"path": "adapter-0"}\n{oops\n'),
+     "embed --manifest {root}/m.jsonl --index {root}/idx", "m.jsonl:2: malformed JSON (Expecting"),
+    ("route query of an empty text", None, "route query --router {root}/router  ", "has no tokens"),
+    ("a router.json without its base", edit_json("router/router.json", lambda m: {**m, "base": None}),
+     "route query hi --router {root}/router", "router.json: missing or malformed"),
 ]  # fmt: skip
 
 

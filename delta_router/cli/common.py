@@ -27,13 +27,13 @@ def emit(args: argparse.Namespace, payload, table: Table | None = None) -> None:
         console.print(table)
 
 
-def parse_tags(pairs: Sequence[str] | None) -> dict[str, str]:
-    """``KEY=VALUE`` strings as a dict."""
+def parse_tags(pairs: Sequence[str] | None, option: str = "--tag") -> dict[str, str]:
+    """``KEY=VALUE`` strings (of ``option``, for messages) as a dict."""
     tags = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise DeltaRouterError(f"--tag expects KEY=VALUE, got {pair!r}")
+            raise DeltaRouterError(f"{option} expects KEY=VALUE, got {pair!r}")
         tags[key] = value
     return tags
 

@@ -62,7 +62,7 @@ def _training_records(args: argparse.Namespace):
     if not Path(args.data).exists():
         known = ", ".join(DOMAINS)
         raise DeltaRouterError(f"--data {args.data!r} is neither a built-in domain ({known}) nor a file")
-    mapping = parse_tags(args.column) or None
+    mapping = parse_tags(args.column, "--column") or None
     return load_records(args.data, mapping), {"file": str(Path(args.data).resolve()), "mapping": mapping}
 
 
@@ -107,7 +107,7 @@ def cmd_zoo_report(args: argparse.Namespace) -> None:
     if args.out:
         claim_report_dir(args.out, args.force)
     zoo = Zoo(args.zoo, args.base, progress=not args.json)
-    report = build_report(zoo, args.eval_size, not args.json, args.out, parse_tags(args.where))
+    report = build_report(zoo, args.eval_size, not args.json, args.out, parse_tags(args.where, "--where"))
     if args.json:
         emit(args, report.to_dict())
         return

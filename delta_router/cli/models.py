@@ -115,7 +115,7 @@ def cmd_embed_manifest(args: argparse.Namespace) -> int:
             "--manifest takes paths, ids and tags from the file: drop PATHs, --id, --tag and --out"
         )
     if args.failures:
-        refuse_existing_file(args.failures, args.force)
+        refuse_existing_file(args.failures, args.force, "--failures")
     items = read_manifest(args.manifest)
     index = _load_or_new_index(args) if args.index else None
     embedder = embedder_from_args(args, index)
@@ -208,7 +208,7 @@ def cmd_index_search(args: argparse.Namespace) -> None:
         query, exclude = index.get(args.id).embedding, {args.id}
     else:
         query, exclude = embedder_from_args(args, index).embed_one(args.query), set()
-    hits = index.search(query, k=args.k, exclude=exclude, where=parse_tags(args.where))
+    hits = index.search(query, k=args.k, exclude=exclude, where=parse_tags(args.where, "--where"))
     rows = [{"rank": h.rank, "model_id": h.model_id, "score": h.score, "tags": h.entry.tags}
             for h in hits]  # fmt: skip
     table = Table(title=f"nearest to {args.id or args.query}")

@@ -86,7 +86,8 @@ class Record:
                 present = ", ".join(map(str, row)) or "none"
                 raise DataError(
                     f"missing required field {field!r} (column {columns[field]!r}); the row has columns: "
-                    f"{present}. Pass a mapping, e.g. {{{field!r}: '<column>'}}"
+                    f"{present}. Pass a mapping, e.g. {{{field!r}: '<column>'}} "
+                    f"(CLI: --column {field}=<column>)"
                 )
             value = values[field]
             if value is None:

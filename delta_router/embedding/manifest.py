@@ -85,7 +85,9 @@ def _jsonl_rows(fh):
         if text.strip():
             try:
                 yield line, json.loads(text)
-            except (json.JSONDecodeError, RecursionError) as exc:
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{fh.name}:{line}: malformed JSON ({exc.msg}, column {exc.colno})") from exc
+            except (ValueError, RecursionError) as exc:  # too deep, too many digits
                 raise DataError(f"{fh.name}:{line}: malformed JSON ({exc})") from exc
 
 
