@@ -185,3 +185,25 @@ def test_concurrent_embeds_from_threads_do_not_mix_adapters(tiny_base, adapters,
         thread.join()
     for i in range(2):
         assert np.allclose(got[i], expected[i], atol=1e-5)
+
+
+def test_embedders_sharing_a_live_model_hold_one_base_and_follow_its_weights(
+    tiny_base, other_base, adapters, tmp_path
+):
+    from delta_router import ProbeSet
+
+    index = DeltaEmbedder(tiny_base, cache=False, progress=False)
+    formats = ProbeSet.formats(tokenizer=index.tokenizer)
+    options = {"normalize": "probe", "cache": False, "progress": False}
+    profile = DeltaEmbedder(tiny_base, formats, **options, live=index.live)
+    alone = DeltaEmbedder(tiny_base, formats, **options)
+    full = merge_adapter(tiny_base, adapters[1], tmp_path / "full")
+    index.embed_one(full)  # swaps a full finetune's weights into the shared model
+    assert profile.model is index.model
+    np.testing.assert_allclose(
+        profile.embed_one(adapters[0]).vector, alone.embed_one(adapters[0]).vector, atol=1e-5
+    )
+    np.testing.assert_allclose(index.embed_one(full).vector, DeltaEmbedder(
+        tiny_base, cache=False, progress=False).embed_one(full).vector, atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="shared live model"):
+        DeltaEmbedder(other_base, cache=False, progress=False, live=index.live)

@@ -486,7 +486,7 @@ def test_a_data_free_registration_learns_only_from_profiles_made_from_examples(
 
 
 def test_first_registrations_at_once_build_one_embedder(tiny_base, adapters, tmp_path, monkeypatch):
-    """Each embedder holds a copy of the base: two threads asking for it first get the same one."""
+    """Building an embedder loads the base: two threads asking for it first get the same one."""
     import threading
     import time
 
@@ -513,6 +513,19 @@ def test_first_registrations_at_once_build_one_embedder(tiny_base, adapters, tmp
     for thread in threads:
         thread.join()
     assert len(built) == 1 and got[0] is got[1]
+
+
+def test_the_registrys_two_embedders_share_one_copy_of_the_base(tiny_base, adapters, tmp_path):
+    from delta_router.search.index import ModelIndex
+    from delta_router.serving.registry import AdapterRegistry
+
+    idx = tmp_path / "idx"
+    router, _ = _indexed_router(tiny_base, adapters, idx)
+    registry = AdapterRegistry(
+        ModelIndex.load(idx), BatchScheduler(PeftBackend(resolve_base(tiny_base), {}), router)
+    )
+    assert registry.profile_deltas_embedder.live is registry.embedder.live
+    assert registry.profile_deltas_embedder.probes != registry.embedder.probes
 
 
 def test_an_indexed_dora_adapter_is_not_served_and_not_routed_to(tiny_base, adapters, tmp_path, caplog):

@@ -201,6 +201,34 @@ def delta_vector(finetuned: torch.Tensor, base_acts: torch.Tensor, normalize: st
     return (unit_rows(diff) if normalize == "probe" else diff).mean(0)
 
 
+class LiveModel:
+    """The base model embedders run, loaded on first use, with what its weights are now.
+
+    ``state`` is "base", a full finetune's content hash (its weights are swapped in), or "dirty".
+    A thread that runs or changes the model (LoRA hooks, swapped weights, PEFT) holds ``lock``.
+    Embedders of one base with other settings can share one (``DeltaEmbedder(..., live=...)``), so
+    a process holds one copy of the base, not one per probe set.
+    """
+
+    def __init__(self, base: BaseLM, device: torch.device) -> None:
+        self.base, self.device = base, device
+        self.lock = threading.RLock()
+        self.state = "base"
+        self._model: torch.nn.Module | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The base causal LM in fp32 eval mode, no gradients."""
+        if self._model is None:
+            logger.info("loading base %s", self.base.describe())
+            self._model = self.base.load_model(torch.float32, self.device).requires_grad_(False)
+        return self._model
+
+    def reset(self) -> None:
+        """Drop the model (PEFT may have changed it before failing): a clean base is loaded next."""
+        self._model, self.state = None, "base"
+
+
 class DeltaEmbedder:
     """Embeds finetunes (LoRA adapter or full-model directories) of one base model.
 
@@ -221,7 +249,10 @@ class DeltaEmbedder:
         device: str | torch.device = "cpu",
         cache: bool = True,
         progress: bool = True,
+        live: LiveModel | None = None,
     ) -> None:
+        """``live``: another embedder's ``live`` model (same base and device) to run instead of
+        loading one more copy of the base."""
         for name, value, allowed in (
             ("pooling", pooling, POOLINGS),
             ("normalize", normalize, NORMALIZATIONS),
@@ -240,9 +271,9 @@ class DeltaEmbedder:
         # benchmarks/RESULTS.md), GPUs want more
         self.adapters_per_batch = adapters_per_batch or (16 if self.device.type == "cpu" else 32)
         self.cache, self.progress = cache, progress
-        self._live = "base"  # what the live model's weights are: "base", a content hash, "dirty"
-        # one live model: a thread that runs it (hooks, swapped weights, PEFT) holds this
-        self._model_lock = threading.RLock()
+        if live is not None and (live.base.fingerprint, live.device) != (self.base.fingerprint, self.device):
+            raise ValueError(f"a shared live model must be of base {self.base.describe()} on {self.device}")
+        self.live = live or LiveModel(self.base, self.device)
 
     @classmethod
     def for_space(cls, space: EmbeddingSpace, **options) -> DeltaEmbedder:
@@ -272,11 +303,14 @@ class DeltaEmbedder:
         return cache_dir("embeddings", self.space.key) / f"{content_hash}.npy"
 
     # ---- the live model ------------------------------------------------------------------------
-    @cached_property
+    @property
     def model(self) -> torch.nn.Module:
-        """The base causal LM, loaded once, in fp32 eval mode."""
-        logger.info("loading base %s", self.base.describe())
-        return self.base.load_model(torch.float32, self.device).requires_grad_(False)
+        """The base causal LM (``LiveModel``), loaded once, in fp32 eval mode."""
+        return self.live.model
+
+    @property
+    def _model_lock(self) -> threading.RLock:
+        return self.live.lock
 
     @cached_property
     def tokenizer(self):
@@ -317,7 +351,7 @@ class DeltaEmbedder:
         """Copy named tensors into the live model in place (streaming; one tensor at a time)."""
         params = dict(self.model.named_parameters())
         seen = set()
-        self._live = "dirty"
+        self.live.state = "dirty"
         with torch.no_grad():
             for name, tensor in tensors:
                 if name not in params:
@@ -334,10 +368,10 @@ class DeltaEmbedder:
             raise InvalidModelError(f"{label}: missing {len(missing)} tensors, e.g. {missing[0]}")
 
     def _ensure_base(self) -> None:
-        if self._live != "base":
+        if self.live.state != "base":
             base_ft = Finetune(self.base.path, "full", self.base.name)
             self._load_weights(iter_full_weights(base_ft, self.base), f"base {self.base.name}")
-            self._live = "base"
+            self.live.state = "base"
 
     # ---- activations ---------------------------------------------------------------------------
     def base_activations(self) -> torch.Tensor:
@@ -380,7 +414,7 @@ class DeltaEmbedder:
         for i, ft in enumerate(finetunes):
             if ft.kind == "full":
                 self._load_weights(iter_full_weights(ft, self.base), str(ft.path))
-                self._live = ft.content_hash
+                self.live.state = ft.content_hash
                 out[i] = self._forward().cpu()
                 continue
             self._ensure_base()
@@ -406,9 +440,7 @@ class DeltaEmbedder:
         try:
             peft_model = PeftModel.from_pretrained(self.model, str(finetune.path))
         except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
-            # PEFT may have changed the model before it failed: load a clean base next time.
-            self.__dict__.pop("model", None)
-            self._live = "base"
+            self.live.reset()  # PEFT may have changed the model before it failed
             raise InvalidModelError(f"{finetune.path}: PEFT cannot load this adapter ({exc})") from exc
         try:
             peft_model.eval()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from delta_router.embedding.embedder import DeltaEmbedder
+from delta_router.embedding.embedder import DeltaEmbedder, LiveModel
 from delta_router.embedding.probes import ProbeSet
 from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DataError
@@ -89,12 +89,15 @@ class ProfileMap:
         return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
 
 
-def profile_embedder(base: str | BaseLM, progress: bool = False) -> DeltaEmbedder:
+def profile_embedder(
+    base: str | BaseLM, progress: bool = False, live: LiveModel | None = None
+) -> DeltaEmbedder:
     """The embedder of the deltas a ``ProfileMap`` reads (``[n, hidden]``): the paper's 5 probes in
-    each of the 3 prompt formats, each probe's shift unit-normed before the mean."""
+    each of the 3 prompt formats, each probe's shift unit-normed before the mean. ``live``: another
+    embedder's live model of this base, to share instead of loading the base again."""
     base = resolve_base(base)
     probes = ProbeSet.formats(tokenizer=base.load_tokenizer())
-    return DeltaEmbedder(base, probes, normalize="probe", progress=progress)
+    return DeltaEmbedder(base, probes, normalize="probe", progress=progress, live=live)
 
 
 def profile_deltas(

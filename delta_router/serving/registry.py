@@ -56,7 +56,7 @@ class AdapterRegistry:
     def profile_deltas_embedder(self) -> DeltaEmbedder:
         with self._embedders_lock:
             if self._profile_embedder is None:
-                self._profile_embedder = profile_embedder(self.embedder.base)
+                self._profile_embedder = profile_embedder(self.embedder.base, live=self.embedder.live)
             return self._profile_embedder
 
     def describe(self, model_id: str) -> dict:
