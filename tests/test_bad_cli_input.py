@@ -81,6 +81,13 @@ def busy_port(root: Path) -> None:
 
 busy_port.sockets = []
 
+
+def free_port(root: Path) -> None:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        (root / "port").write_text(str(sock.getsockname()[1]))
+
+
 ADD = "index add {root}/adapter-0 --index {root}/idx"
 # (case, spoil the workspace, argv with {root}, {port}, a fragment of the one error line)
 CASES = [
@@ -176,6 +183,11 @@ CASES = [
     ("embed --manifest with a malformed line", write("m.jsonl", '{"path": "adapter-0"}\n{oops\n'),
      "embed --manifest {root}/m.jsonl --index {root}/idx", "m.jsonl:2: malformed JSON (Expecting"),
     ("route query of an empty text", None, "route query --router {root}/router  ", "has no tokens"),
+    ("serve --port past 65535", None, "serve --index {root}/idx --port 70000", "at most 65535"),
+    ("serve --device that is no device", None,
+     "serve --index {root}/idx --device bogus", "not a torch device"),
+    ("serve --backend vllm without vLLM", free_port,
+     "serve --index {root}/idx --backend vllm --port {port}", "needs vLLM installed"),
     ("a router.json without its base", edit_json("router/router.json", lambda m: {**m, "base": None}),
      "route query hi --router {root}/router", "router.json: missing or malformed"),
 ]  # fmt: skip

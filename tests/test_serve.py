@@ -213,6 +213,7 @@ def test_text_parts_n_1_and_extreme_seeds_are_accepted(client):
 
 
 STREAMED = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+JSON_HEADERS = {"content-type": "application/json"}
 BLANK_LAST_TURN = [{"role": "user", "content": "hi"}, {"role": "user", "content": " "}]
 IMAGE = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}]
 
@@ -239,6 +240,8 @@ IMAGE = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url":
         ("chat/completions", STREAMED | {"n": 2}, 400, "only n=1 is supported"),
         ("chat/completions", {"messages": IMAGE}, 400, "only text content parts"),
         ("chat/completions", {"messages": BLANK_LAST_TURN}, 400, "last user message"),
+        ("completions", '{"prompt": "hi \\ud800"}', 400, "lone surrogate"),
+        ("chat/completions", '{"messages": [{"role": "user", "content": "\\udc00"}]}', 400, "lone surrogate"),
     ],
 )
 def test_bad_requests_get_openai_errors(client, path, body, status, needle):
@@ -402,8 +405,12 @@ def test_adapters_register_and_leave_while_serving(tiny_base, other_base, adapte
                              ({"path": str(corrupt), "id": "corrupt"}, 400),
                              ({"path": str(dora.adapter_dir), "id": "dora"}, 400),  # not servable per row
                              ({"path": str(adapters[2]), "id": "fruit"}, 409),
-                             ({"path": str(adapters[2]), "id": "bad.id"}, 400)):  # fmt: skip
-            reply = client.post("/v1/adapters", json=body)
+                             ({"path": str(adapters[2]), "id": "bad.id"}, 400),
+                             ({"path": "/" + "a" * 5000, "id": "long"}, 400),  # ENAMETOOLONG
+                             ({"path": str(adapters[2]) + "\ud800", "id": "odd"}, 400),
+                             ({"path": str(adapters[2]), "examples": ["\ud800"]}, 400)):  # fmt: skip
+            ascii_json = json.dumps(body)  # a lone surrogate travels as its \\u escape
+            reply = client.post("/v1/adapters", content=ascii_json, headers=JSON_HEADERS)
             assert reply.status_code == status and reply.json()["error"]["message"]
         assert served() == before and len(ModelIndex.load(idx)) == 2
         assert router.model_ids == ["fruit", "digits"]
@@ -608,3 +615,30 @@ def test_registrations_and_removals_during_traffic_fail_no_request(tiny_base, ad
         "fruit",
         "digits",
     ]
+
+
+def test_a_backend_that_cannot_decode_fails_each_request_instead_of_hanging():
+    import asyncio
+
+    from delta_router.serving.scheduler import Job, run_job
+
+    class Broken:
+        name = "broken"
+
+        def decode_batch(self):
+            raise ModuleNotFoundError("No module named 'engine'")
+
+    scheduler = BatchScheduler(Broken())
+    scheduler.start()
+
+    async def two_requests():
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            job = Job(GenerationRequest("hi", BASE_ADAPTER, max_tokens=2), "hi", loop)
+            with pytest.raises(ModuleNotFoundError, match="engine"):
+                await asyncio.wait_for(run_job(scheduler, job), timeout=10)
+
+    try:
+        asyncio.run(two_requests())
+    finally:
+        scheduler.stop()

@@ -13,7 +13,7 @@ from rich.table import Table
 from delta_router.embedding.embedder import METHODS, NORMALIZATIONS, POOLINGS, DeltaEmbedder
 from delta_router.embedding.probes import BUILTIN_PROBE_SETS
 from delta_router.errors import DeltaRouterError
-from delta_router.models.base import DEFAULT_BASE, EMBEDDED_BASES
+from delta_router.models.base import DEFAULT_BASE, EMBEDDED_BASES, resolve_device
 from delta_router.search.index import ModelIndex
 
 console = Console()
@@ -79,8 +79,8 @@ def selection_table(selection, title: str) -> Table:
 
 
 # ---- argument types and shared options -----------------------------------------------------------
-def int_at_least(low: int):
-    """argparse type: an integer >= ``low`` (checked before any compute)."""
+def int_at_least(low: int, high: int | None = None):
+    """argparse type: an integer >= ``low`` (and <= ``high``), checked before any compute."""
 
     def parse(text: str) -> int:
         try:
@@ -89,6 +89,8 @@ def int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
         return value
 
     return parse
@@ -111,9 +113,18 @@ def float_in(low: float, high: float | None = None, low_open: bool = False):
     return parse
 
 
+def device_type(text: str) -> str:
+    """argparse type: a torch device this machine has (checked before any loading)."""
+    try:
+        resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 POSITIVE = int_at_least(1)
 NON_NEGATIVE = int_at_least(0)
-PORT = int_at_least(1)
+PORT = int_at_least(1, 65535)
 
 
 def add_embedding_options(p: argparse.ArgumentParser) -> None:

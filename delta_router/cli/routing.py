@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from delta_router.cli.common import PORT, POSITIVE, add_zoo_option, console, emit, float_in
+from delta_router.cli.common import PORT, POSITIVE, add_zoo_option, console, device_type, emit, float_in
 from delta_router.embedding.embedder import POOLINGS
 from delta_router.errors import DeltaRouterError
 from delta_router.home import refuse_existing
@@ -198,7 +198,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--backend", choices=("peft", "vllm"), default="peft", help="generation backend")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=PORT, default=8000, help="TCP port (default 8000)")
-    serve.add_argument("--device", default="cpu", help="torch device of the peft backend")
+    serve.add_argument("--device", type=device_type, default="cpu", help="torch device of the peft backend")
     serve.add_argument("--max-loaded", type=POSITIVE, default=8, help="adapters kept loaded (LRU)")
     serve.add_argument("--max-batch", type=POSITIVE, default=8, help="requests per batched forward")
     serve.add_argument("--max-tokens", type=POSITIVE, default=512, help="largest max_tokens accepted")

@@ -43,7 +43,7 @@ from delta_router.errors import (
     SpaceMismatchError,
 )
 from delta_router.home import atomic_write_bytes, cache_dir
-from delta_router.models.base import DEFAULT_BASE, BaseFingerprint, BaseLM, resolve_base
+from delta_router.models.base import DEFAULT_BASE, BaseFingerprint, BaseLM, resolve_base, resolve_device
 from delta_router.models.finetunes import Finetune, LoraFactors, iter_full_weights, load_lora_factors
 from delta_router.models.lora_batch import lora_hooks
 from delta_router.serialize import from_json, to_json
@@ -266,7 +266,7 @@ class DeltaEmbedder:
         if not -1 <= layer <= n_layers:
             raise ValueError(f"layer must be -1 or 0..{n_layers} for this base, got {layer}")
         self.layer, self.pooling, self.normalize, self.method = layer, pooling, normalize, method
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         # adapters sharing one forward: 16 on CPU (1.44x the compute floor, +350 MB over 4;
         # benchmarks/RESULTS.md), GPUs want more
         self.adapters_per_batch = adapters_per_batch or (16 if self.device.type == "cpu" else 32)

@@ -97,6 +97,22 @@ def shape_signature(config: dict) -> tuple[str, int, int, int]:
     )
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has ("cpu", "cuda", "cuda:1", "mps"), or a
+    ``ValueError`` saying which it is not."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{device!r} is not a torch device (e.g. cpu, cuda, cuda:0, mps)") from exc
+    if resolved.type == "cuda" and (
+        not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine")
+    return resolved
+
+
 @dataclass
 class BaseLM:
     """A resolved base model: ``name`` as the user gave it, ``path`` an HF safetensors directory.

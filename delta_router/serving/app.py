@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import reprlib
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
@@ -51,7 +52,34 @@ def error_response(
 
 
 # ---- request bodies -----------------------------------------------------------------------------
-class SamplingFields(BaseModel):
+class ApiBody(BaseModel):
+    """A request body: every text in it must be valid Unicode (JSON's ``\\ud800`` escapes decode
+    to lone surrogates, which no tokenizer or file system takes)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def valid_unicode(cls, data):
+        _check_unicode(data)
+        return data
+
+
+def _check_unicode(value) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            surrogate = ascii(exc.object[exc.start])
+            raise ValueError(f"text with a lone surrogate ({surrogate}) is not valid Unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
+
+
+class SamplingFields(ApiBody):
     model: str = AUTO_MODEL_NAME
     max_tokens: int = Field(default=32, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
@@ -87,7 +115,7 @@ class CompletionBody(SamplingFields):
         return value
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(ApiBody):
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -131,7 +159,7 @@ def chat_prompt(messages: list[ChatMessage]) -> tuple[str, str]:
 
 
 # ---- the app ------------------------------------------------------------------------------------
-class AdapterBody(BaseModel):
+class AdapterBody(ApiBody):
     """``POST /v1/adapters``: a LoRA adapter directory (or cached HF id) to serve."""
 
     path: str
@@ -163,7 +191,7 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512, registry=
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         if first.get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON", code="invalid_json")
-        if tuple(first.get("loc", ())) == ("body",):  # empty, a list, a string, not sent as JSON
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") != "value_error":  # not an object
             message = "the request body must be a JSON object (Content-Type: application/json)"
             return error_response(400, message)
         return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where)
@@ -210,6 +238,9 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512, registry=
             raise ApiError(409, str(err), "id", "model_exists") from err
         except DeltaRouterError as err:
             raise ApiError(400, str(err), "path", "invalid_adapter") from err
+        except OSError as err:  # a path the file system refuses: too long, no permission, ...
+            message = f"cannot read {reprlib.repr(body.path)}: {err.strerror or err}"
+            raise ApiError(400, message, "path", "invalid_adapter") from err
 
     @app.delete("/v1/adapters/{model_id}")
     def remove(model_id: str) -> dict:

@@ -15,16 +15,18 @@ Both run requests as a continuous batch: ``decode_batch()``, ``admit(batch, requ
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
+import sys
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from delta_router.errors import InvalidModelError
+from delta_router.errors import DeltaRouterError, InvalidModelError
 from delta_router.model_ids import BASE_ADAPTER
-from delta_router.models.base import BaseLM
+from delta_router.models.base import BaseLM, resolve_device
 from delta_router.routing.router import QueryEncoder, RouteDecision
 from delta_router.serving.decoding import (
     DecodeBatch,
@@ -87,7 +89,7 @@ class PeftBackend(AdapterSet):
         if max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
         self.base, self.adapters = base, {k: Path(v) for k, v in adapters.items()}
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = base.load_model(dtype, self.device).requires_grad_(False)
         self.tokenizer = base.load_tokenizer()
         # the HTTP thread counts tokens while the worker encodes: fast tokenizers are not thread-safe
@@ -166,6 +168,8 @@ class VllmBackend(AdapterSet):
     def __init__(
         self, base: BaseLM, adapters: Mapping[str, str | Path], max_loaded: int = 8, **engine_options
     ):
+        if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
+            raise DeltaRouterError("the vllm backend needs vLLM installed (on a GPU); use --backend peft")
         self.base, self.adapters = base, {k: Path(v) for k, v in adapters.items()}
         self.max_loaded, self.engine_options = max_loaded, engine_options
         self._hf = None

@@ -76,7 +76,13 @@ class BatchScheduler:
 
     # ---- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
-        batch, running = self.backend.decode_batch(), {}  # id(request) -> Job
+        try:
+            batch, running = self.backend.decode_batch(), {}  # id(request) -> Job
+        except Exception as err:  # noqa: BLE001 - a backend that cannot start fails each request
+            logger.exception("the %s backend cannot decode", getattr(self.backend, "name", "?"))
+            while (job := self._queue.get()) is not None:
+                self._fail([job], err)
+            return
         stopping = False
         while True:
             incoming = []
