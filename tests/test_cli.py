@@ -61,6 +61,16 @@ def test_an_index_built_with_a_probe_file_works_without_that_file(tiny_base, ada
     assert len(picked["candidates"]) == 2
 
 
+def test_an_index_of_a_base_given_by_a_relative_path_works_from_elsewhere(
+    tiny_base, adapters, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tiny_base.parent)
+    idx = str(tmp_path / "idx")
+    run_json(capsys, "index", "add", str(adapters[0]), "--index", idx, "--base", tiny_base.name)
+    monkeypatch.chdir(tmp_path)
+    assert run_json(capsys, "embed", str(adapters[1]), "--index", idx)["size"] == 2
+
+
 def test_embed_without_index_writes_vectors(tiny_base, adapters, tmp_path, capsys):
     out_file = tmp_path / "emb.json"
     rows = run_json(capsys, "embed", str(adapters[0]), "--base", str(tiny_base), "--id", "x",

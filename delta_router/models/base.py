@@ -188,7 +188,8 @@ def resolve_base(spec: str | Path | BaseLM = DEFAULT_BASE) -> BaseLM:
     """Resolve ``spec`` to a local base: an embedded name, a local HF directory, or an HF model id.
 
     Embedded bases are fetched on first use. HF ids must be in the local HF cache unless
-    ``HF_HUB_OFFLINE=0`` is set and the network is reachable.
+    ``HF_HUB_OFFLINE=0`` is set and the network is reachable. A local directory is named by its
+    absolute path: indexes and routers store the name, and are used from other directories.
     """
     if isinstance(spec, BaseLM):
         return spec
@@ -201,7 +202,7 @@ def resolve_base(spec: str | Path | BaseLM = DEFAULT_BASE) -> BaseLM:
             raise BaseModelError(f"{path} is a PEFT adapter, not a base model")
         if not (path / "config.json").exists() or not safetensors_files(path):
             raise BaseModelError(f"{path} is not an HF model directory (needs config.json and *.safetensors)")
-        return BaseLM(name, path)
+        return BaseLM(str(path.resolve()), path.resolve())
     return BaseLM(name, _hf_snapshot(name))
 
 
