@@ -85,6 +85,20 @@ def test_corrupt_adapter_is_named_not_a_traceback(tiny_base, adapters, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_finetune_of_another_base_is_refused_before_merging_or_scoring(
+    tiny_base, other_base, adapters, tmp_path
+):
+    from delta_router.errors import IncompatibleBaseError
+    from delta_router.evaluation.harness import load_for_eval
+
+    foreign = RandomAdapterFactory(other_base).make(tmp_path / "foreign", seed=0)
+    with pytest.raises(IncompatibleBaseError, match="foreign.*does not fit the base"):
+        Merger(tiny_base, "linear", progress=False).merge([adapters[0], foreign], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(IncompatibleBaseError, match="does not fit the base"):
+        load_for_eval(other_base, resolve_base(tiny_base))  # a full model of other shapes
+
+
 def test_adapter_merge_stays_small_and_equals_the_linear_full_merge(tiny_base, adapters, tmp_path):
     from peft import PeftModel
 

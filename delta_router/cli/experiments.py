@@ -13,7 +13,9 @@ from delta_router.cli.common import NON_NEGATIVE, POSITIVE, add_base_option, add
 from delta_router.data.templates import PROMPT_FORMATS
 from delta_router.errors import DeltaRouterError
 from delta_router.home import atomic_write_text, claim_report_dir, refuse_existing_file
+from delta_router.model_ids import BASE_MODEL_NAME
 from delta_router.models.base import resolve_base
+from delta_router.models.finetunes import Finetune, check_fits
 from delta_router.search.selector import INDEX_METHODS, SELECTION_METHODS
 
 
@@ -31,6 +33,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     evaluator = LmEvaluator(write_tasks(held_out), batch_size=args.batch_size, limit=args.limit)
     tasks = [t for t in evaluator.tasks if args.generate or not t.endswith("_gen")]
     base = resolve_base(args.base)
+    for model in args.models:  # every model checked before the first evaluation
+        if model != BASE_MODEL_NAME:
+            check_fits(Finetune.open(model), base)
     results = {}
     for model in args.models:
         loaded, tokenizer = load_for_eval(model, base)

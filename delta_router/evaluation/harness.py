@@ -35,7 +35,7 @@ from delta_router.errors import DataError
 from delta_router.home import atomic_write_text, cache_dir, sha256_files
 from delta_router.model_ids import BASE_MODEL_NAME
 from delta_router.models.base import BaseLM
-from delta_router.models.finetunes import Finetune, fold_lora
+from delta_router.models.finetunes import Finetune, check_fits, fold_lora
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ def load_for_eval(model: str | Path, base: BaseLM):
     if str(model) == BASE_MODEL_NAME:
         return base.load_model(), tokenizer
     finetune = Finetune.open(model)
+    check_fits(finetune, base)
     if finetune.kind == "lora":
         # Folding the adapter into the weights scores the same model without LoRA's extra matmuls.
         return fold_lora(base.load_model(), finetune.path), tokenizer

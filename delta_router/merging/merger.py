@@ -27,7 +27,7 @@ import yaml
 from delta_router.errors import MergeError
 from delta_router.home import atomic_directory, atomic_write_text, cache_dir, refuse_existing
 from delta_router.models.base import DEFAULT_BASE, BaseLM, resolve_base
-from delta_router.models.finetunes import Finetune, fold_lora, iter_full_weights
+from delta_router.models.finetunes import Finetune, check_fits, fold_lora, iter_full_weights
 from delta_router.versions import package_versions
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,8 @@ class Merger:
         if not sources:
             raise MergeError("nothing to merge")
         finetunes = [s if isinstance(s, Finetune) else Finetune.open(s) for s in sources]
+        for finetune in finetunes:
+            check_fits(finetune, self.base)
         if weights is not None:
             if len(weights) != len(finetunes):
                 raise MergeError(f"{len(weights)} weights for {len(finetunes)} models")

@@ -151,6 +151,14 @@ class BaseLM:
         arch, hidden, layers, vocab = shape_signature(self.config)
         return BaseFingerprint(arch, hidden, layers, vocab, digest.hexdigest()[:16])
 
+    @cached_property
+    def meta_model(self) -> torch.nn.Module:
+        """The base's modules with shapes and no weights (meta device): checks, not compute."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.path))
+
     def describe(self) -> str:
         return f"{self.name} ({self.fingerprint.id})"
 

@@ -312,8 +312,17 @@ def _check_config_describes_weights(finetune: Finetune, cfg: dict, pairs: dict[s
             )
 
 
-def iter_full_weights(finetune: Finetune, base: BaseLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream ``(name, tensor)`` of a full finetune, one tensor at a time, after a shape check."""
+def check_fits(finetune: Finetune, base: BaseLM) -> None:
+    """Refuse (``IncompatibleBaseError``, ``InvalidModelError``) a finetune that does not fit ``base``:
+    a full model of other shapes, or a LoRA whose factors do not match the base's modules. Cheap:
+    no weights of the base are loaded (its modules are built on the meta device)."""
+    if finetune.kind == "full":
+        _check_full_shapes(finetune, base)
+    else:
+        load_lora_factors(finetune, base.meta_model, base)
+
+
+def _check_full_shapes(finetune: Finetune, base: BaseLM) -> None:
     mine, theirs = shape_signature(read_config(finetune.path)), shape_signature(base.config)
     if mine != theirs:
         _incompatible(
@@ -322,6 +331,11 @@ def iter_full_weights(finetune: Finetune, base: BaseLM) -> Iterator[tuple[str, t
             "architecture/hidden/layers/vocab are "
             f"{'/'.join(map(str, mine))} vs the base's {'/'.join(map(str, theirs))}",
         )
+
+
+def iter_full_weights(finetune: Finetune, base: BaseLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream ``(name, tensor)`` of a full finetune, one tensor at a time, after a shape check."""
+    _check_full_shapes(finetune, base)
     for file in safetensors_files(finetune.path):
         try:
             with safe_open(str(file), framework="pt") as fh:
