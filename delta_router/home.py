@@ -98,6 +98,26 @@ def claim_report_dir(path: str | Path, force: bool) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def report_dir(path: str | Path, force: bool) -> Iterator[Path]:
+    """``claim_report_dir`` for the span of a report command: directories the claim created are
+    removed again if the command leaves them empty (it failed before writing), so a failed run
+    leaves nothing behind."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    claim_report_dir(path, force)
+    try:
+        yield path
+    finally:
+        if created and all(p.name == REPORT_MARKER for p in path.iterdir()):
+            (path / REPORT_MARKER).unlink(missing_ok=True)
+            for directory in created:
+                try:
+                    directory.rmdir()
+                except OSError:  # something else wrote there meanwhile: keep it
+                    break
+
+
 def refuse_existing_file(path: str | Path, force: bool, option: str = "--out") -> Path:
     """Check an output file (of ``option``, for messages) before any compute: not a directory, and not an
     existing file unless ``force``."""

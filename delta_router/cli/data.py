@@ -17,7 +17,7 @@ from delta_router.cli.common import (
     parse_tags,
 )
 from delta_router.errors import DeltaRouterError
-from delta_router.home import claim_report_dir, refuse_existing
+from delta_router.home import refuse_existing, report_dir
 
 
 def cmd_data_list(args: argparse.Namespace) -> None:
@@ -101,11 +101,16 @@ def cmd_zoo_build(args: argparse.Namespace) -> None:
 
 
 def cmd_zoo_report(args: argparse.Namespace) -> None:
+    if args.out:
+        with report_dir(args.out, args.force):
+            return _zoo_report(args)
+    return _zoo_report(args)
+
+
+def _zoo_report(args: argparse.Namespace) -> None:
     from delta_router.zoo.report import build_report
     from delta_router.zoo.zoo import Zoo
 
-    if args.out:
-        claim_report_dir(args.out, args.force)
     zoo = Zoo(args.zoo, args.base, progress=not args.json)
     report = build_report(zoo, args.eval_size, not args.json, args.out, parse_tags(args.where, "--where"))
     if args.json:

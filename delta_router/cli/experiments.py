@@ -12,7 +12,7 @@ from rich.table import Table
 from delta_router.cli.common import NON_NEGATIVE, POSITIVE, add_base_option, add_zoo_option, console, emit
 from delta_router.data.templates import PROMPT_FORMATS
 from delta_router.errors import DeltaRouterError
-from delta_router.home import atomic_write_text, claim_report_dir, refuse_existing_file
+from delta_router.home import atomic_write_text, refuse_existing_file, report_dir
 from delta_router.model_ids import BASE_MODEL_NAME
 from delta_router.models.base import resolve_base
 from delta_router.models.finetunes import Finetune, check_fits
@@ -56,7 +56,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     if args.suite == "unseen":
         return cmd_unseen_suite(args)
-    out = claim_report_dir(args.out or "reports/compare", args.force)
+    with report_dir(args.out or "reports/compare", args.force) as out:
+        _compare(args, out)
+
+
+def _compare(args: argparse.Namespace, out: Path) -> None:
     from delta_router.experiments.compare import (
         CompareConfig,
         SelectionComparison,
@@ -91,18 +95,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_unseen_suite(args: argparse.Namespace) -> None:
     """``compare --suite unseen``: build on tasks outside the zoo's datasets (``experiments.unseen``)."""
-    from delta_router.experiments.unseen import (
-        UNSEEN_SUITE,
-        SuiteConfig,
-        UnseenSuite,
-        write_report,
-    )
-    from delta_router.zoo.zoo import Zoo
+    from delta_router.experiments.unseen import UNSEEN_SUITE
 
     unknown = sorted(set(args.domains or []) - set(UNSEEN_SUITE))
     if unknown:
         raise DeltaRouterError(f"unknown unseen tasks {unknown}; the suite has {', '.join(UNSEEN_SUITE)}")
-    out = claim_report_dir(args.out or "reports/unseen", args.force)
+    with report_dir(args.out or "reports/unseen", args.force) as out:
+        _unseen_suite(args, out)
+
+
+def _unseen_suite(args: argparse.Namespace, out: Path) -> None:
+    from delta_router.experiments.unseen import UNSEEN_SUITE, SuiteConfig, UnseenSuite, write_report
+    from delta_router.zoo.zoo import Zoo
+
     config = SuiteConfig(
         k=(args.k or [3])[0], examples=args.examples, held_out=args.eval_size or 200, seeds=args.seeds
     )
@@ -126,13 +131,21 @@ def cmd_unseen_suite(args: argparse.Namespace) -> None:
 
 
 def cmd_ablations(args: argparse.Namespace) -> None:
-    from delta_router.experiments.ablations import ABLATIONS, Ablations
-    from delta_router.zoo.zoo import Zoo
+    from delta_router.experiments.ablations import ABLATIONS
 
     unknown = sorted(set(args.only or []) - set(ABLATIONS))
     if unknown:
         raise DeltaRouterError(f"unknown ablations {unknown}; known: {', '.join(ABLATIONS)}")
-    claim_report_dir(args.out, args.force)
+    if args.reference and not Path(args.reference).is_dir():
+        raise DeltaRouterError(f"--reference {args.reference}: not a directory (an ablations --out)")
+    with report_dir(args.out, args.force):
+        _ablations(args)
+
+
+def _ablations(args: argparse.Namespace) -> None:
+    from delta_router.experiments.ablations import Ablations
+    from delta_router.zoo.zoo import Zoo
+
     zoo = Zoo(args.zoo, args.base, progress=False)
     ablations = Ablations(zoo, args.out, tuple(args.fewshot_sizes), args.fewshot_queries,
                           args.fewshot_formats, args.fewshot_methods, args.probe_variants)  # fmt: skip

@@ -94,6 +94,10 @@ class Ablations:
         self.labels = [e.tags["domain"] for e in self.domain_entries]
         self.paths = [e.embedding.path for e in self.domain_entries]
         self.ids = [e.model_id for e in self.domain_entries]
+        unknown = set(probe_variants or ()) - set(self.probe_variant_table())  # before any ablation runs
+        if unknown:
+            known = list(self.probe_variant_table())
+            raise ValueError(f"unknown probe variants {sorted(unknown)}; known: {known}")
 
     def run(self, names: Sequence[str] | None = None) -> dict[str, dict]:
         results = {}
@@ -178,7 +182,8 @@ class Ablations:
         return np.stack(weights), outputs.reshape(len(self.paths), len(probes), -1).mean(1)
 
     # ---- 2. probes, layer, pooling -------------------------------------------------------------
-    def probes(self) -> dict:
+    def probe_variant_table(self) -> dict[str, dict]:
+        """Each variant of the ``probes`` ablation: its name -> ``DeltaEmbedder`` options."""
         paper = ProbeSet.paper().texts
         rng = random.Random(0)
         words = " ".join(paper).split()
@@ -203,13 +208,14 @@ class Ablations:
             "probes": formats,
             "normalize": "probe",
         }
+        return variants
+
+    def probes(self) -> dict:
+        variants = self.probe_variant_table()
         scores: dict[str, dict[str, float]] = {"silhouette": {}}
         by_format = [e.tags.get("format") for e in self.domain_entries]
         if None not in by_format and len(set(by_format)) > 1:  # also: grouping by how it was prompted
             scores["silhouette by format"] = {}
-        unknown = set(self.probe_variants or ()) - set(variants)
-        if unknown:
-            raise ValueError(f"unknown probe variants {sorted(unknown)}; known: {list(variants)}")
         for name, options in variants.items():
             if self.probe_variants is not None and name not in self.probe_variants:
                 continue
