@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from delta_router import DeltaEmbedder, ModelIndex, ProbeSet
-from delta_router.errors import IncompatibleBaseError, InvalidModelError, ProbeError
+from delta_router.errors import IncompatibleBaseError, InvalidModelError, InvalidModelIdError, ProbeError
 from delta_router.testing import RandomAdapterFactory, make_tiny_base
 
 
@@ -108,3 +108,46 @@ def test_probe_file_round_trip(tmp_path):
     assert probes.fingerprint != ProbeSet.paper().fingerprint
     with pytest.raises(ProbeError, match="does not exist"):
         ProbeSet.resolve(str(tmp_path / "nope.json"))
+
+
+def test_api_misuse_is_a_type_or_value_error_saying_what_to_pass(tiny_base, adapters, tmp_path):
+    """One string is never read as a list of characters; wrong types fail where they enter."""
+    import numpy as np
+
+    from delta_router import Merger, Router, TaskSelector
+    from delta_router.routing.router import QueryEncoder
+
+    embedder = DeltaEmbedder(tiny_base, progress=False)
+    encoder = QueryEncoder.for_model(embedder.model, embedder.tokenizer)
+    fingerprint = embedder.base.fingerprint
+    router = Router.fit(encoder, fingerprint, {"a": ["one text", "two"], "b": ["three"]})
+    merger = Merger(tiny_base, progress=False)
+
+    def routed(model_ids, **options):
+        return Router(model_ids, np.ones((len(model_ids), 64)), np.zeros(64), fingerprint, **options)
+
+    index = ModelIndex()
+    entry = embedder.embed_one(adapters[0])
+    index.add(entry)
+    cases = [
+        (TypeError, "wrap it in a list", lambda: router.route(encoder, "hello")),
+        (TypeError, "wrap it in a list", lambda: encoder("hello world")),
+        (TypeError, "examples\\['m'\\]", lambda: Router.fit(encoder, fingerprint, {"m": "hello there"})),
+        (TypeError, "dict of model id", lambda: Router.fit(encoder, fingerprint, [["a"]])),
+        (TypeError, "wrap it", lambda: embedder.embed(str(adapters[0]))),
+        (TypeError, "wrap it", lambda: merger.merge(str(adapters[0]), tmp_path / "m")),
+        (TypeError, "ModelIndex.load", lambda: TaskSelector(str(tmp_path))),
+        (TypeError, "takes Embeddings", lambda: ModelIndex().add(str(adapters[0]))),
+        (TypeError, "where must be a dict", lambda: index.search(entry, where="domain=a")),
+        (TypeError, "k must be an int", lambda: index.search(entry, k="3")),
+        (TypeError, "tags must map str to str", lambda: ModelIndex().add(entry, tags={"a": {"b": 1}})),
+        (ValueError, "top_k must be at least 1", lambda: routed(["a"], top_k=0)),
+        (ValueError, "temperature", lambda: routed(["a"], temperature=0)),
+        (ValueError, "threshold", lambda: routed(["a"], threshold=5)),
+        (InvalidModelIdError, "invalid model id", lambda: routed(["../x"])),
+        (ValueError, "adapters_per_batch", lambda: DeltaEmbedder(tiny_base, adapters_per_batch=-1)),
+    ]
+    for i, (error, message, call) in enumerate(cases):
+        with pytest.raises(error, match=message):
+            call()
+            pytest.fail(f"case {i} ({message}) raised nothing")

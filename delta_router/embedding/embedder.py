@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from delta_router import checks
 from delta_router.data.sequences import clip_text
 from delta_router.embedding.probes import ProbeSet
 from delta_router.embedding.vectors import unit_rows
@@ -181,6 +182,7 @@ def encode_texts(
     reference path and the router's ``QueryEncoder`` all call it, so a text pooled for a router
     profile and for a selection is tokenised, truncated and pooled the same way.
     """
+    texts = checks.texts(texts)
     device = device or next(body.parameters()).device
     rows = []
     for start in range(0, len(texts), batch_size):
@@ -269,7 +271,8 @@ class DeltaEmbedder:
         self.device = resolve_device(device)
         # adapters sharing one forward: 16 on CPU (1.44x the compute floor, +350 MB over 4;
         # benchmarks/RESULTS.md), GPUs want more
-        self.adapters_per_batch = adapters_per_batch or (16 if self.device.type == "cpu" else 32)
+        default_batch = 16 if self.device.type == "cpu" else 32
+        self.adapters_per_batch = checks.count(adapters_per_batch or default_batch, "adapters_per_batch")
         self.cache, self.progress = cache, progress
         if live is not None and (live.base.fingerprint, live.device) != (self.base.fingerprint, self.device):
             raise ValueError(f"a shared live model must be of base {self.base.describe()} on {self.device}")
@@ -463,6 +466,7 @@ class DeltaEmbedder:
         All paths are opened and checked before any compute; LoRA adapters run before full
         finetunes so the base weights are streamed back at most once.
         """
+        sources = checks.sources(sources)
         if model_ids is not None and len(model_ids) != len(sources):
             raise ValueError(f"{len(model_ids)} model ids for {len(sources)} sources")
         finetunes = [

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from delta_router import checks
 from delta_router.errors import MergeError
 from delta_router.home import atomic_directory, atomic_write_text, cache_dir, refuse_existing
 from delta_router.models.base import DEFAULT_BASE, BaseLM, resolve_base
@@ -165,6 +166,7 @@ class Merger:
         return [s / sum(positive) for s in positive]
 
     def _open(self, sources, scores, weights=None) -> tuple[list[Finetune], list[float]]:
+        sources = checks.sources(sources)
         if not sources:
             raise MergeError("nothing to merge")
         finetunes = [s if isinstance(s, Finetune) else Finetune.open(s) for s in sources]

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from delta_router import checks
 from delta_router.data import Record
 from delta_router.embedding.embedder import encode_texts
 from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DataError, IncompatibleBaseError
 from delta_router.home import atomic_directory, atomic_write_text
-from delta_router.model_ids import BASE_ADAPTER
+from delta_router.model_ids import BASE_ADAPTER, check_model_id
 from delta_router.models.base import BaseFingerprint
 from delta_router.serialize import to_json
 
@@ -124,6 +125,13 @@ class Router:
     ):
         if len(model_ids) != len(profiles) or not len(model_ids):
             raise DataError(f"{len(model_ids)} model ids for {len(profiles)} profiles")
+        for model_id in model_ids:
+            check_model_id(model_id)
+        checks.count(top_k, "top_k")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (the softmax over the top-k), got {temperature}")
+        if threshold is not None and not -1 <= threshold <= 1:
+            raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
         self.sources = list(sources) if sources is not None else ["examples"] * len(model_ids)
         unknown = set(self.sources) - set(PROFILE_SOURCES)
         if len(self.sources) != len(model_ids) or unknown:
@@ -146,11 +154,14 @@ class Router:
     ) -> Router:
         """Profiles from a few query texts per model id (``{model_id: [text, ...]}``); ``threshold``
         defaults to ``DEFAULT_THRESHOLD``."""
+        if not isinstance(examples, Mapping):
+            raise TypeError(f"examples must be a dict of model id -> texts, got {type(examples).__name__}")
+        examples = {m: checks.texts(texts, f"examples[{m!r}]") for m, texts in examples.items()}
         empty = [m for m, texts in examples.items() if not texts]
         if empty or not examples:
             raise DataError(f"every model needs profile examples; none for {empty or 'any model'}")
         bar = tqdm(examples.values(), desc="profiles", unit="model", disable=not progress)
-        means = np.stack([encoder(list(texts)).mean(0).numpy() for texts in bar])
+        means = np.stack([encoder(texts).mean(0).numpy() for texts in bar])
         center = means.mean(0)
         profiles = unit_rows(means - center)
         logger.info("router fitted on %d models", len(profiles))
@@ -207,7 +218,7 @@ class Router:
     def route(self, encoder: QueryEncoder, texts: Sequence[str]) -> list[RouteDecision]:
         """Encode ``texts`` with the base (one batched forward) and decide."""
         self.check_encoder(encoder)
-        return self.decide(encoder(list(texts)))
+        return self.decide(encoder(checks.texts(texts)))
 
     @property
     def encoder_options(self) -> dict:

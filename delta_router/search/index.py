@@ -44,6 +44,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from delta_router import checks
 from delta_router.embedding.embedder import Embedding, EmbeddingSpace
 from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DuplicateModelError, IndexFormatError, SpaceMismatchError, UnknownModelError
@@ -214,7 +215,13 @@ class ModelIndex:
         duplicate id (in the batch or the index) or another space adds none of them.
         """
         self._check_writable()
-        tags = [dict(t) for t in tags] if tags is not None else [{} for _ in embeddings]
+        embeddings = checks.sources(embeddings, "embeddings")
+        for embedding in embeddings:
+            if not isinstance(embedding, Embedding):
+                raise TypeError(
+                    f"the index takes Embeddings (DeltaEmbedder.embed), got {type(embedding).__name__}"
+                )
+        tags = [checks.string_map(t) for t in tags] if tags is not None else [{} for _ in embeddings]
         if len(tags) != len(embeddings):
             raise ValueError(f"{len(embeddings)} embeddings but {len(tags)} tag sets")
         if not embeddings:
@@ -349,8 +356,8 @@ class ModelIndex:
         self, matrix: np.ndarray, k: int, exclude: set[str] | None, where: Mapping[str, str] | None
     ) -> list[list[SearchHit]]:
         """Search with unit query rows ``[Q, dim]``: the hot path, kept to FAISS plus id look-ups."""
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+        checks.count(k, "k")
+        where = checks.string_map(where, "where")
         exclude = exclude or set()
         if not self._ids:
             return [[] for _ in range(len(matrix))]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from delta_router import checks
 from delta_router.data import Record, load_records
 from delta_router.data.sequences import ANSWER_SEPARATOR
 from delta_router.embedding.embedder import DeltaEmbedder
@@ -127,6 +128,8 @@ class TaskSelector:
         prompt_format: str | None = None,
         router: Router | None = None,
     ):
+        if not isinstance(index, ModelIndex):
+            raise TypeError(f"index must be a ModelIndex (ModelIndex.load(DIR)), got {type(index).__name__}")
         if method not in SELECTION_METHODS:
             raise ValueError(f"method must be one of {SELECTION_METHODS}, got {method!r}")
         if method == "queries" and router is None:
@@ -145,8 +148,7 @@ class TaskSelector:
             router.check_base(self.embedder.base.fingerprint, "the index's base")
 
     def select(self, examples: str | Path | Sequence[Record | dict], k: int = 3) -> Selection:
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+        checks.count(k, "k")
         records = read_examples(examples)
         if k > len(self.index):
             raise DataError(f"k={k} but the index holds only {len(self.index)} models")
