@@ -241,6 +241,9 @@ IMAGE = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url":
         ("chat/completions", {"messages": IMAGE}, 400, "only text content parts"),
         ("chat/completions", {"messages": BLANK_LAST_TURN}, 400, "last user message"),
         ("completions", '{"prompt": "hi \\ud800"}', 400, "lone surrogate"),
+        ("completions", {"prompt": "hi", "max_tokens": True}, 400, "valid integer"),
+        ("completions", {"prompt": "hi", "max_tokens": "5"}, 400, "valid integer"),
+        ("completions", '{"prompt": "hi", "temperature": NaN}', 400, "finite number"),
         ("chat/completions", '{"messages": [{"role": "user", "content": "\\udc00"}]}', 400, "lone surrogate"),
     ],
 )
@@ -408,7 +411,9 @@ def test_adapters_register_and_leave_while_serving(tiny_base, other_base, adapte
                              ({"path": str(adapters[2]), "id": "bad.id"}, 400),
                              ({"path": "/" + "a" * 5000, "id": "long"}, 400),  # ENAMETOOLONG
                              ({"path": str(adapters[2]) + "\ud800", "id": "odd"}, 400),
-                             ({"path": str(adapters[2]), "examples": ["\ud800"]}, 400)):  # fmt: skip
+                             ({"path": str(adapters[2]), "examples": ["\ud800"]}, 400),
+                             ({"path": str(adapters[2]), "id": "x2", "examples": []}, 400),
+                             ({"path": str(adapters[2]), "id": "x2", "examples": [" "]}, 400)):  # fmt: skip
             ascii_json = json.dumps(body)  # a lone surrogate travels as its \\u escape
             reply = client.post("/v1/adapters", content=ascii_json, headers=JSON_HEADERS)
             assert reply.status_code == status and reply.json()["error"]["message"]
@@ -642,3 +647,17 @@ def test_a_backend_that_cannot_decode_fails_each_request_instead_of_hanging():
         asyncio.run(two_requests())
     finally:
         scheduler.stop()
+
+
+def test_a_registration_names_the_field_it_is_refused_for(tiny_base, adapters, tmp_path):
+    from delta_router.search.index import ModelIndex
+    from delta_router.serving import build_app
+
+    idx = tmp_path / "idx"
+    _indexed_router(tiny_base, adapters, idx)
+    with TestClient(build_app(ModelIndex.load(idx), None, index_dir=idx)) as client:  # no router
+        reply = client.post("/v1/adapters", json={"path": str(adapters[2]), "id": "a.b"})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "id"
+        reply = client.post("/v1/adapters", json={"path": str(adapters[2]), "examples": ["a query"]})
+        assert reply.status_code == 400 and "no router" in reply.json()["error"]["message"]
+    assert len(ModelIndex.load(idx)) == 2

@@ -27,11 +27,11 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from delta_router.data.templates import PAPER_PREAMBLES, alpaca_prompt
-from delta_router.errors import DeltaRouterError, DuplicateModelError
+from delta_router.errors import DeltaRouterError, DuplicateModelError, InvalidModelIdError
 from delta_router.model_ids import AUTO_MODEL_NAME, BASE_ADAPTER, BASE_MODEL_NAME
 from delta_router.serving.backends import GenerationRequest, GenerationResult
 from delta_router.serving.scheduler import AdapterRemovedError, BatchScheduler, Job, run_job
@@ -80,10 +80,12 @@ def _check_unicode(value) -> None:
 
 
 class SamplingFields(ApiBody):
+    model_config = ConfigDict(strict=True)  # "5" is not 5, true is not 1
+
     model: str = AUTO_MODEL_NAME
     max_tokens: int = Field(default=32, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
@@ -162,10 +164,19 @@ def chat_prompt(messages: list[ChatMessage]) -> tuple[str, str]:
 class AdapterBody(ApiBody):
     """``POST /v1/adapters``: a LoRA adapter directory (or cached HF id) to serve."""
 
+    model_config = ConfigDict(strict=True)
+
     path: str
     id: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
-    examples: list[str] | None = None  # queries of its task: a profile from them, not data-free
+    examples: list[str] | None = Field(default=None, min_length=1)  # queries of its task: a profile
+
+    @field_validator("examples")
+    @classmethod
+    def no_blank_examples(cls, value):
+        if value is not None and not all(text.strip() for text in value):
+            raise ValueError("examples must not be empty texts")
+        return value
 
 
 def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512, registry=None) -> FastAPI:
@@ -236,6 +247,8 @@ def create_app(scheduler: BatchScheduler, max_tokens_limit: int = 512, registry=
             return registry.register(body.path, body.id, body.tags, body.examples)
         except DuplicateModelError as err:
             raise ApiError(409, str(err), "id", "model_exists") from err
+        except InvalidModelIdError as err:
+            raise ApiError(400, str(err), "id") from err
         except DeltaRouterError as err:
             raise ApiError(400, str(err), "path", "invalid_adapter") from err
         except OSError as err:  # a path the file system refuses: too long, no permission, ...

@@ -80,6 +80,8 @@ class AdapterRegistry:
         examples: Sequence[str] | None = None,
     ) -> dict:
         """Serve the LoRA adapter at ``path``; ``DeltaRouterError`` (nothing changed) when it cannot."""
+        if examples is not None and self.scheduler.router is None:
+            raise DataError("examples make a router profile, and this server has no router (serve --router)")
         finetune = Finetune.open(path, None if model_id is None else check_model_id(model_id))
         if finetune.kind != "lora":
             raise DataError(f"{path}: a full model; the server serves LoRA adapters of its base")
