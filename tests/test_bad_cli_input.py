@@ -196,6 +196,11 @@ CASES = [
      "serve --index {root}/idx --device bogus", "not a torch device"),
     ("serve --backend vllm without vLLM", free_port,
      "serve --index {root}/idx --backend vllm --port {port}", "needs vLLM installed"),
+    ("route fit --reference-zoo without --data-free", None,
+     "route fit --index {root}/idx --examples fruit={root}/fruit.jsonl --reference-zoo full --out {root}/r2",
+     "only apply with --data-free"),
+    ("serve --top-k without a router", None, "serve --index {root}/idx --top-k 2", "give --router"),
+    ("data prepare with one unknown name", None, "data prepare sentiment nope", "unknown domain 'nope'"),
     ("a router.json without its base", edit_json("router/router.json", lambda m: {**m, "base": None}),
      "route query hi --router {root}/router", "router.json: missing or malformed"),
 ]  # fmt: skip

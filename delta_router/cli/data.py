@@ -35,7 +35,10 @@ def cmd_data_list(args: argparse.Namespace) -> None:
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from delta_router.data import load_domain
+    from delta_router.data.splits import dataset_source
 
+    for domain in args.domains:  # every name checked before any is written
+        dataset_source(domain)
     rows = []
     for domain in args.domains:
         with console.status(f"fetching and splitting {domain}"):

@@ -37,6 +37,10 @@ def cmd_route_fit(args: argparse.Namespace) -> None:
 
     if args.data_free:
         return _fit_data_free(args)
+    data_free_options = {"--reference-zoo": args.reference_zoo, "--profile-deltas": args.profile_deltas}
+    given = [flag for flag, value in data_free_options.items() if value is not None]
+    if given:
+        raise DeltaRouterError(f"{' and '.join(given)} only apply with --data-free")
     if bool(args.zoo) == bool(args.examples):
         raise DeltaRouterError(
             "give the models' examples (--zoo NAME or --examples MODEL_ID=FILE ...) or --data-free"
@@ -72,21 +76,22 @@ def _fit_data_free(args: argparse.Namespace) -> None:
 
     if args.examples or args.zoo:
         raise DeltaRouterError("--data-free uses no examples: drop --zoo / --examples (see --reference-zoo)")
+    reference_zoo, profile_deltas = args.reference_zoo or "full", args.profile_deltas or "formats"
     index = ModelIndex.load(args.index)
     if index.space is None:
         raise DeltaRouterError(f"{args.index} is empty: add models before fitting a router")
     refuse_existing(args.out, args.force, inputs=(args.index,))
     base = resolve_base(index.space.base_name)
-    zoo = Zoo(args.reference_zoo, base, progress=False)
+    zoo = Zoo(reference_zoo, base, progress=False)
     reference_index = zoo.load_index()
-    where = f"the reference zoo {args.reference_zoo}"
+    where = f"the reference zoo {reference_zoo}"
     index.space.check_same(reference_index.space, f"the index {args.index}", where)
     encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
-    deltas, reference = reference_pairs(zoo, encoder, args.profile_deltas, progress=not args.json)
-    router = fit_data_free(index, deltas, reference, deltas=args.profile_deltas, progress=not args.json)
+    deltas, reference = reference_pairs(zoo, encoder, profile_deltas, progress=not args.json)
+    router = fit_data_free(index, deltas, reference, deltas=profile_deltas, progress=not args.json)
     router.save(args.out, force=args.force)
-    payload = {"router": args.out, "models": router.model_ids, "reference_zoo": args.reference_zoo,
-               "profile_deltas": args.profile_deltas}  # fmt: skip
+    payload = {"router": args.out, "models": router.model_ids, "reference_zoo": reference_zoo,
+               "profile_deltas": profile_deltas}  # fmt: skip
     emit(args, payload, _ids_table(router.model_ids, args.out))
 
 
@@ -125,6 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from delta_router.routing.router import Router
     from delta_router.serving import build_app
 
+    if not args.router and (args.top_k != 1 or args.threshold is not None):
+        raise DeltaRouterError("--top-k and --threshold set how the router routes: give --router DIR")
     listener = _listen(args.host, args.port)  # a busy port fails here, before any loading
     router = Router.load(args.router, **_overrides(args)) if args.router else None
     index = ModelIndex.load(args.index)
@@ -177,9 +184,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling (default: mean)")
     p.add_argument("--data-free", action="store_true",
                    help="profile every indexed model from its files alone (no examples)")  # fmt: skip
-    p.add_argument("--reference-zoo", default="full",
+    p.add_argument("--reference-zoo",
                    help="--data-free: the built zoo whose data fit the map (default full)")  # fmt: skip
-    p.add_argument("--profile-deltas", choices=PROFILE_DELTAS, default="formats",
+    p.add_argument("--profile-deltas", choices=PROFILE_DELTAS,
                    help="--data-free: what the map reads of each model: formats = the probes in every "
                         "prompt format, a forward pass per model (default); index = the index's vectors, "
                         "no forward pass (huge indexes of one prompt format)")  # fmt: skip

