@@ -115,7 +115,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 @dataclass
 class BaseLM:
-    """A resolved base model: ``name`` as the user gave it, ``path`` an HF safetensors directory.
+    """A resolved base model: ``name`` as the user gave it (a local directory: its absolute path), ``path``
+    an HF safetensors directory.
 
     Named ``BaseLM``, not ``BaseModel``, so it is not confused with pydantic's ``BaseModel`` (the
     server's request schemas); ``BaseModel`` stays as a deprecated alias.
