@@ -61,10 +61,7 @@ def refuse_existing(path: str | Path, force: bool, inputs: tuple[str | Path, ...
     and, even with ``force``, a path that is or contains one of ``inputs`` (writing it would delete
     what the command reads).
     """
-    path = _refuse_file_parent(Path(path), "--out")
-    for source in inputs:
-        if _is_within(Path(source), path):
-            raise OutputExistsError(f"--out {path} would replace the input {source}: choose another --out")
+    path = refuse_inputs(_refuse_file_parent(Path(path), "--out"), inputs)
     if path.is_file():
         raise OutputExistsError(f"{path} is a file, not a directory: choose another --out")
     if path.is_dir() and any(path.iterdir()) and not force:
@@ -95,6 +92,17 @@ def claim_report_dir(path: str | Path, force: bool) -> Path:
         )
     path.mkdir(parents=True, exist_ok=True)
     (path / REPORT_MARKER).touch()
+    return path
+
+
+def refuse_inputs(path: str | Path, inputs: tuple[str | Path | None, ...]) -> Path:
+    """``path``, unless it is or holds one of ``inputs`` (files or directories the command reads;
+    ``None`` and names that are no existing path are skipped): writing it, even with ``--force``,
+    would delete them."""
+    path = Path(path)
+    for source in inputs:
+        if source is not None and Path(source).exists() and _is_within(Path(source), path):
+            raise OutputExistsError(f"--out {path} would replace the input {source}: choose another --out")
     return path
 
 
@@ -182,8 +190,10 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~umask())
         yield tmp
+        if not force and path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise OutputExistsError(f"{path} was written by another process meanwhile: choose another --out")
         if not path.exists():
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # a directory that appeared non-empty since fails the rename
             return
         old = tmp.with_suffix(".old")
         os.replace(path, old)

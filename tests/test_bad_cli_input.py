@@ -82,6 +82,17 @@ def busy_port(root: Path) -> None:
 busy_port.sockets = []
 
 
+def examples_in_notes(root: Path) -> None:
+    shutil.copy(root / "fruit.jsonl", root / "notes" / "fruit.jsonl")
+
+
+def index_in_workspace(root: Path) -> None:
+    """An index of this copy's own adapter (the template's index points at the template)."""
+    shutil.copytree(root / "idx", root / "idx2")  # its base and settings
+    assert main(["index", "add", str(root / "adapter-0"), "--index", str(root / "idx2"), "--id", "here"]) == 0
+    gc.collect()  # close the index: closing deletes its -wal file
+
+
 def free_port(root: Path) -> None:
     with contextlib.closing(socket.socket()) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -196,6 +207,17 @@ CASES = [
      "serve --index {root}/idx --device bogus", "not a torch device"),
     ("serve --backend vllm without vLLM", free_port,
      "serve --index {root}/idx --backend vllm --port {port}", "needs vLLM installed"),
+    ("train --force --out holding its --data", None,
+     "train --data {root}/fruit.jsonl --out {root} --max-steps 1 --force", "would replace the input"),
+    ("build --force --out holding its examples", examples_in_notes,
+     "build --examples {root}/notes/fruit.jsonl --index {root}/idx -k 1 --out {root}/notes --force",
+     "would replace the input"),
+    ("build --force --out holding an indexed adapter", index_in_workspace,
+     "build --examples {root}/fruit.jsonl --index {root}/idx2 -k 1 --out {root}/adapter-0 --force",
+     "would replace the input"),
+    ("route fit --force --out holding its examples", examples_in_notes,
+     "route fit --index {root}/idx --examples fruit={root}/notes/fruit.jsonl --out {root}/notes --force",
+     "would replace the input"),
     ("route fit --reference-zoo without --data-free", None,
      "route fit --index {root}/idx --examples fruit={root}/fruit.jsonl --reference-zoo full --out {root}/r2",
      "only apply with --data-free"),

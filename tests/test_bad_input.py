@@ -151,3 +151,16 @@ def test_api_misuse_is_a_type_or_value_error_saying_what_to_pass(tiny_base, adap
         with pytest.raises(error, match=message):
             call()
             pytest.fail(f"case {i} ({message}) raised nothing")
+
+
+def test_an_output_another_process_wrote_meanwhile_is_not_replaced(tmp_path):
+    from delta_router.errors import OutputExistsError
+    from delta_router.home import atomic_directory
+
+    out = tmp_path / "out"
+    with pytest.raises(OutputExistsError, match="another process"), atomic_directory(out) as tmp:
+        (tmp / "mine.txt").write_text("this run")
+        out.mkdir()  # the other writer finishes first
+        (out / "theirs.txt").write_text("the other run")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp directory left

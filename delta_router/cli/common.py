@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -36,6 +37,14 @@ def parse_tags(pairs: Sequence[str] | None, option: str = "--tag") -> dict[str, 
             raise DeltaRouterError(f"{option} expects KEY=VALUE, got {pair!r}")
         tags[key] = value
     return tags
+
+
+def index_inputs(index: ModelIndex, index_dir: str) -> tuple[str, ...]:
+    """What a command over an index reads, which its ``--out`` must not replace: the index, its
+    base's directory (a local one) and every indexed model's files."""
+    base = index.space.base_name if index.space is not None else ""
+    local_base = (base,) if base and Path(base).is_dir() else ()
+    return (index_dir, *local_base, *(entry.embedding.path for entry in index.list()))
 
 
 def embedder_from_args(args: argparse.Namespace, index: ModelIndex | None = None) -> DeltaEmbedder:

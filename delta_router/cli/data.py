@@ -17,7 +17,7 @@ from delta_router.cli.common import (
     parse_tags,
 )
 from delta_router.errors import DeltaRouterError
-from delta_router.home import refuse_existing, report_dir
+from delta_router.home import refuse_existing, refuse_inputs, report_dir
 
 
 def cmd_data_list(args: argparse.Namespace) -> None:
@@ -72,6 +72,7 @@ def _training_records(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> None:
     from delta_router.training.trainer import TRAINING_FILE, LoraTrainer, TrainConfig
 
+    refuse_inputs(args.out, (args.data, args.base))  # --force must not delete what it reads
     if not (Path(args.out) / TRAINING_FILE).exists():  # a run of ours is checked by the trainer
         refuse_existing(args.out, args.force)
     records, source = _training_records(args)

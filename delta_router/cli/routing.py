@@ -9,7 +9,16 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from delta_router.cli.common import PORT, POSITIVE, add_zoo_option, console, device_type, emit, float_in
+from delta_router.cli.common import (
+    PORT,
+    POSITIVE,
+    add_zoo_option,
+    console,
+    device_type,
+    emit,
+    float_in,
+    index_inputs,
+)
 from delta_router.embedding.embedder import POOLINGS
 from delta_router.errors import DeltaRouterError
 from delta_router.home import refuse_existing
@@ -52,7 +61,8 @@ def cmd_route_fit(args: argparse.Namespace) -> None:
         raise DeltaRouterError(f"not in the index {args.index}: {', '.join(unknown)}")
     if index.space is None:
         raise DeltaRouterError(f"{args.index} is empty: add models before fitting a router")
-    refuse_existing(args.out, args.force, inputs=(args.index,))  # every check before any compute
+    example_files = [pair.partition("=")[2] for pair in args.examples or []]
+    refuse_existing(args.out, args.force, inputs=(*index_inputs(index, args.index), *example_files))
     base = resolve_base(index.space.base_name)
     encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
     progress = not args.json
@@ -80,7 +90,7 @@ def _fit_data_free(args: argparse.Namespace) -> None:
     index = ModelIndex.load(args.index)
     if index.space is None:
         raise DeltaRouterError(f"{args.index} is empty: add models before fitting a router")
-    refuse_existing(args.out, args.force, inputs=(args.index,))
+    refuse_existing(args.out, args.force, inputs=index_inputs(index, args.index))
     base = resolve_base(index.space.base_name)
     zoo = Zoo(reference_zoo, base, progress=False)
     reference_index = zoo.load_index()

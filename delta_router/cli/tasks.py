@@ -7,7 +7,7 @@ import argparse
 from rich import box
 from rich.table import Table
 
-from delta_router.cli.common import POSITIVE, console, emit, selection_table
+from delta_router.cli.common import POSITIVE, console, emit, index_inputs, selection_table
 from delta_router.errors import DataError
 from delta_router.home import refuse_existing
 from delta_router.search.index import ModelIndex
@@ -44,9 +44,11 @@ def cmd_select(args: argparse.Namespace) -> None:
 def cmd_build(args: argparse.Namespace) -> None:
     from delta_router.merging.build import build_merged_model
 
-    refuse_existing(args.out, args.force, inputs=(args.index,))
+    index = ModelIndex.load(args.index)
+    inputs = (*index_inputs(index, args.index), args.examples, args.eval)
+    refuse_existing(args.out, args.force, inputs=inputs)  # every check before any compute
     result = build_merged_model(
-        args.examples, ModelIndex.load(args.index), args.out, k=args.k, recipe=args.recipe,
+        args.examples, index, args.out, k=args.k, recipe=args.recipe,
         method=args.method, weighting=args.weighting, eval_examples=args.eval, seed=args.seed,
         output=args.output, rank=args.rank, force=args.force, progress=not args.json,
         verify=args.verify, confidence=args.confidence, folds=args.folds, prior=args.prior,
@@ -102,8 +104,9 @@ def cmd_lorahub(args: argparse.Namespace) -> None:
     from delta_router.merging.lorahub import LoraHub
     from delta_router.search.selector import read_examples
 
-    refuse_existing(args.out, args.force, inputs=(args.index,))  # before minutes of compute, not after
     selector = task_selector(args)
+    inputs = (*index_inputs(selector.index, args.index), args.examples)
+    refuse_existing(args.out, args.force, inputs=inputs)  # before minutes of compute, not after
     selection = selector.select(args.examples, k=args.k)
     adapters = [h.entry.embedding.path for h in selection.hits]
     hub = LoraHub(selector.embedder.base, adapters, budget=args.budget, progress=not args.json)

@@ -236,7 +236,8 @@ class LoraTrainer:
             wall_time_s=round(time.perf_counter() - started, 2),
             versions=package_versions(),
         )
-        with atomic_directory(out_dir, force=True) as tmp:  # checked above
+        # force only if asked: a run that another process wrote meanwhile is not replaced
+        with atomic_directory(out_dir, force=overwrite) as tmp:
             model.save_pretrained(str(tmp))
             if cfg.method == "full":
                 self.tokenizer.save_pretrained(str(tmp))
