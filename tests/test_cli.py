@@ -71,6 +71,15 @@ def test_an_index_of_a_base_given_by_a_relative_path_works_from_elsewhere(
     assert run_json(capsys, "embed", str(adapters[1]), "--index", idx)["size"] == 2
 
 
+def test_index_add_into_what_an_interrupted_first_save_left(tiny_base, adapters, tmp_path, capsys):
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    (idx / ".index.sqlite.x1y2.tmp").write_bytes(b"half a database")  # kill -9 during the first save
+    (idx / ".index.sqlite.x1y2.tmp-journal").write_bytes(b"")
+    out = run_json(capsys, "index", "add", str(adapters[0]), "--index", str(idx), "--base", str(tiny_base))
+    assert out["size"] == 1
+
+
 def test_embed_without_index_writes_vectors(tiny_base, adapters, tmp_path, capsys):
     out_file = tmp_path / "emb.json"
     rows = run_json(capsys, "embed", str(adapters[0]), "--base", str(tiny_base), "--id", "x",

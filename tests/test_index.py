@@ -359,3 +359,22 @@ def test_format_1_is_refused_with_the_command_then_migrated_once(embeddings, tmp
     np.testing.assert_array_equal(migrated.get(embeddings[1].model_id).embedding.vector, embeddings[1].vector)
     assert main(["index", "migrate", "--index", str(old)]) == 2
     assert "already in index format" in capsys.readouterr().err
+
+
+def test_two_first_saves_to_one_directory_keep_the_first(embeddings, tmp_path, monkeypatch):
+    first, second = ModelIndex(), ModelIndex()
+    first.add(embeddings[0])
+    second.add(embeddings[1])
+    mkstemp = index_module.tempfile.mkstemp
+
+    def the_other_process_saves_first(*args, **kwargs):
+        made = mkstemp(*args, **kwargs)
+        monkeypatch.setattr(index_module.tempfile, "mkstemp", mkstemp)
+        first.save(tmp_path / "idx")
+        return made
+
+    monkeypatch.setattr(index_module.tempfile, "mkstemp", the_other_process_saves_first)
+    with pytest.raises(IndexFormatError, match="another process"):
+        second.save(tmp_path / "idx")
+    assert [e.model_id for e in ModelIndex.load(tmp_path / "idx").list()] == [embeddings[0].model_id]
+    assert not [p for p in (tmp_path / "idx").iterdir() if index_module.is_index_temp(p)]

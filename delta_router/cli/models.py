@@ -22,7 +22,7 @@ from delta_router.errors import DeltaRouterError, DuplicateModelError
 from delta_router.home import atomic_write_text, refuse_existing_file
 from delta_router.model_ids import RULE, check_model_id
 from delta_router.models.base import EMBEDDED_BASES, fetch_embedded_base, resolve_base
-from delta_router.search.index import INDEX_KINDS, ModelIndex
+from delta_router.search.index import INDEX_KINDS, ModelIndex, is_index_temp
 
 
 def _load_or_new_index(args: argparse.Namespace) -> ModelIndex:
@@ -35,7 +35,8 @@ def _load_or_new_index(args: argparse.Namespace) -> ModelIndex:
             )
         return index
     directory = Path(args.index)
-    if directory.is_file() or (directory.is_dir() and any(directory.iterdir())):
+    held = [p for p in directory.iterdir() if not is_index_temp(p)] if directory.is_dir() else []
+    if directory.is_file() or held:  # an interrupted first save leaves only its temp files
         raise DeltaRouterError(f"{directory} exists and is not a model index: give a new or empty directory")
     return ModelIndex(kind=args.kind or "auto")
 

@@ -510,10 +510,18 @@ class ModelIndex:
             target.commit()
             target.close()
             os.chmod(tmp, 0o666 & ~umask())
-            os.replace(tmp, directory / DB_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            try:
+                os.link(tmp, directory / DB_FILE)  # unlike a rename, never replaces one made meanwhile
+            except FileExistsError:
+                raise IndexFormatError(
+                    f"{directory} already holds an index (another process made it meanwhile): "
+                    "run again to add to it"
+                ) from None
+            except OSError:  # a file system without hard links: the check above is all there is
+                os.replace(tmp, directory / DB_FILE)
+        finally:
+            for leftover in (Path(tmp), Path(f"{tmp}-journal")):
+                leftover.unlink(missing_ok=True)
         self._db.rollback()  # pending changes of an index loaded elsewhere stay with this copy only
         self._db.close()
         self._db, self.directory = _connect(directory / DB_FILE), directory
@@ -674,6 +682,11 @@ def _search(index: faiss.Index, matrix: np.ndarray, k: int, params=None) -> tupl
         return index.search(matrix, k, params=params)
     finally:
         faiss.omp_set_num_threads(threads)
+
+
+def is_index_temp(path: Path) -> bool:
+    """Whether ``path`` is a temp file of a first save (``_copy_to``): what an interrupted one leaves."""
+    return path.name.startswith(f".{DB_FILE}.") and (path.name.endswith((".tmp", ".tmp-journal")))
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:
