@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from delta_router.errors import OutputExistsError
+from delta_router.errors import DeltaRouterError, OutputExistsError
 
 DEFAULT_HOME = Path("~/.cache/delta_router")
 
@@ -18,7 +18,12 @@ DEFAULT_HOME = Path("~/.cache/delta_router")
 def home() -> Path:
     """Root of every cache: ``$DELTA_ROUTER_HOME`` or ``~/.cache/delta_router``."""
     root = Path(os.environ.get("DELTA_ROUTER_HOME", DEFAULT_HOME)).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file there, a parent that is a file, no permission
+        raise DeltaRouterError(
+            f"cannot use {root} as the cache home ({exc.strerror}): set DELTA_ROUTER_HOME to a directory"
+        ) from exc
     return root
 
 
@@ -156,8 +161,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     The file gets the usual permissions (0666 less the umask), not the temp file's 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # e.g. a read-only cache home: name the file, not a temp name
+        raise OSError(exc.errno, f"cannot write {path} ({exc.strerror})") from exc
     try:
         os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as fh:
@@ -182,7 +190,7 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     An existing non-empty ``path`` is refused unless ``force`` (``refuse_existing``). The old
     directory is moved aside, the new one renamed in, and only then the old one deleted; if the
     rename fails the old one is put back. On any error the temp directory is removed and ``path``
-    is left as it was. Directories get 0777 less the umask, not ``mkdtemp``'s 0700.
+    is left as it was. Directories get 0777 and files 0666 less the umask (not ``mkdtemp``'s 0700).
     """
     path = refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +198,8 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~umask())
         yield tmp
+        for written in tmp.rglob("*"):  # some writers (safetensors) leave 0600 files
+            os.chmod(written, (0o777 if written.is_dir() else 0o666) & ~umask())
         if not force and path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise OutputExistsError(f"{path} was written by another process meanwhile: choose another --out")
         if not path.exists():

@@ -164,3 +164,29 @@ def test_an_output_another_process_wrote_meanwhile_is_not_replaced(tmp_path):
         (out / "theirs.txt").write_text("the other run")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp directory left
+
+
+def test_a_cache_home_that_is_a_file_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from delta_router.cli import main
+
+    home_file = tmp_path / "home"
+    home_file.write_text("not a directory")
+    monkeypatch.setenv("DELTA_ROUTER_HOME", str(home_file))
+    assert main(["index", "list", "--index", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err
+    assert "DELTA_ROUTER_HOME" in err and "Traceback" not in err
+    assert home_file.read_text() == "not a directory"
+
+
+def test_written_directories_have_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from delta_router.home import atomic_directory, umask
+
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "sub").mkdir(mode=0o700)
+        fd = os.open(tmp / "sub" / "weights.safetensors", os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+    assert stat.S_IMODE((tmp_path / "out" / "sub" / "weights.safetensors").stat().st_mode) == 0o666 & ~umask()
+    assert stat.S_IMODE((tmp_path / "out" / "sub").stat().st_mode) == 0o777 & ~umask()

@@ -207,3 +207,17 @@ def test_embedders_sharing_a_live_model_hold_one_base_and_follow_its_weights(
         tiny_base, cache=False, progress=False).embed_one(full).vector, atol=1e-5)  # fmt: skip
     with pytest.raises(ValueError, match="shared live model"):
         DeltaEmbedder(other_base, cache=False, progress=False, live=index.live)
+
+
+def test_a_corrupt_cache_entry_is_recomputed(tiny_base, adapters, caplog):
+    from delta_router.home import home
+
+    first = DeltaEmbedder(tiny_base, progress=False).embed_one(adapters[0]).vector
+    cached = sorted(home().glob("embeddings/*/*.npy")) + sorted(home().glob("activations/*.npy"))
+    assert len(cached) == 2
+    cached[0].write_bytes(cached[0].read_bytes()[:100])  # truncated
+    np.save(cached[1], np.zeros(3, dtype=np.float32))  # valid, but not what was stored
+    again = DeltaEmbedder(tiny_base, progress=False).embed_one(adapters[0]).vector
+    np.testing.assert_allclose(again, first, atol=1e-6)
+    assert "recomputing" in caplog.text
+    assert DeltaEmbedder(tiny_base, progress=False).embed_one(adapters[0]).vector.shape == first.shape

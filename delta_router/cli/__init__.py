@@ -48,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger(__name__).info("cache home: %s", home())
     try:
+        logging.getLogger(__name__).info("cache home: %s", home())
         code = args.func(args)
     except (DeltaRouterError, ValueError, OSError) as exc:
         logging.getLogger(__name__).debug("traceback", exc_info=True)

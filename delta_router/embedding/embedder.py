@@ -197,6 +197,23 @@ def encode_texts(
     return torch.cat(rows)
 
 
+def _read_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A cached float32 array of ``shape``, or None when there is none or it is unreadable (then it
+    is recomputed and rewritten: a truncated or hand-edited cache file costs a recompute, not a run)."""
+    if not path.exists():
+        return None
+    try:
+        array = np.load(path)
+    except (OSError, ValueError, EOFError) as exc:
+        logger.warning("%s: unreadable cache entry (%s): recomputing it", path, exc)
+        return None
+    if array.dtype != np.float32 or array.shape != shape:
+        logger.warning("%s: cache entry of %s %s, not float32 %s: recomputing it", path, array.dtype,
+                       array.shape, shape)  # fmt: skip
+        return None
+    return array
+
+
 def delta_vector(finetuned: torch.Tensor, base_acts: torch.Tensor, normalize: str = "none") -> np.ndarray:
     """Mean over probes of ``finetuned - base_acts`` (both ``[P, d]``); ``"probe"``: unit rows first."""
     diff = (finetuned - base_acts).cpu().numpy().astype(np.float32)
@@ -385,8 +402,10 @@ class DeltaEmbedder:
     def _base_activations(self) -> torch.Tensor:
         if "_base_acts" not in self.__dict__:
             path = cache_dir("activations") / f"{self.space.key}.npy"
-            if self.cache and path.exists():
-                acts = torch.from_numpy(np.load(path))
+            shape = (len(self.probes), self.space.dim)
+            stored = _read_cached(path, shape) if self.cache else None
+            if stored is not None:
+                acts = torch.from_numpy(stored)
             else:
                 self._ensure_base()
                 acts = self._forward().cpu()
@@ -477,8 +496,9 @@ class DeltaEmbedder:
         todo = []
         for i, ft in enumerate(finetunes):
             cached = self._cache_file(ft.content_hash)
-            if self.cache and cached.exists():
-                results[i] = self._record(ft, np.load(cached), cached)
+            stored = _read_cached(cached, (self.space.dim,)) if self.cache else None
+            if stored is not None:
+                results[i] = self._record(ft, stored, cached)
             else:
                 todo.append(i)
         todo.sort(key=lambda i: finetunes[i].kind == "full")
