@@ -378,3 +378,11 @@ def test_two_first_saves_to_one_directory_keep_the_first(embeddings, tmp_path, m
         second.save(tmp_path / "idx")
     assert [e.model_id for e in ModelIndex.load(tmp_path / "idx").list()] == [embeddings[0].model_id]
     assert not [p for p in (tmp_path / "idx").iterdir() if index_module.is_index_temp(p)]
+
+
+def test_paths_are_every_entrys_path_without_reading_vectors(embeddings, tmp_path):
+    index = ModelIndex()
+    index.add_many(embeddings)
+    index.save(tmp_path / "idx")
+    loaded = ModelIndex.load(tmp_path / "idx")
+    assert sorted(loaded.paths()) == sorted(e.embedding.path for e in loaded.list())

@@ -44,7 +44,7 @@ def index_inputs(index: ModelIndex, index_dir: str) -> tuple[str, ...]:
     base's directory (a local one) and every indexed model's files."""
     base = index.space.base_name if index.space is not None else ""
     local_base = (base,) if base and Path(base).is_dir() else ()
-    return (index_dir, *local_base, *(entry.embedding.path for entry in index.list()))
+    return (index_dir, *local_base, *index.paths())
 
 
 def embedder_from_args(args: argparse.Namespace, index: ModelIndex | None = None) -> DeltaEmbedder:

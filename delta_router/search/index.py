@@ -151,6 +151,12 @@ class ModelIndex:
         """Every indexed model id, sorted (no database read)."""
         return sorted(self._ids)
 
+    def paths(self) -> list[str]:
+        """Where every indexed model's files are (no vectors read: fast at hub scale)."""
+        with self._lock:
+            records = self._db.execute("SELECT record FROM models").fetchall()
+        return [json.loads(record)["path"] for (record,) in records]
+
     def get(self, model_id: str) -> IndexEntry:
         return self._entries(f"WHERE m.faiss_id = {self._faiss_id(model_id)}")[0]
 
