@@ -94,10 +94,11 @@ class Ablations:
         self.labels = [e.tags["domain"] for e in self.domain_entries]
         self.paths = [e.embedding.path for e in self.domain_entries]
         self.ids = [e.model_id for e in self.domain_entries]
-        unknown = set(probe_variants or ()) - set(self.probe_variant_table())  # before any ablation runs
-        if unknown:
+        if probe_variants:  # checked before any ablation runs
             known = list(self.probe_variant_table())
-            raise ValueError(f"unknown probe variants {sorted(unknown)}; known: {known}")
+            unknown = set(probe_variants) - set(known)
+            if unknown:
+                raise ValueError(f"unknown probe variants {sorted(unknown)}; known: {known}")
 
     def run(self, names: Sequence[str] | None = None) -> dict[str, dict]:
         results = {}
