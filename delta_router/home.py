@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from delta_router.errors import DeltaRouterError, OutputExistsError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_HOME = Path("~/.cache/delta_router")
 
@@ -191,10 +197,12 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     directory is moved aside, the new one renamed in, and only then the old one deleted; if the
     rename fails the old one is put back. On any error the temp directory is removed and ``path``
     is left as it was. Directories get 0777 and files 0666 less the umask (not ``mkdtemp``'s 0700).
+    What a killed run left next to ``path`` is cleaned up first (``sweep_leftovers``).
     """
+    sweep_leftovers(Path(path))
     path = refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~umask())
         yield tmp
@@ -216,3 +224,42 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _owner() -> str:
+    """``pid@host`` of this process: temp names carry it, so a later run can tell a dead run's leftovers."""
+    return f"{os.getpid()}@{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_leftovers(path: Path) -> None:
+    """Clean up after ``atomic_directory`` runs of ``path`` that were killed (``kill -9``, power loss).
+
+    Their temp directory (``.<name>.<pid>@<host>.*.tmp``, a whole model's worth of files) is removed;
+    a previous ``path`` moved aside (``.old``) by a run killed mid-swap is put back if ``path`` is
+    missing (else removed: the swap had finished). Only leftovers of processes of this host that are
+    no longer running are touched.
+    """
+    if not path.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@([A-Za-z0-9-]+)\.\w+\.(tmp|old)")
+    host = _owner().split("@", 1)[1]
+    for entry in sorted(path.parent.glob(f".{glob.escape(path.name)}.*@*")):
+        match = pattern.fullmatch(entry.name)
+        if not match or match[2] != host or _running(int(match[1])) or not entry.is_dir():
+            continue
+        if match[3] == "old" and not path.exists():
+            os.replace(entry, path)
+            logger.warning("%s: put back the previous output, which a killed run had moved aside", path)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            logger.warning("removed %s, left by a killed run (pid %s)", entry, match[1])

@@ -190,3 +190,44 @@ def test_written_directories_have_the_usual_permissions(tmp_path):
         os.close(fd)
     assert stat.S_IMODE((tmp_path / "out" / "sub" / "weights.safetensors").stat().st_mode) == 0o666 & ~umask()
     assert stat.S_IMODE((tmp_path / "out" / "sub").stat().st_mode) == 0o777 & ~umask()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_runs_temp_directory_is_removed_by_the_next_run(tmp_path):
+    import os
+
+    from delta_router.home import _owner, atomic_directory
+
+    host = _owner().split("@")[1]
+    dead = tmp_path / f".out.{_dead_pid()}@{host}.k1ll3d_x.tmp"
+    live = tmp_path / f".out.{os.getpid()}@{host}.r4nn1ng_.tmp"  # a run still going: not ours to touch
+    elsewhere = tmp_path / f".out.{_dead_pid()}@other-host.r3m0t3__.tmp"
+    for leftover in (dead, live, elsewhere):
+        (leftover / "model.safetensors").parent.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"half a model")
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"a model")
+    assert not dead.exists() and live.exists() and elsewhere.exists()
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"a model"
+
+
+def test_an_output_a_killed_run_moved_aside_is_put_back(tmp_path):
+    from delta_router.errors import OutputExistsError
+    from delta_router.home import _owner, atomic_directory
+
+    host = _owner().split("@")[1]
+    aside = tmp_path / f".out.{_dead_pid()}@{host}.k1ll3d_x.old"  # killed between its two renames
+    aside.mkdir()
+    (aside / "model.safetensors").write_bytes(b"the previous model")
+    with pytest.raises(OutputExistsError, match="already exists"), atomic_directory(tmp_path / "out"):
+        pytest.fail("the previous output is back: without --force it is not replaced")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"the previous model"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
