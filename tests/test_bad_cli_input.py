@@ -155,7 +155,7 @@ CASES = [
      "select --examples {root}/fruit.jsonl --index {root}/idx -k 1 --router {root}/router",
      "--method queries"),
     ("select by queries without a router", None,
-     "select --examples {root}/fruit.jsonl --index {root}/idx -k 1 --method queries", "needs a router"),
+     "select --examples {root}/fruit.jsonl --index {root}/idx -k 1 --method queries", "needs --router"),
     ("select by queries with a directory that is no router", None,
      "select --examples {root}/fruit.jsonl --index {root}/idx -k 1 --method queries --router {root}/idx",
      "not a saved router"),

@@ -206,3 +206,27 @@ def test_comparison_merges_a_full_finetune_with_loras(tiny_base, tmp_path):
     every = next(r for r in rows if r.condition == "all")
     kinds = {comparison.index.get(m).embedding.kind for m in every.models}
     assert kinds == {"lora", "full"} and 0.0 <= every.score <= 1.0
+
+
+def test_comparison_selects_by_queries_with_a_router(tiny_zoo, tmp_path, capsys):
+    from delta_router.cli import main
+    from delta_router.routing.router import QueryEncoder, Router
+
+    encoder = QueryEncoder.for_model(tiny_zoo.base.load_model(), tiny_zoo.base.load_tokenizer())
+    router = Router.fit_zoo(tiny_zoo, encoder)
+    config = CompareConfig(ks=(1,), recipes=("linear",), seeds=1, examples=10, eval_size=8, method="queries",
+                           hub_size=0)  # fmt: skip
+    comparison = SelectionComparison(tiny_zoo, config, progress=False, router=router)
+    rows = comparison.run(["fruit"])
+    [selected] = [r for r in rows if r.condition == "selected"]
+    examples = [r.instruction + "\n\n" + r.input for r in tiny_zoo.splits("fruit").fewshot[:10]]
+    routed = [d.adapters[0] for d in router.route(encoder, examples)]
+    assert selected.models == [max(set(routed), key=routed.count)]  # where the router sends the examples
+    assert selected.models[0].startswith("fruit")
+    # the CLI checks the pairing before any work: --method queries needs --router, and only it takes one
+    router.save(tmp_path / "router")
+    assert main(["compare", "--method", "queries", "--out", str(tmp_path / "a")]) == 2
+    assert "needs --router" in capsys.readouterr().err
+    assert main(["compare", "--router", str(tmp_path / "router"), "--out", str(tmp_path / "b")]) == 2
+    assert "--method queries" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

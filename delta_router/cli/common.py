@@ -13,7 +13,7 @@ from rich.table import Table
 
 from delta_router.embedding.embedder import METHODS, NORMALIZATIONS, POOLINGS, DeltaEmbedder
 from delta_router.embedding.probes import BUILTIN_PROBE_SETS
-from delta_router.errors import DeltaRouterError
+from delta_router.errors import DataError, DeltaRouterError
 from delta_router.models.base import DEFAULT_BASE, EMBEDDED_BASES, resolve_device
 from delta_router.search.index import ModelIndex
 
@@ -157,3 +157,19 @@ def add_zoo_option(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--zoo", "--spec", dest="zoo", default=default, help=f"zoo: small, full, wild, wild-small{shown}"
     )
+
+
+def load_router(args: argparse.Namespace):
+    """The ``--router`` of ``--method queries``, which needs one (other methods refuse one: None)."""
+    if args.router is None:
+        if args.method == "queries":
+            raise DataError(
+                "--method queries needs --router DIR, a router of the index's models "
+                "(delta-router route fit --index DIR --data-free --out ROUTER)"
+            )
+        return None
+    if args.method != "queries":
+        raise DataError(f"--router ranks by queries: it needs --method queries, not {args.method}")
+    from delta_router.routing.router import Router
+
+    return Router.load(args.router)

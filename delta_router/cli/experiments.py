@@ -9,14 +9,22 @@ from pathlib import Path
 
 from rich.table import Table
 
-from delta_router.cli.common import NON_NEGATIVE, POSITIVE, add_base_option, add_zoo_option, console, emit
+from delta_router.cli.common import (
+    NON_NEGATIVE,
+    POSITIVE,
+    add_base_option,
+    add_zoo_option,
+    console,
+    emit,
+    load_router,
+)
 from delta_router.data.templates import PROMPT_FORMATS
 from delta_router.errors import DeltaRouterError
 from delta_router.home import atomic_write_text, refuse_existing_file, report_dir
 from delta_router.model_ids import BASE_MODEL_NAME
 from delta_router.models.base import resolve_base
 from delta_router.models.finetunes import Finetune, check_fits
-from delta_router.search.selector import INDEX_METHODS, SELECTION_METHODS
+from delta_router.search.selector import SELECTION_METHODS
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -71,6 +79,7 @@ def _compare(args: argparse.Namespace, out: Path) -> None:
     from delta_router.search.selector import read_examples
     from delta_router.zoo.zoo import Zoo
 
+    router = load_router(args)
     zoo = Zoo(args.zoo, args.base, progress=False)
     config = CompareConfig(
         ks=tuple(args.k or (1, 3, 5)), recipes=tuple(args.recipe or ("linear", "ties")), seeds=args.seeds,
@@ -81,7 +90,7 @@ def _compare(args: argparse.Namespace, out: Path) -> None:
         (name, read_examples(examples), read_examples(held_out))
         for name, examples, held_out in args.task or []
     ]
-    comparison = SelectionComparison(zoo, config, progress=not args.json)
+    comparison = SelectionComparison(zoo, config, progress=not args.json, router=router)
     rows = comparison.run(args.domains or ([] if tasks else zoo.spec.domains))
     for task in tasks:
         rows += comparison.run_task(*task)
@@ -232,7 +241,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=POSITIVE, default=20, help="few-shot examples per task (default 20)")
     p.add_argument("--eval-size", type=POSITIVE, help="held-out records per domain (300; suite: 200)")
     p.add_argument("--limit", type=POSITIVE, help="lm-eval document limit per task")
-    p.add_argument("--method", choices=INDEX_METHODS, default="finetune", help="selection method")
+    p.add_argument("--method", choices=SELECTION_METHODS, default="finetune",
+                   help="selection method (queries: by what the examples ask, needs --router)")  # fmt: skip
+    p.add_argument("--router", metavar="DIR", help="router of the zoo's finetunes that --method queries "
+                   "ranks by (route fit --zoo Z, or --index --data-free)")  # fmt: skip
     p.add_argument("--lorahub", type=NON_NEGATIVE, default=5, metavar="N",
                    help="LoraHub protocol: top-1 + N-1 random vs N random (0: skip; default 5)")  # fmt: skip
     p.add_argument("--lorahub-budget", type=POSITIVE, default=40, help="loss evaluations per LoraHub search")

@@ -7,21 +7,9 @@ import argparse
 from rich import box
 from rich.table import Table
 
-from delta_router.cli.common import POSITIVE, console, emit, index_inputs, selection_table
-from delta_router.errors import DataError
+from delta_router.cli.common import POSITIVE, console, emit, index_inputs, load_router, selection_table
 from delta_router.home import refuse_existing
 from delta_router.search.index import ModelIndex
-
-
-def load_router(args: argparse.Namespace):
-    """The ``--router`` of ``--method queries`` (None without one); refused with another method."""
-    if args.router is None:
-        return None
-    if args.method != "queries":
-        raise DataError(f"--router ranks by queries: it needs --method queries, not {args.method}")
-    from delta_router.routing.router import Router
-
-    return Router.load(args.router)
 
 
 def task_selector(args: argparse.Namespace):

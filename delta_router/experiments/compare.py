@@ -42,6 +42,7 @@ from delta_router.merging.lorahub import LoraHub
 from delta_router.merging.merger import PROVENANCE_FILE, Merger, MergeRecipe, adapter_merge_refusal
 from delta_router.model_ids import BASE_MODEL_NAME
 from delta_router.models.finetunes import Finetune
+from delta_router.routing.router import Router
 from delta_router.search.selector import TaskSelector
 from delta_router.serialize import to_json
 from delta_router.training.trainer import records_hash
@@ -144,8 +145,15 @@ Builder = Callable[[Path], tuple[str | Path, dict]]
 class SelectionComparison:
     """Runs the comparison on a zoo: ``SelectionComparison(zoo, config).run(domains)`` -> rows."""
 
-    def __init__(self, zoo, config: CompareConfig = CompareConfig(), progress: bool = True):
-        self.zoo, self.config, self.progress = zoo, config, progress
+    def __init__(
+        self,
+        zoo,
+        config: CompareConfig = CompareConfig(),
+        progress: bool = True,
+        router: Router | None = None,
+    ):
+        """``router``: the profiles ``config.method == "queries"`` ranks by (``TaskSelector``)."""
+        self.zoo, self.config, self.progress, self.router = zoo, config, progress, router
         self.index = zoo.load_index().filtered(lambda e: e.tags.get("kind") == "domain")
         self.domain_of = {e.model_id: e.tags["domain"] for e in self.index.list()}
         self.cache = cache_dir("evals", "compare", zoo.root.name)
@@ -168,7 +176,7 @@ class SelectionComparison:
         examples = list(examples[: config.examples])
         evaluator = LmEvaluator(write_tasks({name: held_out[: config.eval_size]}), limit=config.limit)
         task = task_name(name)
-        selector = TaskSelector(self.index, method=config.method, progress=self.progress)
+        selector = TaskSelector(self.index, method=config.method, progress=self.progress, router=self.router)
         ranked = selector.select(examples, k=len(self.index)).model_ids
         candidates = sorted(self.domain_of)
         in_domain = [m for m in candidates if self.domain_of[m] == name]
