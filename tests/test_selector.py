@@ -146,6 +146,7 @@ def test_build_verifies_candidates_and_writes_the_chosen_one(zoo_index, tmp_path
     verification = result["verification"]
     names = [c["name"] for c in verification["candidates"]]
     assert names[0] == "base" and result["chosen"] == verification["chosen"] in names
+    assert {"task LoRA", "task head"} <= set(names)
     assert {"single", "merge", "lorahub", "task-lora"} <= {c["origin"] for c in verification["candidates"]}
     for candidate in verification["candidates"][1:]:
         gain = candidate["gain_over_base"]["interval"]

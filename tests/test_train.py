@@ -200,3 +200,37 @@ def test_full_finetune_trains_only_the_last_blocks_and_saves_an_hf_model(tiny_ba
     # A second fit with the same data and config reuses the directory.
     again = LoraTrainer(tiny_base, config, progress=False).fit(RECORDS, tmp_path / "full")
     assert again.losses == run.losses
+
+
+def test_lora_in_the_last_blocks_only(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    config = FAST.with_options(lora_layers=1, max_steps=2)
+    run = LoraTrainer(tiny_base, config, progress=False).fit(RECORDS, tmp_path / "last")
+    weights = load_file(str(tmp_path / "last" / "adapter_model.safetensors"))
+    assert weights and all(".layers.1." in k for k in weights)  # the tiny base has 2 blocks
+    assert run.config.tags()["targets"].endswith("(last-1-blocks)")
+    with pytest.raises(DeltaRouterError, match="lora_layers=3: the base has 2 blocks"):
+        too_deep = config.with_options(lora_layers=3)
+        LoraTrainer(tiny_base, too_deep, progress=False).fit(RECORDS, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_task_head_learns_the_examples_answer_base_rate(tiny_base, tmp_path, tokenizer):
+    from peft import PeftModel
+
+    from delta_router.evaluation.scoring import example_scores
+    from delta_router.merging.build import TASK_HEAD_CONFIG
+
+    def records(n: int, offset: int) -> list[Record]:  # 3 in 4 answers are "yes"
+        return [Record("Is it so?", f"claim {offset + i}", ("yes", "no")[i % 4 == 3], choices=("yes", "no"),
+                       answer=int(i % 4 == 3)) for i in range(n)]  # fmt: skip
+
+    LoraTrainer(tiny_base, TASK_HEAD_CONFIG, progress=False).fit(records(20, 0), tmp_path / "head")
+    base = resolve_base(tiny_base).load_model()
+    held_out = records(40, 100)
+    before = example_scores(base, tokenizer, held_out)
+    head = PeftModel.from_pretrained(resolve_base(tiny_base).load_model(), tmp_path / "head")
+    after = example_scores(head, tokenizer, held_out)
+    assert after.correct.mean() == pytest.approx(0.75)  # it answers "yes": the examples' base rate
+    assert after.gold_prob.mean() > before.gold_prob.mean()

@@ -201,12 +201,18 @@ class TaskSelector:
         ]
         return (features - router.center).mean(0).astype(np.float32), hits
 
-    def task_finetune(self, records: Sequence[Record]) -> Path:
-        """The few-shot LoRA of ``records``, trained once and cached by examples + recipe + base."""
+    def task_finetune(self, records: Sequence[Record], config: TrainConfig | None = None) -> Path:
+        """The few-shot LoRA of ``records``, trained once and cached by examples + recipe + base.
+        ``config``: another recipe than the selector's (the prompt format stays the selector's)."""
+        config = (
+            self.train_config
+            if config is None
+            else config.with_options(prompt_format=self.train_config.prompt_format)
+        )
         digest = records_hash(records)
-        config_hash = hashlib.sha256(json.dumps(self.train_config.to_dict()).encode()).hexdigest()[:8]
+        config_hash = hashlib.sha256(json.dumps(config.to_dict()).encode()).hexdigest()[:8]
         out = cache_dir("tasks") / f"{digest[:16]}-{config_hash}-{self.embedder.base.fingerprint.id}"
-        LoraTrainer(self.embedder.base, self.train_config, progress=self.progress).fit(
+        LoraTrainer(self.embedder.base, config, progress=self.progress).fit(
             records, out, data={"source": "few-shot examples"}
         )
         return out

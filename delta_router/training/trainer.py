@@ -68,6 +68,7 @@ class TrainConfig:
     use_dora: bool = False
     method: str = "lora"  # "lora" | "full"
     unfreeze_last: int = 2
+    lora_layers: int | None = None  # LoRA modules in the last N decoder blocks only (None: every block)
 
     def to_dict(self) -> dict:
         return to_json(self)
@@ -83,6 +84,8 @@ class TrainConfig:
         else:
             method = "dora" if self.use_dora else "rslora" if self.use_rslora else "lora"
             rank, targets = str(self.rank), ",".join(t.removesuffix("_proj") for t in self.targets)
+            if self.lora_layers:
+                targets += f" (last-{self.lora_layers}-blocks)"
         steps = str(self.max_steps) if self.max_steps else f"{self.epochs:g} epochs"
         return {"method": method, "rank": rank, "targets": targets, "format": self.prompt_format,
                 "seed": str(self.seed), "steps": steps}  # fmt: skip
@@ -272,16 +275,24 @@ class LoraTrainer:
         from peft import LoraConfig, get_peft_model
 
         cfg = self.config
+        model = self.base.load_model()
+        layers = None
+        if cfg.lora_layers is not None:
+            depth = model.config.num_hidden_layers
+            if not 1 <= cfg.lora_layers <= depth:
+                raise DeltaRouterError(f"lora_layers={cfg.lora_layers}: the base has {depth} blocks")
+            layers = list(range(depth - cfg.lora_layers, depth))
         lora = LoraConfig(
             r=cfg.rank,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
             target_modules=list(cfg.targets),
+            layers_to_transform=layers,
             use_rslora=cfg.use_rslora,
             use_dora=cfg.use_dora,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(self.base.load_model(), lora)
+        return get_peft_model(model, lora)
 
     def _full_model(self):
         """The base with only its last ``unfreeze_last`` blocks and final norm trainable."""
