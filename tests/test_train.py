@@ -76,11 +76,11 @@ def test_an_interrupted_run_resumes_at_its_checkpoint(tiny_base, tmp_path, monke
 
     real_step, calls = LoraTrainer._step, []
 
-    def crash_at_step_5(self, model, sequences):
+    def crash_at_step_5(self, model, sequences, prefix=None):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_step(self, model, sequences)
+        return real_step(self, model, sequences, prefix)
 
     monkeypatch.setattr(LoraTrainer, "_step", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
@@ -89,7 +89,7 @@ def test_an_interrupted_run_resumes_at_its_checkpoint(tiny_base, tmp_path, monke
     assert (tmp_path / ".resumed.ckpt").exists()
 
     calls.clear()
-    monkeypatch.setattr(LoraTrainer, "_step", lambda self, m, s: calls.append(1) or real_step(self, m, s))
+    monkeypatch.setattr(LoraTrainer, "_step", lambda *args: calls.append(1) or real_step(*args))
     resumed = LoraTrainer(tiny_base, FAST, progress=False).fit(RECORDS, tmp_path / "resumed")
     assert len(calls) == 2  # steps 5 and 6 only: the checkpoint was at step 4
     assert resumed.losses == pytest.approx(full.losses, abs=1e-5)
@@ -234,3 +234,26 @@ def test_the_task_head_learns_the_examples_answer_base_rate(tiny_base, tmp_path,
     after = example_scores(head, tokenizer, held_out)
     assert after.correct.mean() == pytest.approx(0.75)  # it answers "yes": the examples' base rate
     assert after.gold_prob.mean() > before.gold_prob.mean()
+
+
+@pytest.mark.parametrize("options", [{"lora_layers": 1}, {"method": "full", "unfreeze_last": 1}])
+def test_frozen_blocks_run_once_and_train_as_a_full_forward_would(tiny_base, tmp_path, monkeypatch, options):
+    from safetensors.torch import load_file
+
+    from delta_router.training import prefix
+
+    config = FAST.with_options(max_steps=8, **options)  # 8 steps of 4 over 24 records: some seen twice
+    calls = []
+    monkeypatch.setattr(prefix.FrozenPrefix, "answer_logprobs",
+                        lambda self, *a, original=prefix.FrozenPrefix.answer_logprobs: calls.append(1) or
+                        original(self, *a))  # fmt: skip
+    cached = LoraTrainer(tiny_base, config, progress=False).fit(RECORDS, tmp_path / "cached")
+    assert calls  # the trained block ran on the cached states
+    monkeypatch.setattr(prefix, "PREFIX_CACHE_BYTES", 0)  # no room: every step runs every block
+    calls.clear()
+    plain = LoraTrainer(tiny_base, config, progress=False).fit(RECORDS, tmp_path / "plain")
+    assert not calls
+    assert cached.losses == pytest.approx(plain.losses, rel=1e-4)
+    name = "model.safetensors" if "method" in options else "adapter_model.safetensors"
+    a, b = load_file(str(tmp_path / "cached" / name)), load_file(str(tmp_path / "plain" / name))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -79,16 +79,24 @@ def collate(sequences: list[TokenSequence], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def answer_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def answer_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """log p of every answer token: ([n] float32, [n] row index), for ``collate``'s labels.
 
     Runs the decoder body, then the LM head only at positions that predict an answer token: the
     full [B, T, vocab] logits (0.4 GB for 8 x 256 tokens of SmolLM2) are never materialised.
-    ``model`` is an HF causal LM or a PEFT model wrapping one.
+    ``model`` is an HF causal LM or a PEFT model wrapping one. ``inputs_embeds`` ([B, T, d]) stand
+    in for the token embeddings of ``batch["input_ids"]`` (e.g. the states entering the body's blocks).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     body, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    attention = batch["attention_mask"]
+    if inputs_embeds is None:
+        output = body(input_ids=batch["input_ids"], attention_mask=attention)
+    else:
+        output = body(inputs_embeds=inputs_embeds, attention_mask=attention, use_cache=False)
+    hidden = output.last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][mask]).float()  # [n, vocab]

@@ -27,6 +27,7 @@ from delta_router.errors import DeltaRouterError, InvalidModelError, OutputExist
 from delta_router.home import atomic_directory, atomic_write_text, refuse_existing
 from delta_router.models.base import DEFAULT_BASE, BaseLM, resolve_base
 from delta_router.serialize import from_json, to_json
+from delta_router.training.prefix import FrozenPrefix
 from delta_router.versions import package_versions
 
 if TYPE_CHECKING:
@@ -207,6 +208,7 @@ class LoraTrainer:
         steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(records) / cfg.batch_size))
         schedule = batch_order(len(records), cfg.batch_size, steps, cfg.seed)
         model, optimizer, scheduler = self._setup(steps)
+        prefix = self._frozen_prefix(model, sequences, steps)
         checkpoint = out_dir.with_name(f".{out_dir.name}.ckpt")
         state = self._resume(checkpoint, model, optimizer, scheduler, data["records_sha256"])
         losses: list[float] = state["losses"]
@@ -215,7 +217,7 @@ class LoraTrainer:
         bar = tqdm(total=steps, initial=len(losses), desc="train", disable=not self.progress)
         model.train()
         for step in range(len(losses), steps):
-            loss = self._step(model, [sequences[i] for i in schedule[step]])
+            loss = self._step(model, [sequences[i] for i in schedule[step]], prefix)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -307,14 +309,30 @@ class LoraTrainer:
         inner.norm.requires_grad_(True)
         return model
 
-    def _step(self, model, sequences: list[TokenSequence]) -> float:
+    def _frozen_prefix(self, model, sequences: list[TokenSequence], steps: int) -> FrozenPrefix | None:
+        """What the frozen blocks make of each sequence, when only the last blocks train (a LoRA of
+        ``lora_layers`` blocks, a full finetune of ``unfreeze_last``) and sequences are seen again."""
+        cfg = self.config
+        trained = cfg.unfreeze_last if cfg.method == "full" else cfg.lora_layers
+        depth = self.base.config["num_hidden_layers"]
+        if not trained or trained >= depth:
+            return None
+        if not FrozenPrefix.worth(sequences, steps * cfg.batch_size, self.base.config["hidden_size"]):
+            return None
+        return FrozenPrefix(model, sequences, depth - trained, self.tokenizer.pad_token_id)
+
+    def _step(self, model, sequences: list[TokenSequence], prefix: FrozenPrefix | None = None) -> float:
         """One optimizer step's gradients: mean loss over every answer token of the batch."""
         n_tokens = sum(s.n_continuation for s in sequences)
         sequences = sorted(sequences, key=lambda s: len(s.ids))  # less padding per micro-batch
         total, size = 0.0, self.config.micro_batch_size
         for start in range(0, len(sequences), size):
-            batch = collate(sequences[start : start + size], self.tokenizer.pad_token_id)
-            loss = -answer_logprobs(model, batch)[0].sum() / n_tokens
+            chunk = sequences[start : start + size]
+            if prefix is None:
+                logprobs = answer_logprobs(model, collate(chunk, self.tokenizer.pad_token_id))[0]
+            else:
+                logprobs = prefix.answer_logprobs(model, chunk)[0]
+            loss = -logprobs.sum() / n_tokens
             loss.backward()
             total += loss.item()
         return total
