@@ -37,7 +37,8 @@ def suite(tiny_base, tmp_path, monkeypatch):
 def test_suite_scores_every_condition_and_reports(suite, tmp_path, monkeypatch):
     result = suite.run_task("sciq")
     acc = result["accuracy"]
-    wanted = {"base", "returned (selection prior)", "returned (base prior)", "selected top-k", "task LoRA"}
+    wanted = {"base", "returned (selection prior)", "returned (base prior)", "selected top-k", "task LoRA",
+              "task head"}  # fmt: skip
     assert wanted | {"oracle single", "random merge"} <= set(acc)
     assert len(result["random_accuracies"]) == 2 and result["oracle"] in suite.index.model_ids()
     names = [c["name"] for c in result["verification"]["candidates"]]
@@ -48,6 +49,13 @@ def test_suite_scores_every_condition_and_reports(suite, tmp_path, monkeypatch):
     assert json.loads((out / "results.json").read_text())[0]["task"] == "sciq"
     readme = (out / "README.md").read_text()
     assert "| sciq (n=12)" in readme and "ceiling of the verification" in readme
+    header = next(line for line in readme.splitlines() if line.startswith("| task | base"))
+    assert "task head" in header
+    # results written before the task head had a column still fill it, from the candidates' scores
+    older = {**result, "accuracy": {k: v for k, v in acc.items() if k != "task head"}}
+    older_row = next(r for r in write_report([older], tmp_path / "older", "test").joinpath("README.md")
+                     .read_text().splitlines() if r.startswith("| sciq (n=12)"))  # fmt: skip
+    assert older_row == next(r for r in readme.splitlines() if r.startswith("| sciq (n=12)"))
     assert (out / "unseen.png").stat().st_size > 0
 
     monkeypatch.setattr(unseen, "example_scores", lambda *a, **k: pytest.fail("scored again"))

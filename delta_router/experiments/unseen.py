@@ -111,6 +111,7 @@ class UnseenSuite:
             **{f"returned ({prior} prior)": candidates[v.chosen] for prior, v in verdicts.items()},
             "selected top-k": candidates[f"top-{cfg.k} linear"],
             "task LoRA": candidates["task LoRA"],
+            "task head": candidates["task head"],
             "oracle single": oracle_scores[oracle],
         }
         result = _task_result(task, splits.manifest, selection, verdicts, models, randoms, oracle)
@@ -213,7 +214,9 @@ def write_report(results: Sequence[dict], out_dir: str | Path, command: str) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(list(results), indent=2))
-    columns = ["base", *PRIOR_COLUMNS, "selected top-k", "random merge", "task LoRA", "oracle single"]
+    columns = [
+        "base", *PRIOR_COLUMNS, "selected top-k", "random merge", "task LoRA", "task head", "oracle single"
+    ]  # fmt: skip
 
     def pct(a: dict | None, sign: str = "") -> str:
         if a is None:
@@ -221,7 +224,7 @@ def write_report(results: Sequence[dict], out_dir: str | Path, command: str) -> 
         return f"{100 * a['mean']:{sign}.1f} [{100 * a['low']:{sign}.1f}, {100 * a['high']:{sign}.1f}]"
 
     def accuracy_row(r: dict) -> str:
-        cells = " | ".join(pct(r["accuracy"].get(c)) for c in columns)
+        cells = " | ".join(pct(_accuracy(r, c)) for c in columns)
         return f"| {r['task']} (n={r['n_held_out']}) | {cells} |"
 
     lines = [
@@ -273,6 +276,12 @@ def write_report(results: Sequence[dict], out_dir: str | Path, command: str) -> 
     return out_dir
 
 
+def _accuracy(result: dict, name: str) -> dict | None:
+    """Held-out accuracy of a column of the report, or of any candidate ``build`` verified (results
+    written before the column existed carry it there), or None."""
+    return result["accuracy"].get(name) or result.get("candidates_held_out", {}).get(name)
+
+
 def _chart(results: Sequence[dict], columns: list[str], path: Path) -> Path:
     import matplotlib
 
@@ -284,7 +293,7 @@ def _chart(results: Sequence[dict], columns: list[str], path: Path) -> Path:
     for j, name in enumerate(columns):
         means, errors = [], []
         for r in results:
-            a = r["accuracy"].get(name)
+            a = _accuracy(r, name)
             means.append(100 * a["mean"] if a else np.nan)
             errors.append(100 * (a["high"] - a["mean"]) if a else 0.0)
         ax.bar(np.arange(len(results)) + j * width, means, width, yerr=errors, capsize=2, label=name)
