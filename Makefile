@@ -61,6 +61,10 @@ wild: install
 	$(BIN)/delta-router -v ablations --zoo wild --only fewshot $(WILD_FEWSHOT) --out reports/wild \
 		--reference reports
 	$(BIN)/delta-router -v compare --zoo wild $(WILD_COMPARE) --out reports/wild/compare
+	$(BIN)/delta-router route fit --data-free --force --out reports/wild/router-data-free \
+		--index "$$($(BIN)/python -c 'from delta_router import Zoo; print(Zoo("wild").index_dir)')"
+	$(BIN)/delta-router -v compare --zoo wild $(WILD_COMPARE) --method queries \
+		--router reports/wild/router-data-free --out reports/wild/compare-queries
 
 # build on 5 tasks whose datasets no zoo trains on (BoolQ, SciQ, MedQA, BioASQ, MMLU psychology):
 # base vs returned vs selected vs random merges vs the oracle single, on 200 held-out records each.
