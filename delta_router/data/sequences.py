@@ -79,6 +79,11 @@ def collate(sequences: list[TokenSequence], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT model (its LoRA layers stay active), or ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def answer_logprobs(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, ...]:
@@ -89,8 +94,8 @@ def answer_logprobs(
     ``model`` is an HF causal LM or a PEFT model wrapping one. ``inputs_embeds`` ([B, T, d]) stand
     in for the token embeddings of ``batch["input_ids"]`` (e.g. the states entering the body's blocks).
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+    lm = causal_lm(model)
+    body, head = lm.get_decoder(), lm.get_output_embeddings()
     attention = batch["attention_mask"]
     if inputs_embeds is None:
         output = body(input_ids=batch["input_ids"], attention_mask=attention)

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from delta_router.data.sequences import (
     TokenSequence,
+    causal_lm,
     collate,
     continuation_logprobs,
     encode,
@@ -148,11 +149,6 @@ def _cache_argument(model_type: type) -> str:
     return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT model (its LoRA layers stay active), or ``model``."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @torch.no_grad()
 def sequence_logprobs(
     model: torch.nn.Module,
@@ -180,8 +176,8 @@ def shared_prompt_logprobs(
     The prompts run once, left-padded into one batch; each group's continuations run on copies of
     its prompt's KV cache, right-padded. Every sequence of a group must have the group's prompt ids.
     """
-    causal_lm = _causal_lm(model)
-    device = causal_lm.get_input_embeddings().weight.device
+    lm = causal_lm(model)
+    device = lm.get_input_embeddings().weight.device
     prompts = [group[0].ids[: group[0].n_prompt] for group in groups]
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -190,8 +186,8 @@ def shared_prompt_logprobs(
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    cache_name = cache_argument(causal_lm)
-    out = causal_lm(
+    cache_name = cache_argument(lm)
+    out = lm(
         input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
         use_cache=True, logits_to_keep=1,
     )  # fmt: skip
@@ -210,7 +206,7 @@ def shared_prompt_logprobs(
             inputs[row, : len(answer) - 1] = torch.tensor(answer[:-1])
             step_mask[row, width : width + len(answer) - 1] = 1
         step_positions = mask[owner].sum(1, keepdim=True) + torch.arange(rest)
-        hidden = causal_lm.get_decoder()(
+        hidden = lm.get_decoder()(
             input_ids=inputs.to(device), attention_mask=step_mask.to(device),
             position_ids=step_positions.to(device), **{cache_name: cache},
         ).last_hidden_state  # fmt: skip
@@ -218,7 +214,7 @@ def shared_prompt_logprobs(
         for row, answer in enumerate(answers):
             targets[row, : len(answer) - 1] = torch.tensor(answer[1:])
         valid = targets >= 0
-        logits = causal_lm.get_output_embeddings()(hidden[valid.to(device)]).float()
+        logits = lm.get_output_embeddings()(hidden[valid.to(device)]).float()
         logprobs = F.log_softmax(logits, dim=-1).gather(-1, targets[valid].to(device)[:, None])[:, 0]
         rows = torch.arange(len(answers))[:, None].expand_as(targets)[valid]
         totals.index_add_(0, rows, logprobs.cpu())

@@ -56,8 +56,8 @@ SELECT_AT_LEAST = 5  # candidates are drawn from this many top finetunes, whatev
 # The "task head" candidate: a LoRA in the last 2 blocks trained to fit the examples (20 epochs). It
 # learns what the few-shot LoRA of the selection (6 steps, every block) does not: the task's answers
 # and their base rate. BioASQ yes/no (72% yes, the base always says no): 30.5% -> 72.0% on 200
-# held-out records, the selection's few-shot LoRA 42.5% (benchmarks/RESULTS.md). The backward pass
-# stops at the 2 blocks, so it costs about a forward pass per example and epoch.
+# held-out records, the selection's few-shot LoRA 42.5% (benchmarks/RESULTS.md). The frozen 28 blocks
+# run once per example (``training.prefix``): the 20 epochs cost about 4 forward passes of the model.
 TASK_HEAD_CONFIG = TrainConfig(
     lora_layers=2, epochs=20, batch_size=20, micro_batch_size=10, learning_rate=2e-3, max_length=128
 )

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from delta_router.data.sequences import TokenSequence, answer_logprobs, collate
+from delta_router.data.sequences import TokenSequence, answer_logprobs, causal_lm, collate
 
 PREFIX_CACHE_BYTES = 1 << 30  # above this the states are not kept: every step runs every block
 
@@ -23,17 +23,24 @@ PREFIX_CACHE_BYTES = 1 << 30  # above this the states are not kept: every step r
 class FrozenPrefix:
     """The states entering block ``start`` of each of ``sequences``: ``[len(ids), d]`` float tensors."""
 
-    def __init__(self, model: torch.nn.Module, sequences: Sequence[TokenSequence], start: int, pad_id: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sequences: Sequence[TokenSequence],
+        start: int,
+        pad_id: int,
+        batch_size: int = 8,
+    ):
         self.start, self.pad_id = start, pad_id
-        self.body = _decoder(model)
+        self.body = causal_lm(model).get_decoder()
         self.states: dict[TokenSequence, torch.Tensor] = {}
         captured: list[torch.Tensor] = []
         hook = self.body.layers[start].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
         unique = list(dict.fromkeys(sequences))
         try:
             with torch.no_grad():
-                for i in range(0, len(unique), 8):
-                    chunk = unique[i : i + 8]
+                for i in range(0, len(unique), batch_size):
+                    chunk = unique[i : i + batch_size]
                     batch = collate(chunk, pad_id)
                     self.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                     hidden = captured.pop()
@@ -71,8 +78,3 @@ class FrozenPrefix:
             yield
         finally:
             self.body.layers = layers
-
-
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return causal_lm.get_decoder()

@@ -319,7 +319,8 @@ class LoraTrainer:
             return None
         if not FrozenPrefix.worth(sequences, steps * cfg.batch_size, self.base.config["hidden_size"]):
             return None
-        return FrozenPrefix(model, sequences, depth - trained, self.tokenizer.pad_token_id)
+        pad_id = self.tokenizer.pad_token_id
+        return FrozenPrefix(model, sequences, depth - trained, pad_id, cfg.micro_batch_size)
 
     def _step(self, model, sequences: list[TokenSequence], prefix: FrozenPrefix | None = None) -> float:
         """One optimizer step's gradients: mean loss over every answer token of the batch."""
