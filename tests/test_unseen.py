@@ -95,3 +95,6 @@ def test_cli_suite_writes_its_report_and_refuses_a_directory_of_other_files(
     )
     assert main([*argv[:4], "nope", *argv[5:], "--out", str(tmp_path / "x")]) == 2
     assert "unknown unseen tasks" in capsys.readouterr().err
+    assert main([*argv, "--method", "queries", "--out", str(tmp_path / "y")]) == 2  # not silently ignored
+    assert "--method and --router are not used" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -109,6 +109,9 @@ def cmd_unseen_suite(args: argparse.Namespace) -> None:
     unknown = sorted(set(args.domains or []) - set(UNSEEN_SUITE))
     if unknown:
         raise DeltaRouterError(f"unknown unseen tasks {unknown}; the suite has {', '.join(UNSEEN_SUITE)}")
+    if args.method != "finetune" or args.router:
+        raise DeltaRouterError("--suite unseen selects as build does by default (the task LoRA): "
+                               "--method and --router are not used there")  # fmt: skip
     with report_dir(args.out or "reports/unseen", args.force) as out:
         _unseen_suite(args, out)
 
