@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test lint bench ablations wild unseen clean
+.PHONY: install demo test lint bench ablations wild unseen unseen-dev clean
 
 install: $(STAMP)
 
@@ -71,6 +71,12 @@ wild: install
 unseen: install
 	$(BIN)/delta-router -v zoo build --zoo full
 	$(BIN)/delta-router -v compare --zoo full --suite unseen --out reports/unseen
+
+# The same on five other unseen tasks (PIQA, Social IQa, Qasper, MMLU biology and nutrition): the
+# dev suite, to choose build's settings on without looking at the suite above.
+unseen-dev: install
+	$(BIN)/delta-router -v zoo build --zoo full
+	$(BIN)/delta-router -v compare --zoo full --suite unseen-dev --out reports/unseen-dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    if args.suite == "unseen":
+    if args.suite:
         return cmd_unseen_suite(args)
     with report_dir(args.out or "reports/compare", args.force) as out:
         _compare(args, out)
@@ -103,21 +103,23 @@ def _compare(args: argparse.Namespace, out: Path) -> None:
 
 
 def cmd_unseen_suite(args: argparse.Namespace) -> None:
-    """``compare --suite unseen``: build on tasks outside the zoo's datasets (``experiments.unseen``)."""
-    from delta_router.experiments.unseen import UNSEEN_SUITE
+    """``compare --suite unseen|unseen-dev``: build on tasks outside the zoo's datasets
+    (``experiments.unseen``)."""
+    from delta_router.experiments.unseen import SUITES
 
-    unknown = sorted(set(args.domains or []) - set(UNSEEN_SUITE))
+    suite = SUITES[args.suite]
+    unknown = sorted(set(args.domains or []) - set(suite))
     if unknown:
-        raise DeltaRouterError(f"unknown unseen tasks {unknown}; the suite has {', '.join(UNSEEN_SUITE)}")
+        raise DeltaRouterError(f"unknown {args.suite} tasks {unknown}; the suite has {', '.join(suite)}")
     if args.method != "finetune" or args.router:
-        raise DeltaRouterError("--suite unseen selects as build does by default (the task LoRA): "
+        raise DeltaRouterError(f"--suite {args.suite} selects as build does by default (the task LoRA): "
                                "--method and --router are not used there")  # fmt: skip
-    with report_dir(args.out or "reports/unseen", args.force) as out:
-        _unseen_suite(args, out)
+    with report_dir(args.out or f"reports/{args.suite}", args.force) as out:
+        _unseen_suite(args, suite, out)
 
 
-def _unseen_suite(args: argparse.Namespace, out: Path) -> None:
-    from delta_router.experiments.unseen import UNSEEN_SUITE, SuiteConfig, UnseenSuite, write_report
+def _unseen_suite(args: argparse.Namespace, suite_tasks: tuple[str, ...], out: Path) -> None:
+    from delta_router.experiments.unseen import SuiteConfig, UnseenSuite, write_report
     from delta_router.zoo.zoo import Zoo
 
     config = SuiteConfig(
@@ -125,12 +127,12 @@ def _unseen_suite(args: argparse.Namespace, out: Path) -> None:
     )
     suite = UnseenSuite(Zoo(args.zoo, args.base, progress=False).load_index(), config, progress=not args.json)
     command = "delta-router " + " ".join(sys.argv[1:])
-    tasks = args.domains or UNSEEN_SUITE
+    tasks = args.domains or suite_tasks
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
     results = [r for r in previous if r["task"] not in tasks]  # tasks run before stay in the report
     for task in tasks:  # the report is rewritten after each task
         results.append(suite.run_task(task))
-        results.sort(key=lambda r: UNSEEN_SUITE.index(r["task"]))
+        results.sort(key=lambda r: (suite_tasks + (r["task"],)).index(r["task"]))
         write_report(results, out, command)
     table = Table(title=f"unseen tasks: accuracy (%) on {config.held_out} held-out records -> {out}")
     columns = ("base", "returned (selection prior)", "random merge", "oracle single")
@@ -251,9 +253,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--lorahub", type=NON_NEGATIVE, default=5, metavar="N",
                    help="LoraHub protocol: top-1 + N-1 random vs N random (0: skip; default 5)")  # fmt: skip
     p.add_argument("--lorahub-budget", type=POSITIVE, default=40, help="loss evaluations per LoraHub search")
-    p.add_argument("--suite", choices=("unseen",),
-                   help="unseen: build on tasks no zoo trains on (--domain picks tasks)")  # fmt: skip
-    p.add_argument("--out", help="report directory (default reports/compare; --suite: reports/unseen)")
+    p.add_argument("--suite", choices=("unseen", "unseen-dev"),
+                   help="build on tasks no zoo trains on (--domain picks tasks); unseen-dev: five "
+                   "other such tasks, to choose settings on")  # fmt: skip
+    p.add_argument("--out", help="report directory (default reports/compare; --suite S: reports/S)")
     p.add_argument(
         "--force", action="store_true", help="write the report's files into an --out that holds other files"
     )

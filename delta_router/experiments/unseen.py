@@ -1,7 +1,9 @@
 """The unseen-task suite: does ``build`` help on tasks whose datasets no finetune of the index saw?
 
-Each task of ``UNSEEN_SUITE`` (``data.sources.UNSEEN_TASKS``: BoolQ, SciQ, MedQA, BioASQ, MMLU
-psychology; no zoo reads them) gets a seeded split of ``examples`` records (what a user hands over)
+Each task of ``UNSEEN_SUITE`` (BoolQ, SciQ, MedQA, BioASQ, MMLU psychology) or of
+``UNSEEN_DEV_SUITE`` (PIQA, Social IQa, Qasper, MMLU biology and nutrition: for choosing settings
+such as ``build``'s decision rule without the suite's results; no zoo reads either, see
+``data.sources.UNSEEN_TASKS``) gets a seeded split of ``examples`` records (what a user hands over)
 and ``held_out`` records (>= 200: the verdict of 40 flips with the seed). ``build``'s selection and
 verification run on the examples exactly as ``delta-router build`` does; then, on the held-out
 records, every model is patched into one loaded base and scored:
@@ -47,6 +49,9 @@ from delta_router.search.selector import TaskSelector
 logger = logging.getLogger(__name__)
 
 UNSEEN_SUITE = ("sciq", "mmlu_psychology", "boolq", "bioasq", "medqa")  # short prompts first
+# Five other unseen tasks, to choose the suite's settings on without looking at its results.
+UNSEEN_DEV_SUITE = ("socialiqa", "mmlu_biology", "mmlu_nutrition", "piqa", "qasper")
+SUITES = {"unseen": UNSEEN_SUITE, "unseen-dev": UNSEEN_DEV_SUITE}
 
 
 @dataclass(frozen=True)
@@ -230,7 +235,8 @@ def write_report(results: Sequence[dict], out_dir: str | Path, command: str) -> 
     lines = [
         "# Unseen-task suite: build on tasks no finetune of the index trained on",
         "",
-        f"Last run: `{command}` (tasks run before it keep their rows; `make unseen` runs the whole suite).",
+        f"Last run: `{command}` (tasks run before it keep their rows; `make unseen` and `make unseen-dev` "
+        "run the whole suites).",
         "",
         "Accuracy (%) on the held-out records, 95% intervals (per record; random merge: over seeds).",
         "",
