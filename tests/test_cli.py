@@ -10,6 +10,7 @@ import pytest
 
 from delta_router.cli import main
 from delta_router.testing import snapshot
+from delta_router.training.trainer import TrainingRun
 
 
 def run_json(capsys, *argv: str):
@@ -155,5 +156,9 @@ def test_train_on_a_user_file_and_refuse_unknown_data(tiny_base, tmp_path, capsy
                    "--column", "output=answer", "--out", str(tmp_path / "ad"), "--base", str(tiny_base),
                    "--max-steps", "2")  # fmt: skip
     assert out["steps"] == 2 and (tmp_path / "ad" / "training.json").exists()
+    head = run_json(capsys, "train", "--data", str(data), "--column", "instruction=question",
+                    "--column", "output=answer", "--out", str(tmp_path / "head"), "--base", str(tiny_base),
+                    "--max-steps", "1", "--lora-layers", "1")  # fmt: skip
+    assert TrainingRun.read(head["adapter"]).config.lora_layers == 1
     assert main(["train", "--data", "nosuch", "--out", str(tmp_path / "x"), "--base", str(tiny_base)]) == 2
     assert "neither a built-in domain" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = TrainConfig().with_options(
         rank=args.rank, alpha=args.alpha, learning_rate=args.lr, epochs=args.epochs,
         max_steps=args.max_steps, num_examples=args.num_examples, max_length=args.max_length,
-        seed=args.seed,
+        seed=args.seed, lora_layers=args.lora_layers,
     )  # fmt: skip
     run = LoraTrainer(args.base, config, progress=not args.json).fit(records, args.out, source, args.force)
     summary = {"adapter": str(run.adapter_dir), "steps": run.steps, "final_loss": run.final_loss,
@@ -148,6 +148,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                              ("--max-steps", POSITIVE, "optimizer steps (overrides --epochs)"),
                              ("--num-examples", POSITIVE, "train on a seeded subset of this size"),
                              ("--max-length", POSITIVE, "tokens per example (256)"),
+                             ("--lora-layers", POSITIVE, "LoRA in the last N blocks only (every block)"),
                              ("--seed", int, "training seed (0)")):  # fmt: skip
         p.add_argument(flag, type=kind, help=text)
     p.add_argument(
