@@ -146,7 +146,7 @@ def main() -> None:
                         help="router variants POOLING:TOKENS (mean:128 is the default router)")  # fmt: skip
     parser.add_argument("--no-arrow", action="store_true", help="skip PEFT's Arrow (minutes)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01, 0.03, 0.1])
-    parser.add_argument("--profile-deltas", choices=PROFILE_DELTAS, default="formats",
+    parser.add_argument("--profile-deltas", choices=PROFILE_DELTAS, default="plain",
                         help="what the data-free map reads (see routing.data_free)")  # fmt: skip
     parser.add_argument("--abstention", metavar="PNG", help="withheld-domain abstention curve, plotted here")
     parser.add_argument(

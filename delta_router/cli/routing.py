@@ -86,7 +86,7 @@ def _fit_data_free(args: argparse.Namespace) -> None:
 
     if args.examples or args.zoo:
         raise DeltaRouterError("--data-free uses no examples: drop --zoo / --examples (see --reference-zoo)")
-    reference_zoo, profile_deltas = args.reference_zoo or "full", args.profile_deltas or "formats"
+    reference_zoo, profile_deltas = args.reference_zoo or "full", args.profile_deltas or "plain"
     index = ModelIndex.load(args.index)
     if index.space is None:
         raise DeltaRouterError(f"{args.index} is empty: add models before fitting a router")
@@ -197,9 +197,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-zoo",
                    help="--data-free: the built zoo whose data fit the map (default full)")  # fmt: skip
     p.add_argument("--profile-deltas", choices=PROFILE_DELTAS,
-                   help="--data-free: what the map reads of each model: formats = the probes in every "
-                        "prompt format, a forward pass per model (default); index = the index's vectors, "
-                        "no forward pass (huge indexes of one prompt format)")  # fmt: skip
+                   help="--data-free: what the map reads of each model: plain = 15 generic probes in "
+                        "no template, a forward pass per model (default); formats = the paper's probes "
+                        "in every prompt format (as costly); index = the index's vectors, no forward "
+                        "pass (huge indexes of one prompt format)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_route_fit)
     query = route.add_parser("query", parents=[common], help="where would these queries go?")

@@ -18,6 +18,12 @@ from delta_router.errors import ProbeError
 
 PAPER_TASK = "Please provide a response."
 PAPER_INPUT = "Input."
+# Generic (task, input) pairs of the ``plain`` probes: the paper's and two more as generic.
+PLAIN_TASKS: tuple[tuple[str, str], ...] = (
+    (PAPER_TASK, PAPER_INPUT),
+    ("Answer the question.", "Question."),
+    ("Continue the text.", "Text."),
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,14 @@ class ProbeSet:
             for p in PAPER_PREAMBLES
         )
         return cls("formats-" + "+".join(formats), texts)
+
+    @classmethod
+    def plain(cls) -> ProbeSet:
+        """The paper's 5 preambles, each joined to the 3 generic tasks of ``PLAIN_TASKS`` as plain lines
+        (``"{preamble} {task}\\n{input}"``): 15 probes in no prompt template, so no finetune's format
+        is favoured."""
+        texts = tuple(f"{p} {task}\n{given}" for task, given in PLAIN_TASKS for p in PAPER_PREAMBLES)
+        return cls("plain", texts)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ProbeSet:

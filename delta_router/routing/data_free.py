@@ -8,12 +8,14 @@ reference pairs, predicts a profile for any finetune from its delta alone (no da
 centred as the reference router centres them.
 
 The deltas the map reads are not the index's (the paper's 5 Alpaca probes) but ``profile_embedder``'s:
-the paper's probes in every prompt format, each probe's shift unit-normed before the mean. On
-finetunes trained in mixed prompt formats the index's deltas follow the format, these the domain
-(wild zoo, leave one domain out: 80.7% routed right against 51.8%; full zoo 89.3% against
-88.6%). It costs one forward pass of 15 probes per finetune, cached like any embedding; for an index
-too large for that, ``deltas="index"`` maps the index's own vectors (no forward pass; as good on
-finetunes that share one prompt format).
+by default (``"plain"``) the paper's preambles with 3 generic tasks in no prompt template
+(``ProbeSet.plain``), each probe's shift unit-normed before the mean. On finetunes trained in mixed
+prompt formats the index's deltas follow the format, these the domain. Chosen among 7 probe sets on
+dev queries (records no benchmark routes), then measured on the test queries, leave one domain out:
+wild 86.8% routed right (the paper's probes in the three formats, ``"formats"``: 80.7%; the index's
+deltas 51.8%), full 87.9% (89.3%, 88.6%). It costs one forward pass of 15 probes per finetune, cached
+like any embedding; for an index too large for that, ``deltas="index"`` maps the index's own vectors
+(no forward pass; as good on finetunes that share one prompt format).
 
 Measured leave-one-domain-out (the map is fitted without the domain it predicts): see
 ``benchmarks/route_accuracy.py`` and benchmarks/RESULTS.md.
@@ -40,13 +42,14 @@ from delta_router.search.index import ModelIndex
 logger = logging.getLogger(__name__)
 
 DEFAULT_ALPHA = 0.01  # ridge strength, from a leave-one-domain-out sweep on the full zoo (RESULTS.md)
-# Data-free profiles are less sharp than data-based ones, so their abstention curve is worse: 0.30,
-# the best trade within 5 points, sends 62% of a withheld domain's queries to the base for 4.0
-# points of in-zoo accuracy on the full zoo (19% for 1.8 on wild; RESULTS.md).
-DATA_FREE_THRESHOLD = 0.30
-# What a ProfileMap reads of each finetune: "formats", ``profile_embedder``'s deltas (a forward pass of
-# 15 probes per finetune, cached), or "index", the vectors already in the index (free at any scale).
-PROFILE_DELTAS = ("formats", "index")
+# Data-free profiles are less sharp than data-based ones, so their abstention curve is worse: 0.20,
+# the best trade within 5 points, sends 54% of a withheld domain's queries to the base for 4.7
+# points of in-zoo accuracy on the full zoo (17% for 0.1 on wild; RESULTS.md).
+DATA_FREE_THRESHOLD = 0.20
+# What a ProfileMap reads of each finetune: "plain" or "formats", ``profile_embedder``'s deltas on
+# ``ProbeSet.plain`` or ``ProbeSet.formats`` (a forward pass of 15 probes per finetune, cached), or
+# "index", the vectors already in the index (free at any scale).
+PROFILE_DELTAS = ("plain", "formats", "index")
 
 
 @dataclass
@@ -90,20 +93,21 @@ class ProfileMap:
 
 
 def profile_embedder(
-    base: str | BaseLM, progress: bool = False, live: LiveModel | None = None
+    base: str | BaseLM, progress: bool = False, live: LiveModel | None = None, deltas: str = "plain"
 ) -> DeltaEmbedder:
-    """The embedder of the deltas a ``ProfileMap`` reads (``[n, hidden]``): the paper's 5 probes in
-    each of the 3 prompt formats, each probe's shift unit-normed before the mean. ``live``: another
-    embedder's live model of this base, to share instead of loading the base again."""
+    """The embedder of the deltas a ``ProfileMap`` reads (``[n, hidden]``): 15 probes (``deltas``
+    "plain": ``ProbeSet.plain``; "formats": the paper's 5 in each of the 3 prompt formats), each
+    probe's shift unit-normed before the mean. ``live``: another embedder's live model of this base,
+    to share instead of loading the base again."""
     base = resolve_base(base)
-    probes = ProbeSet.formats(tokenizer=base.load_tokenizer())
+    probes = ProbeSet.plain() if deltas == "plain" else ProbeSet.formats(tokenizer=base.load_tokenizer())
     return DeltaEmbedder(base, probes, normalize="probe", progress=progress, live=live)
 
 
 def profile_deltas(
     index: ModelIndex,
     model_ids: list[str],
-    deltas: str = "formats",
+    deltas: str = "plain",
     base: str | BaseLM | None = None,
     progress: bool = False,
 ) -> np.ndarray:
@@ -114,12 +118,12 @@ def profile_deltas(
     entries = [index.get(m) for m in model_ids]
     if deltas == "index":
         return np.stack([e.embedding.vector for e in entries]).astype(np.float32)
-    embedder = profile_embedder(base or index.space.base_name, progress)
+    embedder = profile_embedder(base or index.space.base_name, progress, deltas=deltas)
     return embedder.transform([e.embedding.path for e in entries])
 
 
 def reference_pairs(
-    zoo, encoder: QueryEncoder, deltas: str = "formats", progress: bool = False
+    zoo, encoder: QueryEncoder, deltas: str = "plain", progress: bool = False
 ) -> tuple[np.ndarray, Router]:
     """The reference of a built zoo: its domain finetunes' ``profile_deltas`` ``[n, d]`` and their
     data-based ``Router`` (from their training prompts); both cached under the home."""
@@ -140,7 +144,7 @@ def fit_data_free(
     reference_deltas: np.ndarray,
     reference: Router,
     alpha: float = DEFAULT_ALPHA,
-    deltas: str = "formats",
+    deltas: str = "plain",
     progress: bool = False,
     **options,
 ) -> Router:
