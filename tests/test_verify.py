@@ -128,6 +128,14 @@ def test_selection_prior_keeps_its_merge_unless_the_examples_show_harm_or_a_clea
     kept = verdict(neutral)
     assert kept.chosen == "merge" and "not shown to hurt" in kept.reason
     assert verdict(harmful).chosen == BASE_MODEL_NAME and "hurts on the examples" in verdict(harmful).reason
+    # once the prior is shown to hurt, the best mean gain among the rest is returned if it is above 0,
+    # even short of a clear win; a candidate that loses on average is not
+    hopeful, losing = base + np.tile([0.2, -0.15], 10), base - 0.05 + rng.normal(0.0, 0.02, 20)
+    assert verdict(harmful, hopeful).result("other-0").gain.bound < 0 < hopeful.mean() - base.mean()
+    assert verdict(harmful, losing, hopeful).chosen == "other-1"
+    assert "the best estimate of the rest" in verdict(harmful, hopeful).reason
+    assert verdict(harmful, losing).chosen == BASE_MODEL_NAME
+    assert verdict(neutral, hopeful).chosen == "merge"  # a prior not shown to hurt stays
     assert verdict(harmful, clear).chosen == "other-0"
     assert verdict(neutral, clear).chosen == "other-0"
     assert verdict(neutral).with_prior(None).chosen == BASE_MODEL_NAME  # the same scores, the base prior

@@ -12,8 +12,10 @@ candidates looks better than it is.
 - ``default=None`` (prior: the base): keep the base unless some candidate's lower bound is above 0,
   then take the candidate with the highest lower bound.
 - ``default=NAME`` (prior: the selection's merge): return ``NAME`` unless the examples show it hurts
-  (its gain's one-sided upper bound at ``harm_confidence`` is below 0: then decide as above), or
-  another candidate clearly beats the base (lower bound above 0) by more than ``NAME`` gains.
+  (its gain's one-sided upper bound at ``harm_confidence`` is below 0), or another candidate clearly
+  beats the base (lower bound above 0) by more than ``NAME`` gains. When it hurts, the examples
+  carry signal about the task but the prior is gone: a candidate that clearly beats the base is
+  returned, else the one with the best mean gain if it is above 0, else the base.
 
 Twenty examples rarely show a real gain beyond their noise (``reports/unseen``: a +6.5-point merge
 looked -1.8 on its 20 examples), so the base prior gives up most of what selection finds; the
@@ -192,6 +194,10 @@ def choose(
             )
             return Verdict(default, reason, results, confidence)
         prefix = f"{default}, the selection's merge, hurts on the examples (upper bound {upper:+.3f}); "
+        top = max(gains, key=lambda name: gains[name].interval.mean)
+        if best is None and gains[top].interval.mean > 0.0:
+            reason = f"{prefix}the best estimate of the rest, {top}, is returned: it gains {span(gains[top])}"
+            return Verdict(top, reason, results, confidence)
     if best is not None:
         return Verdict(best, prefix + beats(best), results, confidence)
     reason = prefix + f"no candidate beats the base on the {n} examples at {level}"
