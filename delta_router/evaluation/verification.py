@@ -172,6 +172,7 @@ def choose(
     n, level = base.n, f"{confidence:.0%} (Bonferroni over {len(candidates)} candidates)"
     clear = [name for name, gain in gains.items() if gain.bound > 0.0]
     best = max(clear, key=lambda name: gains[name].bound, default=None)
+    top = max(gains, key=lambda name: gains[name].interval.mean, default=None)  # the best estimate
 
     def beats(name: str) -> str:
         g = gains[name]
@@ -194,14 +195,12 @@ def choose(
             )
             return Verdict(default, reason, results, confidence)
         prefix = f"{default}, the selection's merge, hurts on the examples (upper bound {upper:+.3f}); "
-        top = max(gains, key=lambda name: gains[name].interval.mean)
         if best is None and gains[top].interval.mean > 0.0:
             reason = f"{prefix}the best estimate of the rest, {top}, is returned: it gains {span(gains[top])}"
             return Verdict(top, reason, results, confidence)
     if best is not None:
         return Verdict(best, prefix + beats(best), results, confidence)
     reason = prefix + f"no candidate beats the base on the {n} examples at {level}"
-    if gains:
-        top = max(gains, key=lambda name: gains[name].interval.mean)
+    if top is not None:
         reason += f"; the best, {top}, gains {span(gains[top])}"
     return Verdict(BASE_MODEL_NAME, reason, results, confidence)
