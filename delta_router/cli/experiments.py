@@ -18,6 +18,7 @@ from delta_router.cli.common import (
     emit,
     load_router,
 )
+from delta_router.data.sources import UNSEEN_SUITES
 from delta_router.data.templates import PROMPT_FORMATS
 from delta_router.errors import DeltaRouterError
 from delta_router.home import atomic_write_text, refuse_existing_file, report_dir
@@ -105,9 +106,7 @@ def _compare(args: argparse.Namespace, out: Path) -> None:
 def cmd_unseen_suite(args: argparse.Namespace) -> None:
     """``compare --suite unseen|unseen-dev``: build on tasks outside the zoo's datasets
     (``experiments.unseen``)."""
-    from delta_router.experiments.unseen import SUITES
-
-    suite = SUITES[args.suite]
+    suite = UNSEEN_SUITES[args.suite]
     unknown = sorted(set(args.domains or []) - set(suite))
     if unknown:
         raise DeltaRouterError(f"unknown {args.suite} tasks {unknown}; the suite has {', '.join(suite)}")
@@ -253,7 +252,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--lorahub", type=NON_NEGATIVE, default=5, metavar="N",
                    help="LoraHub protocol: top-1 + N-1 random vs N random (0: skip; default 5)")  # fmt: skip
     p.add_argument("--lorahub-budget", type=POSITIVE, default=40, help="loss evaluations per LoraHub search")
-    p.add_argument("--suite", choices=("unseen", "unseen-dev"),
+    p.add_argument("--suite", choices=tuple(UNSEEN_SUITES),
                    help="build on tasks no zoo trains on (--domain picks tasks); unseen-dev: five "
                    "other such tasks, to choose settings on")  # fmt: skip
     p.add_argument("--out", help="report directory (default reports/compare; --suite S: reports/S)")

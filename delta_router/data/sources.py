@@ -348,6 +348,12 @@ _UNSEEN_DEV = (
 
 # Every dataset no zoo may train on: the suite's tasks and its dev tasks.
 UNSEEN_TASKS: dict[str, DomainSource] = {source.name: source for source in (*_UNSEEN, *_UNSEEN_DEV)}
+# The suites of ``compare --suite``, in run order (short prompts first): the test suite, and five
+# other unseen tasks to choose its settings on without looking at its results.
+UNSEEN_SUITES: dict[str, tuple[str, ...]] = {
+    "unseen": ("sciq", "mmlu_psychology", "boolq", "bioasq", "medqa"),
+    "unseen-dev": ("socialiqa", "mmlu_biology", "mmlu_nutrition", "piqa", "qasper"),
+}
 
 # Second datasets of the domains, for zoos that vary the dataset within a domain (``wild``). Those
 # that share a file with a domain or unseen task (OpenBookQA, MMLU law, SciRIFF) are cut from it by

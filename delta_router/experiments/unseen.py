@@ -1,12 +1,12 @@
 """The unseen-task suite: does ``build`` help on tasks whose datasets no finetune of the index saw?
 
-Each task of ``UNSEEN_SUITE`` (BoolQ, SciQ, MedQA, BioASQ, MMLU psychology) or of
-``UNSEEN_DEV_SUITE`` (PIQA, Social IQa, Qasper, MMLU biology and nutrition: for choosing settings
-such as ``build``'s decision rule without the suite's results; no zoo reads either, see
-``data.sources.UNSEEN_TASKS``) gets a seeded split of ``examples`` records (what a user hands over)
-and ``held_out`` records (>= 200: the verdict of 40 flips with the seed). ``build``'s selection and
-verification run on the examples exactly as ``delta-router build`` does; then, on the held-out
-records, every model is patched into one loaded base and scored:
+Each task of a suite of ``data.sources.UNSEEN_SUITES``: "unseen" (BoolQ, SciQ, MedQA, BioASQ, MMLU
+psychology) or "unseen-dev" (PIQA, Social IQa, Qasper, MMLU biology and nutrition: for choosing
+settings such as ``build``'s decision rule without the suite's results; no zoo reads either) gets
+a seeded split of ``examples`` records (what a user hands over) and ``held_out`` records (>= 200:
+the verdict of 40 flips with the seed). ``build``'s selection and verification run on the examples
+exactly as ``delta-router build`` does; then, on the held-out records, every model is patched into
+one loaded base and scored:
 
 - the base; the model ``build`` returns; the selected top-k linear merge (what the unverified
   ``build`` would return); k random finetunes merged the same way, over ``seeds`` seeds; the
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from delta_router.data import Record, load_domain
-from delta_router.data.sources import UNSEEN_TASKS
+from delta_router.data.sources import UNSEEN_SUITES, UNSEEN_TASKS
 from delta_router.evaluation.clustering import save_figure
 from delta_router.evaluation.scoring import SCORE_FIELDS, ExampleScores, example_scores
 from delta_router.evaluation.verification import Gain, Interval
@@ -48,10 +48,7 @@ from delta_router.search.selector import TaskSelector
 
 logger = logging.getLogger(__name__)
 
-UNSEEN_SUITE = ("sciq", "mmlu_psychology", "boolq", "bioasq", "medqa")  # short prompts first
-# Five other unseen tasks, to choose the suite's settings on without looking at its results.
-UNSEEN_DEV_SUITE = ("socialiqa", "mmlu_biology", "mmlu_nutrition", "piqa", "qasper")
-SUITES = {"unseen": UNSEEN_SUITE, "unseen-dev": UNSEEN_DEV_SUITE}
+UNSEEN_SUITE = UNSEEN_SUITES["unseen"]
 
 
 @dataclass(frozen=True)
