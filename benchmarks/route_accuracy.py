@@ -18,7 +18,9 @@ Methods, in one run:
 Abstention (``--abstention PNG``): each domain in turn is withheld from the router (its adapters
 removed); over thresholds on the best cosine, the share of the withheld domain's queries sent to
 the base against the in-zoo accuracy (right adapter and not sent to the base), averaged over the
-withheld domains, for the default router and the data-free one (alpha 0.01); a table and a plot.
+withheld domains, for the default router and the data-free one (alpha 0.01, its profiles centred
+on the kept models' mean as ``fit_data_free`` centres an index's); a table and a plot. ``--dev``
+routes dev queries instead of test records, to choose settings on.
 
 Downstream (``--downstream N`` test records per domain): multiple-choice accuracy (or minus the
 answer's NLL per token for math/code), mean per record with a 95% Student-t interval, of the base,
@@ -43,11 +45,19 @@ import numpy as np
 import torch
 
 from delta_router import Zoo
+from delta_router.embedding.vectors import unit_rows
 from delta_router.evaluation.scoring import example_scores
 from delta_router.evaluation.verification import Interval
 from delta_router.home import atomic_write_text
-from delta_router.routing.data_free import PROFILE_DELTAS, leave_one_group_out, profile_deltas
-from delta_router.routing.router import QueryEncoder, Router, query_text
+from delta_router.routing.data_free import (
+    DATA_FREE_THRESHOLD,
+    DEFAULT_ALPHA,
+    PROFILE_DELTAS,
+    centred_profiles,
+    leave_one_group_out,
+    profile_deltas,
+)
+from delta_router.routing.router import DEFAULT_THRESHOLD, QueryEncoder, Router, query_text
 
 
 class ArrowVotes:
@@ -77,24 +87,25 @@ class ArrowVotes:
         return winner
 
 
-THRESHOLDS = np.round(np.arange(0.0, 0.61, 0.05), 2)
+THRESHOLDS = np.round(np.arange(0.0, 0.61, 0.01), 2)
 
 
-def abstention_curve(router: Router, features, labels: list[str], domain_of: dict) -> list[tuple]:
-    """(threshold, withheld queries sent to the base, in-zoo accuracy), averaged over withheld domains."""
-    sims = router.similarities(features)  # [Q, M]
+def abstention_curve(profiles_of, queries: np.ndarray, labels: list[str], domains: np.ndarray) -> list[tuple]:
+    """(threshold, withheld queries sent to the base, in-zoo accuracy), averaged over withheld domains.
+
+    ``profiles_of(keep)``: the router's profiles ``[m, d]`` when only the models of mask ``keep`` are
+    in it; ``queries``: centred unit query features ``[Q, d]``; ``domains``: each model's domain."""
     labels_arr = np.asarray(labels)
-    domains = np.asarray([domain_of[m] for m in router.model_ids])
+    per_withheld = []
+    for withheld in sorted(set(labels)):
+        keep = domains != withheld
+        sims = queries @ profiles_of(keep).T
+        right = domains[keep][sims.argmax(1)] == labels_arr
+        per_withheld.append((sims.max(1), right, labels_arr == withheld))
     rows = []
     for threshold in THRESHOLDS:
-        to_base, accuracy = [], []
-        for withheld in sorted(set(labels)):
-            keep = domains != withheld
-            best = sims[:, keep].max(1)
-            picked = domains[keep][sims[:, keep].argmax(1)]
-            outside = labels_arr == withheld
-            to_base.append(float((best[outside] < threshold).mean()))
-            accuracy.append(float(((picked == labels_arr) & (best >= threshold))[~outside].mean()))
+        to_base = [float((best[outside] < threshold).mean()) for best, _, outside in per_withheld]
+        accuracy = [float((ok & (best >= threshold))[~outside].mean()) for best, ok, outside in per_withheld]
         rows.append((float(threshold), float(np.mean(to_base)), float(np.mean(accuracy))))
     return rows
 
@@ -113,11 +124,16 @@ def plot_abstention(curves: dict[str, list[tuple]], path: str) -> None:
         print(f"\n{name}: | threshold | withheld -> base | in-zoo accuracy | lost (points) |")
         print("|---|---|---|---|")
         for t, to_base, acc in rows:
-            print(f"| {t:.2f} | {to_base:.0%} | {acc:.1%} | {100 * (rows[0][2] - acc):.1f} |")
+            if round(100 * t) % 5 == 0 or t in (DEFAULT_THRESHOLD, DATA_FREE_THRESHOLD):
+                print(f"| {t:.2f} | {to_base:.0%} | {acc:.1%} | {100 * (rows[0][2] - acc):.1f} |")
         lost = [100 * (rows[0][2] - acc) for _, _, acc in rows]
-        ax.plot([100 * b for _, b, _ in rows], lost, marker="o", label=name)
+        t, to_base, loss = max(((t, b, x) for (t, b, _), x in zip(rows, lost, strict=True) if x <= 5),
+                               key=lambda row: row[1])  # fmt: skip
+        print(f"most to the base within 5 points: {t:.2f}, {to_base:.0%} for {loss:.1f} points")
+        ax.plot([100 * b for _, b, _ in rows], lost, marker="o", markersize=2, label=name)
         for (t, b, _), loss in zip(rows, lost, strict=True):
-            ax.annotate(f"{t:.2f}", (100 * b, loss), fontsize=6)
+            if round(100 * t) % 5 == 0:
+                ax.annotate(f"{t:.2f}", (100 * b, loss), fontsize=6)
     ax.axvline(80, color="grey", linestyle="--", linewidth=1)
     ax.axhline(5, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("withheld domain's queries sent to the base (%)")
@@ -140,6 +156,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default="full")
     parser.add_argument("--queries", type=int, default=40, help="test records per domain to route")
+    parser.add_argument("--dev", action="store_true",
+                        help="route dev queries instead (few-shot pool records 60-99, which nothing else "
+                        "reads): for choosing settings")  # fmt: skip
     parser.add_argument("--downstream", type=int, default=40, help="test records per domain to score")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--settings", nargs="+", default=["mean:256", "last:256", "mean:128", "mean:64"],
@@ -160,10 +179,12 @@ def main() -> None:
     paths = {m.id: str(zoo.adapter_dir(m)) for m in members}
     domain_of = {m.id: m.label for m in members}
     tests = {d: zoo.splits(d).test for d in zoo.spec.domains}
-    queries = [(d, r) for d in zoo.spec.domains for r in tests[d][: args.queries]]
+    routed_records = {d: zoo.splits(d).fewshot[60:] if args.dev else tests[d] for d in zoo.spec.domains}
+    queries = [(d, r) for d in zoo.spec.domains for r in routed_records[d][: args.queries]]
     texts = [query_text(r) for _, r in queries]
     print(f"# route_accuracy  {date.today()}  {platform.machine()}  {torch.get_num_threads()} threads")
-    print(f"zoo {args.zoo}: {len(members)} single-domain adapters, {len(queries)} held-out queries\n")
+    kind = "dev" if args.dev else "held-out"
+    print(f"zoo {args.zoo}: {len(members)} single-domain adapters, {len(queries)} {kind} queries\n")
 
     model, tokenizer = zoo.base.load_model(), zoo.base.load_tokenizer()
     decisions: dict[str, list[str]] = {}
@@ -191,16 +212,24 @@ def main() -> None:
         groups = [domain_of[i] for i in reference.model_ids]
         for alpha in args.alphas:
             predicted = leave_one_group_out(deltas, reference.profiles, groups, alpha)
-            free = Router(reference.model_ids, predicted, reference.center, reference.base_fingerprint)
+            free = Router(
+                reference.model_ids, centred_profiles(predicted), reference.center, reference.base_fingerprint
+            )
             routed = free.decide(features[default])
             decisions[f"data-free (LODO, alpha {alpha:g})"] = [d.adapters[0] for d in routed]
-            if alpha == 0.01:
-                routers["data-free (LODO, alpha 0.01)"] = free
-        if args.abstention:
-            curves = {
-                name: abstention_curve(routers[name], features[default], [d for d, _ in queries], domain_of)
-                for name in (default, "data-free (LODO, alpha 0.01)")
-                if name in routers
+            if alpha == DEFAULT_ALPHA:
+                routers[f"data-free (LODO, alpha {alpha:g})"], lodo = free, predicted
+        if args.abstention and DEFAULT_ALPHA in args.alphas:
+            unit_queries = unit_rows(np.asarray(features[default]) - reference.center)
+            domains = np.asarray(groups)
+            labels = [d for d, _ in queries]
+            curves = {  # data-free: the profiles fit_data_free gives an index of the kept models
+                default: abstention_curve(
+                    lambda keep: reference.profiles[keep], unit_queries, labels, domains
+                ),
+                f"data-free (LODO, alpha {DEFAULT_ALPHA:g})": abstention_curve(
+                    lambda keep: centred_profiles(lodo[keep]), unit_queries, labels, domains
+                ),
             }
             plot_abstention(curves, args.abstention)
     decisions["random"] = [rng.choice(ids) for _ in texts]

@@ -106,6 +106,20 @@ def test_profile_map_interpolates_its_reference_and_refuses_too_little():
         ProfileMap().fit(deltas[:1], profiles[:1])
 
 
+def test_centred_profiles_drop_the_direction_every_blend_shares():
+    from delta_router.routing.data_free import centred_profiles
+
+    domains, shared = np.eye(8)[:3], np.eye(8)[7]
+    blends = domains + 2 * shared  # predicted profiles: each a domain plus what every blend shares
+    blends /= np.linalg.norm(blends, axis=1, keepdims=True)
+    centred = centred_profiles(blends)
+    assert np.allclose(np.linalg.norm(centred, axis=1), 1.0)
+    assert list((domains @ centred.T).argmax(1)) == [0, 1, 2]  # each domain's query to its model
+    assert (domains @ centred.T).max(1).min() > (domains @ blends.T).max(1).max()  # and more confidently
+    assert (shared @ blends.T).min() > 0.8 > 0.1 > np.abs(shared @ centred.T).max()  # not to every model
+    assert np.array_equal(centred_profiles(blends[:1]), blends[:1].astype(np.float32))
+
+
 def test_data_free_router_sends_queries_to_their_domain(
     tiny_base, other_base, encoder, tmp_path, monkeypatch
 ):

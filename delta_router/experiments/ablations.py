@@ -50,7 +50,7 @@ from delta_router.evaluation.clustering import (
 )
 from delta_router.home import atomic_write_text
 from delta_router.models.finetunes import ADAPTER_WEIGHTS, Finetune
-from delta_router.routing.data_free import leave_one_group_out, reference_pairs
+from delta_router.routing.data_free import centred_profiles, leave_one_group_out, reference_pairs
 from delta_router.routing.router import QueryEncoder, Router
 from delta_router.search.selector import SELECTION_METHODS, TaskSelector
 
@@ -382,7 +382,7 @@ class Ablations:
         encoder = QueryEncoder.for_model(embedder.model, embedder.tokenizer)
         deltas, trained = reference_pairs(self.zoo, encoder)
         domains = [index.get(m).tags["domain"] for m in trained.model_ids]
-        predicted = leave_one_group_out(deltas, trained.profiles, domains)
+        predicted = centred_profiles(leave_one_group_out(deltas, trained.profiles, domains))
         free = Router(trained.model_ids, predicted, trained.center, trained.base_fingerprint)
         routers = {"by queries": trained, "by queries, data-free profiles": free}
         return {
