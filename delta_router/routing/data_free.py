@@ -19,8 +19,8 @@ like any embedding; for an index too large for that, ``deltas="index"`` maps the
 
 The predicted profiles are blends of reference profiles that share a direction; ``fit_data_free``
 centres them on their mean (``centred_profiles``), as data-based profiles are centred: full 93.6%
-routed right, and 72% of an unseen domain's queries fall back to the base at 4.8 points of in-zoo
-accuracy (87.9% and 54% uncentred).
+routed right, wild 90.4%, and on full 72% of an unseen domain's queries fall back to the base at 4.8
+points of in-zoo accuracy (87.9%, 86.8% and 54% uncentred).
 
 Measured leave-one-domain-out (the map is fitted without the domain it predicts): see
 ``benchmarks/route_accuracy.py`` and benchmarks/RESULTS.md.
