@@ -218,8 +218,9 @@ def main() -> None:
             routed = free.decide(features[default])
             decisions[f"data-free (LODO, alpha {alpha:g})"] = [d.adapters[0] for d in routed]
             if alpha == DEFAULT_ALPHA:
-                routers[f"data-free (LODO, alpha {alpha:g})"], lodo = free, predicted
-        if args.abstention and DEFAULT_ALPHA in args.alphas:
+                routers[f"data-free (LODO, alpha {alpha:g})"] = free
+        if args.abstention:  # the default alpha's curve, whichever --alphas are listed
+            lodo = leave_one_group_out(deltas, reference.profiles, groups, DEFAULT_ALPHA)
             unit_queries = unit_rows(np.asarray(features[default]) - reference.center)
             domains = np.asarray(groups)
             labels = [d for d, _ in queries]
