@@ -46,9 +46,10 @@ import torch
 
 from delta_router import Zoo
 from delta_router.embedding.vectors import unit_rows
+from delta_router.errors import DeltaRouterError
 from delta_router.evaluation.scoring import example_scores
 from delta_router.evaluation.verification import Interval
-from delta_router.home import atomic_write_text
+from delta_router.home import atomic_write_text, refuse_existing_file
 from delta_router.routing.data_free import (
     DATA_FREE_THRESHOLD,
     DEFAULT_ALPHA,
@@ -171,7 +172,14 @@ def main() -> None:
     parser.add_argument(
         "--json", metavar="FILE", help="also write the accuracies here (e.g. reports/wild/routing.json)"
     )
+    parser.add_argument("--force", action="store_true", help="overwrite existing --json / --abstention files")
     args = parser.parse_args()
+    try:  # before minutes of compute, not after
+        for option in ("--json", "--abstention"):
+            if getattr(args, option[2:]):
+                refuse_existing_file(getattr(args, option[2:]), args.force, option)
+    except DeltaRouterError as error:
+        parser.error(str(error))
     rng = random.Random(args.seed)
 
     zoo = Zoo(args.zoo, progress=False)
