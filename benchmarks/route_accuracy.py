@@ -13,6 +13,9 @@ Methods, in one run:
   (``routing.data_free.profile_deltas``, ``--profile-deltas``), the map fitted on the other domains'
   adapters (leave one domain out), one row per ridge ``alpha``; queries encoded as the default router
   encodes them;
+- ``data-free (map on REF)`` and ``(map on REF + zoo, LODO)`` (``--reference-zoo REF ...``): the map
+  fitted on other zoos' pairs, as ``route fit --data-free --reference-zoo REF`` fits it (no finetune of
+  this zoo in the reference), and on those plus this zoo's finetunes of the other domains;
 - ``random``: a uniformly random adapter (expected accuracy 1 / #domains).
 
 Abstention (``--abstention PNG``): each domain in turn is withheld from the router (its adapters
@@ -54,9 +57,11 @@ from delta_router.routing.data_free import (
     DATA_FREE_THRESHOLD,
     DEFAULT_ALPHA,
     PROFILE_DELTAS,
+    ProfileMap,
     centred_profiles,
     leave_one_group_out,
     profile_deltas,
+    reference_pairs,
 )
 from delta_router.routing.router import DEFAULT_THRESHOLD, QueryEncoder, Router, query_text
 
@@ -109,6 +114,32 @@ def abstention_curve(profiles_of, queries: np.ndarray, labels: list[str], domain
         accuracy = [float((ok & (best >= threshold))[~outside].mean()) for best, ok, outside in per_withheld]
         rows.append((float(threshold), float(np.mean(to_base)), float(np.mean(accuracy))))
     return rows
+
+
+def cross_zoo_profiles(
+    zoo, references: list, encoder: QueryEncoder, own: Router, own_deltas: np.ndarray, groups: list[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Data-free profiles of ``own``'s models ``[n, d]`` (uncentred predictions) and the centre of their
+    query space, mapped by other zoos' pairs: by ``references`` alone (``route fit --data-free
+    --reference-zoo NAMES``), and by them plus this zoo's finetunes of other domains (each domain's
+    profiles predicted without its own finetunes: the union reference, this zoo's part left out)."""
+    names = "+".join(z.spec.name for z in references)
+    ref_deltas, ref = reference_pairs(references, encoder)
+    population = np.vstack([ref_deltas, own_deltas])
+    alone = ProfileMap(DEFAULT_ALPHA).fit(ref_deltas, ref.profiles, population).predict(own_deltas)
+    union_deltas, union = reference_pairs([*references, zoo], encoder)
+    prefix = f"{zoo.spec.name}_"
+    rows = np.asarray([union.model_ids.index(prefix + m) for m in own.model_ids])
+    with_own = np.zeros_like(alone)
+    for group in sorted(set(groups)):
+        held = np.asarray(groups) == group
+        kept = np.setdiff1d(np.arange(len(union_deltas)), rows[held])
+        mapping = ProfileMap(DEFAULT_ALPHA).fit(union_deltas[kept], union.profiles[kept], union_deltas)
+        with_own[held] = mapping.predict(own_deltas[held])
+    return {
+        f"data-free (map on {names})": (alone, ref.center),
+        f"data-free (map on {names} + {zoo.spec.name}, LODO)": (with_own, union.center),
+    }
 
 
 def plot_abstention(curves: dict[str, list[tuple]], path: str) -> None:
@@ -168,6 +199,9 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01, 0.03, 0.1])
     parser.add_argument("--profile-deltas", choices=PROFILE_DELTAS, default="plain",
                         help="what the data-free map reads (see routing.data_free)")  # fmt: skip
+    parser.add_argument("--reference-zoo", nargs="+", metavar="NAME",
+                        help="data-free rows mapped by these built zoos: by them alone, and by them "
+                        "plus this zoo's other domains")  # fmt: skip
     parser.add_argument("--abstention", metavar="PNG", help="withheld-domain abstention curve, plotted here")
     parser.add_argument(
         "--json", metavar="FILE", help="also write the accuracies here (e.g. reports/wild/routing.json)"
@@ -197,11 +231,13 @@ def main() -> None:
     model, tokenizer = zoo.base.load_model(), zoo.base.load_tokenizer()
     decisions: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
-    routers, features = {}, {}
+    routers, features, encoder_of = {}, {}, {}
     for setting in args.settings:
         pooling, max_length = setting.split(":")[0], int(setting.split(":")[1])
         name = f"router ({pooling}, {max_length} tokens)"
-        encoder = QueryEncoder.for_model(model, tokenizer, pooling=pooling, max_length=max_length)
+        encoder = encoder_of[name] = QueryEncoder.for_model(
+            model, tokenizer, pooling=pooling, max_length=max_length
+        )
         clock = time.perf_counter()
         routers[name] = Router.fit_zoo(zoo, encoder, threshold=None)  # top-1 accuracy; abstention: below
         fit_s = time.perf_counter() - clock
@@ -227,6 +263,15 @@ def main() -> None:
             decisions[f"data-free (LODO, alpha {alpha:g})"] = [d.adapters[0] for d in routed]
             if alpha == DEFAULT_ALPHA:
                 routers[f"data-free (LODO, alpha {alpha:g})"] = free
+        crossed = {}
+        if args.reference_zoo:
+            references = [Zoo(name, progress=False) for name in args.reference_zoo]
+            crossed = cross_zoo_profiles(zoo, references, encoder_of[default], reference, deltas, groups)
+            for name, (predicted, centre) in crossed.items():
+                free = Router(
+                    reference.model_ids, centred_profiles(predicted), centre, reference.base_fingerprint
+                )
+                decisions[name] = [d.adapters[0] for d in free.decide(features[default])]
         if args.abstention:  # the default alpha's curve, whichever --alphas are listed
             lodo = leave_one_group_out(deltas, reference.profiles, groups, DEFAULT_ALPHA)
             unit_queries = unit_rows(np.asarray(features[default]) - reference.center)
@@ -240,6 +285,11 @@ def main() -> None:
                     lambda keep: centred_profiles(lodo[keep]), unit_queries, labels, domains
                 ),
             }
+            for name, (predicted, centre) in crossed.items():
+                centred_queries = unit_rows(np.asarray(features[default]) - centre)
+                curves[name] = abstention_curve(
+                    lambda keep, p=predicted: centred_profiles(p[keep]), centred_queries, labels, domains
+                )
             plot_abstention(curves, args.abstention)
     decisions["random"] = [rng.choice(ids) for _ in texts]
     arrow = None if args.no_arrow else arrow_model(zoo, [paths[i] for i in ids])

@@ -120,18 +120,24 @@ def test_centred_profiles_drop_the_direction_every_blend_shares():
     assert np.array_equal(centred_profiles(blends[:1]), blends[:1].astype(np.float32))
 
 
+def tiny_zoo(name: str, base, root, seed: int = 0):
+    """An unbuilt zoo of 3 LoRAs per synthetic domain on ``base``, under ``root / name``."""
+    from delta_router.training.trainer import TrainConfig
+    from delta_router.zoo.zoo import Zoo, ZooSpec
+
+    spec = ZooSpec(name, tuple(SYNTHETIC_WORDS), parts=3, train_size=24, seed=seed,
+                   train=TrainConfig(max_steps=5, batch_size=8, learning_rate=1e-2))  # fmt: skip
+    splits = {domain: synthetic_domain(domain) for domain in SYNTHETIC_WORDS}
+    return Zoo(spec, base, root=root / name, progress=False, splits=splits)
+
+
 def test_data_free_router_sends_queries_to_their_domain(
     tiny_base, other_base, encoder, tmp_path, monkeypatch
 ):
     """Profiles from the finetunes alone, mapped by a reference zoo (here the same zoo); API and CLI."""
     from delta_router.routing.data_free import fit_data_free, reference_pairs
-    from delta_router.training.trainer import TrainConfig
-    from delta_router.zoo.zoo import Zoo, ZooSpec
 
-    spec = ZooSpec("tiny", tuple(SYNTHETIC_WORDS), parts=3, train_size=24,
-                   train=TrainConfig(max_steps=5, batch_size=8, learning_rate=1e-2))  # fmt: skip
-    splits = {name: synthetic_domain(name) for name in SYNTHETIC_WORDS}
-    zoo = Zoo(spec, tiny_base, root=tmp_path / "zoo", progress=False, splits=splits)
+    zoo = tiny_zoo("tiny", tiny_base, tmp_path)
     index = zoo.build()
     deltas, reference = reference_pairs(zoo, encoder)
     router = fit_data_free(index, deltas, reference, threshold=None)  # the mapping, not the fallback
@@ -172,3 +178,33 @@ def test_data_free_router_sends_queries_to_their_domain(
     expected = fit_data_free(index, reference_pairs(zoo, encoder, "index")[0], reference, deltas="index")
     assert by_index.model_ids == router.model_ids
     assert np.allclose(by_index.profiles, expected.profiles, atol=1e-5)
+
+
+def test_a_reference_of_two_zoos_maps_with_both(tiny_base, encoder, tmp_path):
+    """Several reference zoos: one router over all their finetunes (ids prefixed by the zoo's name),
+    their deltas stacked in its order, cached like one zoo's; the data-free router still routes."""
+    from delta_router.routing.data_free import fit_data_free, reference_pairs
+
+    first, second = tiny_zoo("tiny", tiny_base, tmp_path), tiny_zoo("other", tiny_base, tmp_path, seed=1)
+    index = first.build()
+    second.build()
+    deltas, reference = reference_pairs([first, second], encoder)
+    alone = [reference_pairs(zoo, encoder) for zoo in (first, second)]
+    ids = [f"other_{m}" for m in alone[1][1].model_ids] + [f"tiny_{m}" for m in alone[0][1].model_ids]
+    assert reference.model_ids == ids  # in the zoos' name order, whatever order they came in
+    assert np.allclose(deltas, np.vstack([alone[1][0], alone[0][0]]))
+    sizes = [len(r.model_ids) for _, r in alone]  # one query space: centred on every model's mean query
+    assert np.allclose(
+        reference.center, sum(n * r.center for n, (_, r) in zip(sizes, alone, strict=True)) / sum(sizes)
+    )
+    again = reference_pairs([second, first], encoder)[1]  # from the cache
+    assert again.model_ids == reference.model_ids and np.allclose(again.profiles, reference.profiles)
+
+    router = fit_data_free(index, deltas, reference, threshold=None)
+    assert router.model_ids == index.model_ids()
+    for domain in SYNTHETIC_WORDS:
+        queries = [query_text(r) for r in synthetic_domain(domain, seed=7).test]
+        picks = [d.adapters[0] for d in router.route(encoder, queries)]
+        assert np.mean([p.startswith(domain) for p in picks]) >= 0.9
+    with pytest.raises(DataError, match="at least one"):
+        reference_pairs([], encoder)

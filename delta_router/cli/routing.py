@@ -86,21 +86,21 @@ def _fit_data_free(args: argparse.Namespace) -> None:
 
     if args.examples or args.zoo:
         raise DeltaRouterError("--data-free uses no examples: drop --zoo / --examples (see --reference-zoo)")
-    reference_zoo, profile_deltas = args.reference_zoo or "full", args.profile_deltas or "plain"
+    reference_zoos, profile_deltas = args.reference_zoo or ["full"], args.profile_deltas or "plain"
     index = ModelIndex.load(args.index)
     if index.space is None:
         raise DeltaRouterError(f"{args.index} is empty: add models before fitting a router")
     refuse_existing(args.out, args.force, inputs=index_inputs(index, args.index))
     base = resolve_base(index.space.base_name)
-    zoo = Zoo(reference_zoo, base, progress=False)
-    reference_index = zoo.load_index()
-    where = f"the reference zoo {reference_zoo}"
-    index.space.check_same(reference_index.space, f"the index {args.index}", where)
+    zoos = [Zoo(name, base, progress=False) for name in dict.fromkeys(reference_zoos)]
+    for zoo in zoos:
+        where = f"the reference zoo {zoo.spec.name}"
+        index.space.check_same(zoo.load_index().space, f"the index {args.index}", where)
     encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
-    deltas, reference = reference_pairs(zoo, encoder, profile_deltas, progress=not args.json)
+    deltas, reference = reference_pairs(zoos, encoder, profile_deltas, progress=not args.json)
     router = fit_data_free(index, deltas, reference, deltas=profile_deltas, progress=not args.json)
     router.save(args.out, force=args.force)
-    payload = {"router": args.out, "models": router.model_ids, "reference_zoo": reference_zoo,
+    payload = {"router": args.out, "models": router.model_ids, "reference_zoos": [z.spec.name for z in zoos],
                "profile_deltas": profile_deltas}  # fmt: skip
     emit(args, payload, _ids_table(router.model_ids, args.out))
 
@@ -194,8 +194,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling (default: mean)")
     p.add_argument("--data-free", action="store_true",
                    help="profile every indexed model from its files alone (no examples)")  # fmt: skip
-    p.add_argument("--reference-zoo",
-                   help="--data-free: the built zoo whose data fit the map (default full)")  # fmt: skip
+    p.add_argument("--reference-zoo", nargs="+", metavar="NAME",
+                   help="--data-free: the built zoo(s) whose data fit the map (default full; "
+                        "'full wild' maps a pool of finetunes that vary in recipe better)")  # fmt: skip
     p.add_argument("--profile-deltas", choices=PROFILE_DELTAS,
                    help="--data-free: what the map reads of each model: plain = 15 generic probes in "
                         "no template, a forward pass per model (default); formats = the paper's probes "

@@ -50,6 +50,12 @@ def query_text(record: Record) -> str:
     return f"{record.instruction}\n\n{record.input}".strip()
 
 
+def zoo_examples(zoo, per_model: int = 32, kinds=("domain",)) -> dict[str, list[str]]:
+    """``{member id: its first per_model training prompts as query texts}`` of a zoo's ``kinds`` members."""
+    members = [m for m in zoo.spec.members() if m.kind in kinds]
+    return {m.id: [query_text(r) for r in zoo.training_records(m)[:per_model]] for m in members}
+
+
 class QueryEncoder:
     """The base's pooled hidden state of raw texts: ``__call__(texts) -> [N, d]`` fp32.
 
@@ -172,8 +178,7 @@ class Router:
     @classmethod
     def fit_zoo(cls, zoo, encoder: QueryEncoder, per_model: int = 32, kinds=("domain",), **options) -> Router:
         """Profiles from each zoo member's own training prompts (members of ``kinds`` only)."""
-        members = [m for m in zoo.spec.members() if m.kind in kinds]
-        examples = {m.id: [query_text(r) for r in zoo.training_records(m)[:per_model]] for m in members}
+        examples = zoo_examples(zoo, per_model, kinds)
         return cls.fit(encoder, zoo.base.fingerprint, examples, base_name=zoo.base.name, **options)
 
     def add(self, model_id: str, profile: np.ndarray, source: str = "examples") -> None:
