@@ -157,10 +157,13 @@ def reference_pairs(
         base = zoos[0].base
         router = Router.fit(encoder, base.fingerprint, examples, progress, base_name=base.name)
         router.save(directory, force=True)
-    vectors = []
+    vectors, ids = [], []
     for zoo, index, prefix in zip(zoos, indexes, prefixes, strict=True):
-        ids = [m.removeprefix(prefix) for m in router.model_ids if m.startswith(prefix)]
-        vectors.append(profile_deltas(index, ids, deltas, zoo.base, progress))
+        members = [m.id for m in zoo.spec.members() if m.kind == "domain"]  # the router's rows, in order
+        vectors.append(profile_deltas(index, members, deltas, zoo.base, progress))
+        ids += [prefix + m for m in members]
+    if ids != router.model_ids:
+        raise DataError(f"the cached reference router {directory} does not match its zoos: remove it")
     return np.vstack(vectors), router
 
 
