@@ -208,3 +208,11 @@ def test_a_reference_of_two_zoos_maps_with_both(tiny_base, encoder, tmp_path):
         assert np.mean([p.startswith(domain) for p in picks]) >= 0.9
     with pytest.raises(DataError, match="at least one"):
         reference_pairs([], encoder)
+
+    from delta_router.home import cache_dir  # a cached router of other finetunes (a zoo changed): refused
+
+    cached = next(d for d in cache_dir("references").iterdir() if len(Router.load(d).model_ids) == len(ids))
+    stale = Router(ids[:-1], reference.profiles[:-1], reference.center, reference.base_fingerprint)
+    stale.save(cached, force=True)
+    with pytest.raises(DataError, match="does not match its zoos"):
+        reference_pairs([first, second], encoder)
