@@ -131,6 +131,14 @@ def tiny_zoo(name: str, base, root, seed: int = 0):
     return Zoo(spec, base, root=root / name, progress=False, splits=splits)
 
 
+def assert_held_out_queries_reach_their_domain(router: Router, encoder: QueryEncoder) -> None:
+    """>= 90% of each synthetic domain's held-out queries go to one of its finetunes."""
+    for domain in SYNTHETIC_WORDS:
+        queries = [query_text(r) for r in synthetic_domain(domain, seed=7).test]
+        picks = [d.adapters[0] for d in router.route(encoder, queries)]
+        assert np.mean([p.startswith(domain) for p in picks]) >= 0.9
+
+
 def test_data_free_router_sends_queries_to_their_domain(
     tiny_base, other_base, encoder, tmp_path, monkeypatch
 ):
@@ -148,10 +156,7 @@ def test_data_free_router_sends_queries_to_their_domain(
         fit_data_free(index, deltas, foreign)
     with pytest.raises(DataError, match="reference deltas"):
         fit_data_free(index, deltas[:-1], reference)
-    for domain in SYNTHETIC_WORDS:
-        queries = [query_text(r) for r in synthetic_domain(domain, seed=7).test]
-        picks = [d.adapters[0] for d in router.route(encoder, queries)]
-        assert np.mean([p.startswith(domain) for p in picks]) >= 0.9
+    assert_held_out_queries_reach_their_domain(router, encoder)
 
     from delta_router.cli import main
     from delta_router.zoo import zoo as zoo_module
@@ -202,10 +207,7 @@ def test_a_reference_of_two_zoos_maps_with_both(tiny_base, encoder, tmp_path):
 
     router = fit_data_free(index, deltas, reference, threshold=None)
     assert router.model_ids == index.model_ids()
-    for domain in SYNTHETIC_WORDS:
-        queries = [query_text(r) for r in synthetic_domain(domain, seed=7).test]
-        picks = [d.adapters[0] for d in router.route(encoder, queries)]
-        assert np.mean([p.startswith(domain) for p in picks]) >= 0.9
+    assert_held_out_queries_reach_their_domain(router, encoder)
     with pytest.raises(DataError, match="at least one"):
         reference_pairs([], encoder)
 
