@@ -128,14 +128,11 @@ def cross_zoo_profiles(
     population = np.vstack([ref_deltas, own_deltas])
     alone = ProfileMap(DEFAULT_ALPHA).fit(ref_deltas, ref.profiles, population).predict(own_deltas)
     union_deltas, union = reference_pairs([*references, zoo], encoder)
-    prefix = f"{zoo.spec.name}_"
-    rows = np.asarray([union.model_ids.index(prefix + m) for m in own.model_ids])
-    with_own = np.zeros_like(alone)
-    for group in sorted(set(groups)):
-        held = np.asarray(groups) == group
-        kept = np.setdiff1d(np.arange(len(union_deltas)), rows[held])
-        mapping = ProfileMap(DEFAULT_ALPHA).fit(union_deltas[kept], union.profiles[kept], union_deltas)
-        with_own[held] = mapping.predict(own_deltas[held])
+    rows = [union.model_ids.index(f"{zoo.spec.name}_{m}") for m in own.model_ids]
+    union_groups = [""] * len(union_deltas)  # the reference zoos' finetunes are never left out for own's
+    for row, group in zip(rows, groups, strict=True):
+        union_groups[row] = group
+    with_own = leave_one_group_out(union_deltas, union.profiles, union_groups, DEFAULT_ALPHA)[rows]
     return {
         f"data-free (map on {names})": (alone, ref.center),
         f"data-free (map on {names} + {zoo.spec.name}, LODO)": (with_own, union.center),
