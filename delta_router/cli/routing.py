@@ -196,7 +196,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="profile every indexed model from its files alone (no examples)")  # fmt: skip
     p.add_argument("--reference-zoo", nargs="+", metavar="NAME",
                    help="--data-free: the built zoo(s) whose data fit the map (default full; "
-                        "'full wild' maps a pool of finetunes that vary in recipe better)")  # fmt: skip
+                        "several: one reference of all their finetunes)")  # fmt: skip
     p.add_argument("--profile-deltas", choices=PROFILE_DELTAS,
                    help="--data-free: what the map reads of each model: plain = 15 generic probes in "
                         "no template, a forward pass per model (default); formats = the paper's probes "

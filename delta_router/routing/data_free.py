@@ -134,7 +134,7 @@ def reference_pairs(
     ``profile_deltas`` ``[n, d]`` and one data-based ``Router`` over all of them, from their training
     prompts (ids ``<zoo>_<member>`` when several, zoos in name order); both cached under the home.
 
-    A reference whose finetunes vary in recipe maps a pool that varies too: wild's finetunes, mapped
+    The map carries a domain over only for recipes its reference has seen: wild's finetunes, mapped
     by ``full`` alone, route 78.9% of wild's test queries right; by ``full`` + wild's finetunes of
     the other domains, 87.5% (RESULTS.md, "A reference of two zoos")."""
     zoos = sorted(zoos, key=lambda zoo: zoo.spec.name) if isinstance(zoos, list | tuple) else [zoos]
