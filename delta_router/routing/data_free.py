@@ -150,20 +150,20 @@ def reference_pairs(
     prefixes = [f"{zoo.spec.name}_" if len(zoos) > 1 else "" for zoo in zoos]
     if (directory / "router.json").exists():
         router = Router.load(directory)
+        members = [[m.id for m in zoo.spec.members() if m.kind == "domain"] for zoo in zoos]
+        if router.model_ids != [p + m for p, ids in zip(prefixes, members, strict=True) for m in ids]:
+            raise DataError(f"the cached reference router {directory} does not match its zoos: remove it")
     else:
-        examples = {}
-        for zoo, prefix in zip(zoos, prefixes, strict=True):
-            examples |= {prefix + m: texts for m, texts in zoo_examples(zoo).items()}
+        examples = [zoo_examples(zoo) for zoo in zoos]
+        members = [list(texts) for texts in examples]
+        prompts = {p + m: t for p, ex in zip(prefixes, examples, strict=True) for m, t in ex.items()}
         base = zoos[0].base
-        router = Router.fit(encoder, base.fingerprint, examples, progress, base_name=base.name)
+        router = Router.fit(encoder, base.fingerprint, prompts, progress, base_name=base.name)
         router.save(directory, force=True)
-    vectors, ids = [], []
-    for zoo, index, prefix in zip(zoos, indexes, prefixes, strict=True):
-        members = [m.id for m in zoo.spec.members() if m.kind == "domain"]  # the router's rows, in order
-        vectors.append(profile_deltas(index, members, deltas, zoo.base, progress))
-        ids += [prefix + m for m in members]
-    if ids != router.model_ids:
-        raise DataError(f"the cached reference router {directory} does not match its zoos: remove it")
+    vectors = [
+        profile_deltas(index, ids, deltas, zoo.base, progress)
+        for zoo, index, ids in zip(zoos, indexes, members, strict=True)
+    ]
     return np.vstack(vectors), router
 
 
