@@ -148,14 +148,13 @@ def reference_pairs(
     key = json.dumps([names, space, encoder.layer, encoder.pooling, encoder.max_length])
     directory = cache_dir("references") / hashlib.sha256(key.encode()).hexdigest()[:16]
     prefixes = [f"{zoo.spec.name}_" if len(zoos) > 1 else "" for zoo in zoos]
+    members = [[m.id for m in zoo.spec.members() if m.kind == "domain"] for zoo in zoos]  # the router's rows
     if (directory / "router.json").exists():
         router = Router.load(directory)
-        members = [[m.id for m in zoo.spec.members() if m.kind == "domain"] for zoo in zoos]
         if router.model_ids != [p + m for p, ids in zip(prefixes, members, strict=True) for m in ids]:
             raise DataError(f"the cached reference router {directory} does not match its zoos: remove it")
     else:
         examples = [zoo_examples(zoo) for zoo in zoos]
-        members = [list(texts) for texts in examples]
         prompts = {p + m: t for p, ex in zip(prefixes, examples, strict=True) for m, t in ex.items()}
         base = zoos[0].base
         router = Router.fit(encoder, base.fingerprint, prompts, progress, base_name=base.name)
