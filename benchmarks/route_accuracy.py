@@ -211,6 +211,8 @@ def main() -> None:
                 refuse_existing_file(getattr(args, option[2:]), args.force, option)
     except DeltaRouterError as error:
         parser.error(str(error))
+    if args.zoo in (args.reference_zoo or []):
+        parser.error(f"--reference-zoo {args.zoo} is the routed zoo itself: give other zoos")
     rng = random.Random(args.seed)
 
     zoo = Zoo(args.zoo, progress=False)
