@@ -6,6 +6,7 @@ import json
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -495,6 +496,29 @@ def test_a_data_free_registration_learns_only_from_profiles_made_from_examples(
     router.sources = ["data-free"] * len(router.model_ids)  # as if fitted with --data-free
     assert registry.register(adapters[3], "guessed-too")["profile"] == "data-free"
     assert pairs == [2, 3]
+
+
+def test_a_data_free_registration_is_centred_like_a_data_free_fit(tiny_base, adapters, tmp_path):
+    """A registered profile is the map's prediction less the mean prediction over the models it
+    learns from and itself, as ``fit_data_free`` centres its profiles: not the raw prediction, whose
+    shared direction raises its cosine to every query alike."""
+    from delta_router.embedding.vectors import unit_rows
+    from delta_router.routing.data_free import ProfileMap, centred_profiles
+    from delta_router.search.index import ModelIndex
+    from delta_router.serving.registry import AdapterRegistry
+
+    idx = tmp_path / "idx"
+    router, _ = _indexed_router(tiny_base, adapters, idx)
+    # two centred profiles are opposite, and centring would not move a blend of them: draw others
+    router.profiles = known = unit_rows(np.random.default_rng(0).normal(size=router.profiles.shape))
+    scheduler = BatchScheduler(PeftBackend(resolve_base(tiny_base), {}), router)
+    registry = AdapterRegistry(ModelIndex.load(idx), scheduler)
+    registry.register(adapters[2], "guessed")
+    paths = [registry.index.get(m).embedding.path for m in ("fruit", "digits")]
+    deltas = registry.profile_deltas_embedder.transform([*paths, adapters[2]])
+    predicted = ProfileMap().fit(deltas[:-1], known, deltas).predict(deltas)
+    assert np.allclose(router.profiles[-1], centred_profiles(predicted)[-1], atol=1e-5)
+    assert not np.allclose(router.profiles[-1], predicted[-1], atol=1e-3)
 
 
 def test_first_registrations_at_once_build_one_embedder(tiny_base, adapters, tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DataError, DuplicateModelError
 from delta_router.model_ids import check_model_id
 from delta_router.models.finetunes import Finetune
-from delta_router.routing.data_free import ProfileMap, profile_embedder
+from delta_router.routing.data_free import ProfileMap, centred_profiles, profile_embedder
 from delta_router.search.index import ModelIndex
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ class AdapterRegistry:
         """The router profile of a new adapter: from ``examples`` (queries of its task) when given,
         else data-free from its profile delta, by a map fitted on the router's models whose profiles
         came from examples (or, in a router with fewer than 2 of those, on all its models: a data-free
-        router's profiles are its reference map's predictions)."""
+        router's profiles are its reference map's predictions), centred on the map's predictions for
+        those models and the new one as ``fit_data_free`` centres its profiles."""
         router = self.scheduler.router
         if examples:  # the encoder runs the serving model, which decode steps hook: hold the lock
             with self.scheduler.lock:
@@ -148,4 +149,4 @@ class AdapterRegistry:
         paths = [self.index.get(m).embedding.path for m in known]
         deltas = self.profile_deltas_embedder.transform([*paths, finetune])  # cached but the new one
         mapping = ProfileMap().fit(deltas[:-1], profiles, deltas)
-        return mapping.predict(deltas[-1:])[0], "data-free"
+        return centred_profiles(mapping.predict(deltas))[-1], "data-free"
