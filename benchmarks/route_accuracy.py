@@ -56,6 +56,7 @@ from delta_router.home import atomic_write_text, refuse_existing_file
 from delta_router.routing.data_free import (
     DATA_FREE_THRESHOLD,
     DEFAULT_ALPHA,
+    DEFAULT_PROFILE_DELTAS,
     PROFILE_DELTAS,
     ProfileMap,
     centred_profiles,
@@ -117,17 +118,24 @@ def abstention_curve(profiles_of, queries: np.ndarray, labels: list[str], domain
 
 
 def cross_zoo_profiles(
-    zoo, references: list, encoder: QueryEncoder, own: Router, own_deltas: np.ndarray, groups: list[str]
+    zoo,
+    references: list,
+    encoder: QueryEncoder,
+    own: Router,
+    own_deltas: np.ndarray,
+    groups: list[str],
+    deltas: str,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Data-free profiles of ``own``'s models ``[n, d]`` (uncentred predictions) and the centre of their
     query space, mapped by other zoos' pairs: by ``references`` alone (``route fit --data-free
     --reference-zoo NAMES``), and by them plus this zoo's finetunes of other domains (each domain's
-    profiles predicted without its own finetunes: the union reference, this zoo's part left out)."""
+    profiles predicted without its own finetunes: the union reference, this zoo's part left out).
+    ``deltas``: the kind of ``own_deltas`` (``PROFILE_DELTAS``), which the references' are read as."""
     names = "+".join(z.spec.name for z in references)
-    ref_deltas, ref = reference_pairs(references, encoder)
+    ref_deltas, ref = reference_pairs(references, encoder, deltas)
     population = np.vstack([ref_deltas, own_deltas])
     alone = ProfileMap(DEFAULT_ALPHA).fit(ref_deltas, ref.profiles, population).predict(own_deltas)
-    union_deltas, union = reference_pairs([*references, zoo], encoder)
+    union_deltas, union = reference_pairs([*references, zoo], encoder, deltas)
     rows = [union.model_ids.index(f"{zoo.spec.name}_{m}") for m in own.model_ids]
     union_groups = [""] * len(union_deltas)  # the reference zoos' finetunes are never left out for own's
     for row, group in zip(rows, groups, strict=True):
@@ -194,7 +202,7 @@ def main() -> None:
                         help="router variants POOLING:TOKENS (mean:128 is the default router)")  # fmt: skip
     parser.add_argument("--no-arrow", action="store_true", help="skip PEFT's Arrow (minutes)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01, 0.03, 0.1])
-    parser.add_argument("--profile-deltas", choices=PROFILE_DELTAS, default="plain",
+    parser.add_argument("--profile-deltas", choices=PROFILE_DELTAS, default=DEFAULT_PROFILE_DELTAS,
                         help="what the data-free map reads (see routing.data_free)")  # fmt: skip
     parser.add_argument("--reference-zoo", nargs="+", metavar="NAME",
                         help="data-free rows mapped by these built zoos: by them alone, and by them "
@@ -265,7 +273,9 @@ def main() -> None:
         crossed = {}
         if args.reference_zoo:
             references = [Zoo(name, progress=False) for name in args.reference_zoo]
-            crossed = cross_zoo_profiles(zoo, references, encoder_of[default], reference, deltas, groups)
+            crossed = cross_zoo_profiles(
+                zoo, references, encoder_of[default], reference, deltas, groups, args.profile_deltas
+            )
             for name, (predicted, centre) in crossed.items():
                 free = Router(
                     reference.model_ids, centred_profiles(predicted), centre, reference.base_fingerprint

@@ -23,7 +23,7 @@ from delta_router.embedding.embedder import POOLINGS
 from delta_router.errors import DeltaRouterError
 from delta_router.home import refuse_existing
 from delta_router.models.base import resolve_base
-from delta_router.routing.data_free import PROFILE_DELTAS
+from delta_router.routing.data_free import DEFAULT_PROFILE_DELTAS, PROFILE_DELTAS
 from delta_router.search.index import ModelIndex
 
 
@@ -86,7 +86,8 @@ def _fit_data_free(args: argparse.Namespace) -> None:
 
     if args.examples or args.zoo:
         raise DeltaRouterError("--data-free uses no examples: drop --zoo / --examples (see --reference-zoo)")
-    reference_zoos, profile_deltas = args.reference_zoo or ["full"], args.profile_deltas or "plain"
+    reference_zoos = args.reference_zoo or ["full"]
+    profile_deltas = args.profile_deltas or DEFAULT_PROFILE_DELTAS
     index = ModelIndex.load(args.index)
     if index.space is None:
         raise DeltaRouterError(f"{args.index} is empty: add models before fitting a router")
@@ -198,9 +199,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="--data-free: the built zoo(s) whose data fit the map (default full; "
                         "several: one reference of all their finetunes)")  # fmt: skip
     p.add_argument("--profile-deltas", choices=PROFILE_DELTAS,
-                   help="--data-free: what the map reads of each model: plain = 15 generic probes in "
-                        "no template, a forward pass per model (default); formats = the paper's probes "
-                        "in every prompt format (as costly); index = the index's vectors, no forward "
+                   help="--data-free: what the map reads of each model: formats = the paper's probes in "
+                        "every prompt format, a forward pass per model (default); plain = 15 generic "
+                        "probes in no template (as costly); index = the index's vectors, no forward "
                         "pass (huge indexes of one prompt format)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_route_fit)

@@ -8,19 +8,22 @@ reference pairs, predicts a profile for any finetune from its delta alone (no da
 centred as the reference router centres them.
 
 The deltas the map reads are not the index's (the paper's 5 Alpaca probes) but ``profile_embedder``'s:
-by default (``"plain"``) the paper's preambles with 3 generic tasks in no prompt template
-(``ProbeSet.plain``), each probe's shift unit-normed before the mean. On finetunes trained in mixed
-prompt formats the index's deltas follow the format, these the domain. Chosen among 7 probe sets on
-dev queries (records no benchmark routes), then measured on the test queries, leave one domain out:
-wild 86.8% routed right (the paper's probes in the three formats, ``"formats"``: 80.7%; the index's
-deltas 51.8%), full 87.9% (89.3%, 88.6%). It costs one forward pass of 15 probes per finetune, cached
-like any embedding; for an index too large for that, ``deltas="index"`` maps the index's own vectors
-(no forward pass; as good on finetunes that share one prompt format).
+by default (``"formats"``) the paper's probes in each of the three prompt formats (``ProbeSet.formats``),
+each probe's shift unit-normed before the mean. On finetunes trained in mixed prompt formats the
+index's deltas follow the format, these the domain. Chosen on dev queries (records no benchmark
+routes) by the lowest of four ratios to the data-based router: leave one domain out on ``full`` and
+on ``wild``, and each zoo mapped by the other (as ``route fit --data-free`` maps a pool by a
+reference zoo). ``"formats"`` 90.1% against ``"plain"`` (the paper's preambles with 3 generic tasks
+in no template, ``ProbeSet.plain``) 78.7%; on test 87.4% against 84.7%: wild mapped by full routes
+81.4% of its test queries right (plain 78.9%), leave one domain out wild 86.8% (90.4%), full 93.9%
+(93.6%). It costs one forward pass of 15 probes per finetune, cached like any embedding; for an
+index too large for that, ``deltas="index"`` maps the index's own vectors (no forward pass; as good
+on finetunes that share one prompt format).
 
 The predicted profiles are blends of reference profiles that share a direction; ``fit_data_free``
-centres them on their mean (``centred_profiles``), as data-based profiles are centred: full 93.6%
-routed right, wild 90.4%, and on full 72% of an unseen domain's queries fall back to the base at 4.8
-points of in-zoo accuracy (87.9%, 86.8% and 54% uncentred).
+centres them on their mean (``centred_profiles``), as data-based profiles are centred: with the plain
+deltas, full 93.6% routed right, wild 90.4%, and on full 72% of an unseen domain's queries fall back
+to the base at 4.8 points of in-zoo accuracy (87.9%, 86.8% and 54% uncentred).
 
 Measured leave-one-domain-out (the map is fitted without the domain it predicts): see
 ``benchmarks/route_accuracy.py`` and benchmarks/RESULTS.md.
@@ -49,12 +52,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_ALPHA = 0.01  # ridge strength, from a leave-one-domain-out sweep on the full zoo (RESULTS.md)
 # The fallback threshold of a data-free router: of the thresholds that cost <= 5 points of in-zoo
 # accuracy, the one that sends the most of a withheld domain's queries to the base, on dev queries of
-# the full zoo (72% for 4.8 points; RESULTS.md, "Centred data-free profiles").
-DATA_FREE_THRESHOLD = 0.39
-# What a ProfileMap reads of each finetune: "plain" or "formats", ``profile_embedder``'s deltas on
-# ``ProbeSet.plain`` or ``ProbeSet.formats`` (a forward pass of 15 probes per finetune, cached), or
+# the full zoo (67% for 4.2 points; RESULTS.md, "Format-spanning deltas again").
+DATA_FREE_THRESHOLD = 0.40
+# What a ProfileMap reads of each finetune: "formats" or "plain", ``profile_embedder``'s deltas on
+# ``ProbeSet.formats`` or ``ProbeSet.plain`` (a forward pass of 15 probes per finetune, cached), or
 # "index", the vectors already in the index (free at any scale).
-PROFILE_DELTAS = ("plain", "formats", "index")
+PROFILE_DELTAS = ("formats", "plain", "index")
+DEFAULT_PROFILE_DELTAS = "formats"
 
 
 @dataclass
@@ -98,7 +102,10 @@ class ProfileMap:
 
 
 def profile_embedder(
-    base: str | BaseLM, progress: bool = False, live: LiveModel | None = None, deltas: str = "plain"
+    base: str | BaseLM,
+    progress: bool = False,
+    live: LiveModel | None = None,
+    deltas: str = DEFAULT_PROFILE_DELTAS,
 ) -> DeltaEmbedder:
     """The embedder of the deltas a ``ProfileMap`` reads (``[n, hidden]``): 15 probes (``deltas``
     "plain": ``ProbeSet.plain``; "formats": the paper's 5 in each of the 3 prompt formats), each
@@ -112,7 +119,7 @@ def profile_embedder(
 def profile_deltas(
     index: ModelIndex,
     model_ids: list[str],
-    deltas: str = "plain",
+    deltas: str = DEFAULT_PROFILE_DELTAS,
     base: str | BaseLM | None = None,
     progress: bool = False,
 ) -> np.ndarray:
@@ -128,7 +135,7 @@ def profile_deltas(
 
 
 def reference_pairs(
-    zoos, encoder: QueryEncoder, deltas: str = "plain", progress: bool = False
+    zoos, encoder: QueryEncoder, deltas: str = DEFAULT_PROFILE_DELTAS, progress: bool = False
 ) -> tuple[np.ndarray, Router]:
     """The reference of one built zoo or several (of one base and probe set): their domain finetunes'
     ``profile_deltas`` ``[n, d]`` and one data-based ``Router`` over all of them, from their training
@@ -171,7 +178,7 @@ def fit_data_free(
     reference_deltas: np.ndarray,
     reference: Router,
     alpha: float = DEFAULT_ALPHA,
-    deltas: str = "plain",
+    deltas: str = DEFAULT_PROFILE_DELTAS,
     progress: bool = False,
     **options,
 ) -> Router:
