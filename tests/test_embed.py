@@ -156,7 +156,7 @@ def test_probe_set_in_every_prompt_format(tiny_base):
     assert len(set(probes.texts)) == len(probes) and probes.fingerprint != ProbeSet.paper().fingerprint
 
 
-def test_plain_probes_use_no_template_and_the_data_free_map_reads_them_by_default(tiny_base):
+def test_plain_probes_use_no_template_and_the_data_free_map_reads_the_format_probes_by_default(tiny_base):
     from delta_router.data.templates import PAPER_PREAMBLES
     from delta_router.embedding.probes import PLAIN_TASKS, ProbeSet
     from delta_router.models.base import resolve_base
@@ -168,8 +168,8 @@ def test_plain_probes_use_no_template_and_the_data_free_map_reads_them_by_defaul
     assert not set(plain.texts) & set(formats.texts)
     assert all(any(t.startswith(p + " ") for p in PAPER_PREAMBLES) for t in plain.texts)
     assert not any("###" in t or "Question:" in t or "<|" in t for t in plain.texts)  # no template
-    assert profile_embedder(tiny_base).probes == plain
-    assert profile_embedder(tiny_base, deltas="formats").probes == formats
+    assert profile_embedder(tiny_base).probes == formats
+    assert profile_embedder(tiny_base, deltas="plain").probes == plain
 
 
 def test_concurrent_embeds_from_threads_do_not_mix_adapters(tiny_base, adapters, monkeypatch):
