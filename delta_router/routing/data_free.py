@@ -142,8 +142,8 @@ def reference_pairs(
     prompts (ids ``<zoo>_<member>`` when several, zoos in name order); both cached under the home.
 
     The map carries a domain over only for recipes its reference has seen: wild's finetunes, mapped
-    by ``full`` alone, route 78.9% of wild's test queries right; by ``full`` + wild's finetunes of
-    the other domains, 87.5% (RESULTS.md, "A reference of two zoos")."""
+    by ``full`` alone, route 81.4% of wild's test queries right; by ``full`` + wild's finetunes of
+    the other domains, 88.9% (RESULTS.md, "Format-spanning deltas again")."""
     zoos = sorted(zoos, key=lambda zoo: zoo.spec.name) if isinstance(zoos, list | tuple) else [zoos]
     if not zoos:
         raise DataError("a reference needs at least one built zoo")
