@@ -225,6 +225,12 @@ CASES = [
     ("data prepare with one unknown name", None, "data prepare sentiment nope", "unknown domain 'nope'"),
     ("a router.json without its base", edit_json("router/router.json", lambda m: {**m, "base": None}),
      "route query hi --router {root}/router", "router.json: missing or malformed"),
+    ("a router.json naming a background it lacks",
+     edit_json("router/router.json", lambda m: {**m, "background": {"coverage": 0.5, "margin": 0.0}}),
+     "route query hi --router {root}/router", "not a saved router"),
+    ("route fit --no-background without --data-free", None,
+     "route fit --index {root}/idx --examples fruit={root}/fruit.jsonl --no-background --out {root}/r2",
+     "only apply with --data-free"),
 ]  # fmt: skip
 
 

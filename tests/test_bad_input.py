@@ -115,7 +115,7 @@ def test_api_misuse_is_a_type_or_value_error_saying_what_to_pass(tiny_base, adap
     import numpy as np
 
     from delta_router import Merger, Router, TaskSelector
-    from delta_router.routing.router import QueryEncoder
+    from delta_router.routing.router import Background, QueryEncoder
 
     embedder = DeltaEmbedder(tiny_base, progress=False)
     encoder = QueryEncoder.for_model(embedder.model, embedder.tokenizer)
@@ -144,6 +144,8 @@ def test_api_misuse_is_a_type_or_value_error_saying_what_to_pass(tiny_base, adap
         (ValueError, "top_k must be at least 1", lambda: routed(["a"], top_k=0)),
         (ValueError, "temperature", lambda: routed(["a"], temperature=0)),
         (ValueError, "threshold", lambda: routed(["a"], threshold=5)),
+        (ValueError, "coverage is a cosine", lambda: Background(np.ones((1, 64)), coverage=2)),
+        (ValueError, "background profiles must be", lambda: Background(np.ones(64))),
         (InvalidModelIdError, "invalid model id", lambda: routed(["../x"])),
         (ValueError, "adapters_per_batch", lambda: DeltaEmbedder(tiny_base, adapters_per_batch=-1)),
     ]

@@ -9,7 +9,7 @@ import pytest
 
 from delta_router.errors import DataError, IncompatibleBaseError
 from delta_router.models.base import resolve_base
-from delta_router.routing.router import QueryEncoder, Router, query_text
+from delta_router.routing.router import Background, QueryEncoder, Router, query_text
 from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
 
 
@@ -91,6 +91,38 @@ def test_each_profile_keeps_how_it_was_made(router, tmp_path):
     assert Router.load(tmp_path / "router").sources == ["examples"] * len(router.model_ids)
 
 
+def test_a_background_task_no_model_covers_sends_its_queries_to_the_base(router, encoder, tmp_path):
+    """A router without the digits models, with every profile as background: digits queries go to the
+    base, fruit queries still to fruit; once a digits model is added it covers its task again."""
+    fruit_only = router.restricted(lambda m: m.startswith("fruit"))
+    fruit_only.threshold, fruit_only.background = None, Background(router.profiles)
+    digits = [query_text(r) for r in synthetic_domain("digits", seed=7).test]
+    fruit = [query_text(r) for r in synthetic_domain("fruit", seed=7).test]
+    assert all(d.target == "__base__" for d in fruit_only.route(encoder, digits))
+    assert all(d.adapters[0].startswith("fruit") for d in fruit_only.route(encoder, fruit))
+    without = fruit_only.restricted(lambda _: True)
+    without.background = None
+    assert all(d.adapters for d in without.route(encoder, digits))  # no background: some fruit model
+
+    loaded = Router.load(fruit_only.save(tmp_path / "with-background"))
+    np.testing.assert_allclose(loaded.background.profiles, fruit_only.background.profiles)
+    np.testing.assert_allclose(loaded.covers, fruit_only.covers)
+    assert all(d.target == "__base__" for d in loaded.route(encoder, digits))
+    i = router.model_ids.index("digits-0")
+    loaded.add("digits-0", router.profiles[i])
+    assert all(d.adapters[0] == "digits-0" for d in loaded.route(encoder, digits))
+    loaded.remove("digits-0")
+    assert all(d.target == "__base__" for d in loaded.route(encoder, digits))
+
+    old = router.save(tmp_path / "before-backgrounds")  # a router saved before backgrounds were kept
+    meta = json.loads((old / "router.json").read_text())
+    del meta["background"]
+    (old / "router.json").write_text(json.dumps(meta))
+    (old / "covers.npy").unlink()
+    legacy = Router.load(old)
+    assert legacy.background is None and np.allclose(legacy.covers, legacy.profiles)
+
+
 def test_profile_map_interpolates_its_reference_and_refuses_too_little():
     from delta_router.routing.data_free import ProfileMap, leave_one_group_out
 
@@ -150,6 +182,7 @@ def test_data_free_router_sends_queries_to_their_domain(
     deltas, reference = reference_pairs(zoo, encoder)
     router = fit_data_free(index, deltas, reference, threshold=None)  # the mapping, not the fallback
     assert router.model_ids == index.model_ids() and set(router.sources) == {"data-free"}
+    assert np.allclose(router.background.profiles, reference.profiles, atol=1e-6)  # all covered: below
     foreign = Router(reference.model_ids, reference.profiles, reference.center,
                      resolve_base(other_base).fingerprint)  # fmt: skip
     with pytest.raises(IncompatibleBaseError, match="the index's base"):
@@ -167,6 +200,7 @@ def test_data_free_router_sends_queries_to_their_domain(
     assert main(argv) == 0
     fitted = Router.load(out)
     assert fitted.model_ids == router.model_ids and fitted.threshold is not None  # the calibrated default
+    assert fitted.background is not None
     assert np.allclose(np.abs(fitted.profiles @ router.profiles.T).diagonal(), 1.0, atol=1e-4)
 
     # --profile-deltas index: the map reads the indexed vectors, no forward pass
@@ -178,8 +212,9 @@ def test_data_free_router_sends_queries_to_their_domain(
     monkeypatch.setattr(data_free, "profile_embedder", no_forward)
     out = tmp_path / "router-index"
     argv[argv.index("--out") + 1] = str(out)
-    assert main([*argv, "--profile-deltas", "index"]) == 0
+    assert main([*argv, "--profile-deltas", "index", "--no-background"]) == 0
     by_index = Router.load(out)
+    assert by_index.background is None
     expected = fit_data_free(index, reference_pairs(zoo, encoder, "index")[0], reference, deltas="index")
     assert by_index.model_ids == router.model_ids
     assert np.allclose(by_index.profiles, expected.profiles, atol=1e-5)

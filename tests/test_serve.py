@@ -519,6 +519,7 @@ def test_a_data_free_registration_is_centred_like_a_data_free_fit(tiny_base, ada
     predicted = ProfileMap().fit(deltas[:-1], known, deltas).predict(deltas)
     assert np.allclose(router.profiles[-1], centred_profiles(predicted)[-1], atol=1e-5)
     assert not np.allclose(router.profiles[-1], predicted[-1], atol=1e-3)
+    assert np.allclose(router.covers[-1], predicted[-1], atol=1e-5)  # covers its uncentred prediction
 
 
 def test_first_registrations_at_once_build_one_embedder(tiny_base, adapters, tmp_path, monkeypatch):

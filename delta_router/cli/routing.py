@@ -46,7 +46,8 @@ def cmd_route_fit(args: argparse.Namespace) -> None:
 
     if args.data_free:
         return _fit_data_free(args)
-    data_free_options = {"--reference-zoo": args.reference_zoo, "--profile-deltas": args.profile_deltas}
+    data_free_options = {"--reference-zoo": args.reference_zoo, "--profile-deltas": args.profile_deltas,
+                         "--no-background": args.no_background or None}  # fmt: skip
     given = [flag for flag, value in data_free_options.items() if value is not None]
     if given:
         raise DeltaRouterError(f"{' and '.join(given)} only apply with --data-free")
@@ -99,10 +100,11 @@ def _fit_data_free(args: argparse.Namespace) -> None:
         index.space.check_same(zoo.load_index().space, f"the index {args.index}", where)
     encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
     deltas, reference = reference_pairs(zoos, encoder, profile_deltas, progress=not args.json)
-    router = fit_data_free(index, deltas, reference, deltas=profile_deltas, progress=not args.json)
+    router = fit_data_free(index, deltas, reference, deltas=profile_deltas, progress=not args.json,
+                           background=not args.no_background)  # fmt: skip
     router.save(args.out, force=args.force)
     payload = {"router": args.out, "models": router.model_ids, "reference_zoos": [z.spec.name for z in zoos],
-               "profile_deltas": profile_deltas}  # fmt: skip
+               "profile_deltas": profile_deltas, "background": not args.no_background}  # fmt: skip
     emit(args, payload, _ids_table(router.model_ids, args.out))
 
 
@@ -203,6 +205,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                         "every prompt format, a forward pass per model (default); plain = 15 generic "
                         "probes in no template (as costly); index = the index's vectors, no forward "
                         "pass (huge indexes of one prompt format)")  # fmt: skip
+    p.add_argument("--no-background", action="store_true",
+                   help="--data-free: send a query to the base only below the threshold, not also when it "
+                        "matches a reference task no indexed model covers")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_route_fit)
     query = route.add_parser("query", parents=[common], help="where would these queries go?")

@@ -25,6 +25,12 @@ centres them on their mean (``centred_profiles``), as data-based profiles are ce
 deltas, full 93.6% routed right, wild 90.4%, and on full 72% of an unseen domain's queries fall back
 to the base at 4.8 points of in-zoo accuracy (87.9%, 86.8% and 54% uncentred).
 
+A data-free router also keeps its reference's profiles as its ``Background``: a query that matches a
+reference task no indexed model covers goes to the base. The threshold alone cannot see that a task
+is missing (a query of it still lands near some mis-predicted profile); the reference, whose
+profiles come from data, can. Mapped across zoos, it sends far more of an unseen domain's queries to
+the base at no more in-zoo accuracy lost (RESULTS.md, "Background tasks").
+
 Measured leave-one-domain-out (the map is fitted without the domain it predicts): see
 ``benchmarks/route_accuracy.py`` and benchmarks/RESULTS.md.
 """
@@ -44,7 +50,7 @@ from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DataError
 from delta_router.home import cache_dir
 from delta_router.models.base import BaseLM, resolve_base
-from delta_router.routing.router import QueryEncoder, Router, zoo_examples
+from delta_router.routing.router import Background, QueryEncoder, Router, zoo_examples
 from delta_router.search.index import ModelIndex
 
 logger = logging.getLogger(__name__)
@@ -180,11 +186,13 @@ def fit_data_free(
     alpha: float = DEFAULT_ALPHA,
     deltas: str = DEFAULT_PROFILE_DELTAS,
     progress: bool = False,
+    background: bool = True,
     **options,
 ) -> Router:
     """A ``Router`` over every model of ``index``, profiled from its ``profile_deltas`` (of the same
     kind as ``reference_deltas``) by a ``ProfileMap`` fitted on the reference pairs; queries centred
-    like the reference router's."""
+    like the reference router's. With ``background``, the reference's profiles are its ``Background``:
+    a query of a reference task that no indexed model covers goes to the base."""
     if index.space is None or len(index) == 0:
         raise DataError("the index is empty: add finetunes before fitting a router")
     reference.check_base(index.space.base, "the index's base")
@@ -194,13 +202,14 @@ def fit_data_free(
     vectors = profile_deltas(index, ids, deltas, progress=progress)
     population = np.vstack([reference_deltas, vectors])
     mapping = ProfileMap(alpha).fit(reference_deltas, reference.profiles, population)
-    profiles = centred_profiles(mapping.predict(vectors))
+    predicted = mapping.predict(vectors)
     settings = {"layer": reference.layer, "pooling": reference.pooling, "max_length": reference.max_length}
     logger.info("data-free profiles: %d models, %s deltas, %d pairs", len(ids), deltas, len(reference_deltas))
     options.setdefault("threshold", DATA_FREE_THRESHOLD)
     return Router(
-        ids, profiles, reference.center, reference.base_fingerprint, **settings,
-        base_name=reference.base_name, sources=["data-free"] * len(ids), **options,
+        ids, centred_profiles(predicted), reference.center, reference.base_fingerprint, **settings,
+        base_name=reference.base_name, sources=["data-free"] * len(ids),
+        background=Background(reference.profiles) if background else None, covers=predicted, **options,
     )  # fmt: skip
 
 

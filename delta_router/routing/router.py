@@ -4,7 +4,8 @@ Each model in an index gets a *task profile*: the base model's pooled activation
 task's prompts, centred on the mean over all profiles (the training-free query space of the
 selector's ``"activations"`` method). A query is encoded the same way by **one base forward** and
 routed to the profile with the highest cosine similarity: top-1, or top-k with softmax weights, with
-a fallback to the base model below a confidence threshold.
+a fallback to the base model below a confidence threshold, or when the query matches a task of the
+router's ``Background`` that none of its models covers.
 
 Why not measure each adapter's own activation shift on the query? It costs one forward per
 candidate per query (29 adapters ~ 2.5 s on 2 CPU cores for a 60-token query), more than the
@@ -109,10 +110,60 @@ class RouteDecision:
 
 PROFILE_SOURCES = ("examples", "data-free")  # how a profile was made: from queries, or from weights
 
+# A background task is covered when some routed model's cover vector has at least this cosine to it,
+# and claims a query whose cosine to it is above the query's best routed cosine plus the margin.
+# Chosen on dev queries over coverage 0.3-1.0 x margin -0.1-0.2 by the most withheld-domain queries
+# sent to the base within 5 points of in-zoo accuracy, averaged over wild mapped by full and full
+# mapped by wild (RESULTS.md, "Background tasks").
+BACKGROUND_COVERAGE = 0.5
+BACKGROUND_MARGIN = -0.05
+
+
+@dataclass
+class Background:
+    """Profiles of tasks a router's models may not cover, ``[B, d]`` unit rows in its centred query
+    space: for a data-free router, its reference zoo's data-based profiles.
+
+    A background task no routed model covers (cosine < ``coverage`` to every model's cover vector)
+    stands for a task the pool lacks; a query whose cosine to such a task exceeds its best routed
+    cosine plus ``margin`` goes to the base. Coverage is re-read on every decision, so a model added
+    to the router (say, the registry's) covers its task from then on.
+    """
+
+    profiles: np.ndarray
+    coverage: float = BACKGROUND_COVERAGE
+    margin: float = BACKGROUND_MARGIN
+
+    def __post_init__(self) -> None:
+        self.coverage, self.margin = float(self.coverage), float(self.margin)
+        if not (-1 <= self.coverage <= 1 and -2 <= self.margin <= 2):
+            bounds = f"got {self.coverage}, {self.margin}"
+            raise ValueError(f"coverage is a cosine in [-1, 1] and margin in [-2, 2], {bounds}")
+        self.profiles = np.asarray(self.profiles, dtype=np.float32)
+        if self.profiles.ndim != 2 or not len(self.profiles):
+            raise ValueError(f"background profiles must be [B, d] with B >= 1, got {self.profiles.shape}")
+        self.profiles = unit_rows(self.profiles)
+
+    def uncovered(self, covers: np.ndarray) -> np.ndarray:
+        """The background tasks ``[B', d]`` that no cover vector (``[M, d]``, unit) reaches."""
+        return self.profiles[(self.profiles @ covers.T).max(1) < self.coverage]
+
+    def claims(self, queries: np.ndarray, best: np.ndarray, covers: np.ndarray) -> np.ndarray:
+        """``[Q]`` bool: which unit queries ``[Q, d]`` (best routed cosines ``best`` ``[Q]``) go to
+        the base because an uncovered task matches them better."""
+        tasks = self.uncovered(covers)
+        if not len(tasks):
+            return np.zeros(len(queries), dtype=bool)
+        return (queries @ tasks.T).max(1) > best + self.margin
+
 
 class Router:
     """Profiles ``[M, d]`` (unit rows) of ``model_ids`` in the centred query space of one base;
-    ``sources[i]`` (``PROFILE_SOURCES``) says how profile ``i`` was made (default: from examples)."""
+    ``sources[i]`` (``PROFILE_SOURCES``) says how profile ``i`` was made (default: from examples).
+
+    ``background`` (optional): tasks whose queries go to the base unless a model covers them, read
+    against ``covers`` ``[M, d]``, what each model covers (default: its profile; a data-free model's
+    is its uncentred map prediction)."""
 
     def __init__(
         self,
@@ -128,6 +179,8 @@ class Router:
         temperature: float = 0.05,
         base_name: str = "",
         sources: Sequence[str] | None = None,
+        background: Background | None = None,
+        covers: np.ndarray | None = None,
     ):
         if len(model_ids) != len(profiles) or not len(model_ids):
             raise DataError(f"{len(model_ids)} model ids for {len(profiles)} profiles")
@@ -143,6 +196,10 @@ class Router:
         if len(self.sources) != len(model_ids) or unknown:
             raise DataError(f"profile sources must be one of {PROFILE_SOURCES} per model, got {sources}")
         self.model_ids, self.profiles, self.center = list(model_ids), profiles.astype(np.float32), center
+        self.covers = self.profiles.copy() if covers is None else unit_rows(np.asarray(covers, np.float32))
+        if self.covers.shape != self.profiles.shape:
+            raise DataError(f"cover vectors {self.covers.shape} for profiles {self.profiles.shape}")
+        self.background = background
         self.base_fingerprint, self.layer, self.pooling = base_fingerprint, layer, pooling
         self.max_length = max_length
         self.top_k, self.threshold, self.temperature = top_k, threshold, temperature
@@ -181,37 +238,48 @@ class Router:
         examples = zoo_examples(zoo, per_model, kinds)
         return cls.fit(encoder, zoo.base.fingerprint, examples, base_name=zoo.base.name, **options)
 
-    def add(self, model_id: str, profile: np.ndarray, source: str = "examples") -> None:
+    def add(
+        self, model_id: str, profile: np.ndarray, source: str = "examples", cover: np.ndarray | None = None
+    ) -> None:
         """Route to ``model_id`` too, with ``profile`` ([d], in this router's centred query space)
-        made from ``source``."""
+        made from ``source``; ``cover``: what it covers of the background (default: the profile)."""
         if model_id in self.model_ids:
             raise DataError(f"{model_id!r} is routed already")
         if source not in PROFILE_SOURCES:
             raise DataError(f"profile source must be one of {PROFILE_SOURCES}, got {source!r}")
         self.model_ids.append(model_id)
         self.sources.append(source)
-        self.profiles = np.vstack([self.profiles, unit_rows(np.asarray(profile, np.float32)[None])])
+        row = unit_rows(np.asarray(profile, np.float32)[None])
+        cover_row = row if cover is None else unit_rows(np.asarray(cover, np.float32)[None])
+        self.profiles, self.covers = np.vstack([self.profiles, row]), np.vstack([self.covers, cover_row])
 
     def remove(self, model_id: str) -> None:
         """Stop routing to ``model_id``."""
         i = self.model_ids.index(model_id)
         del self.model_ids[i], self.sources[i]
-        self.profiles = np.delete(self.profiles, i, axis=0)
+        self.profiles, self.covers = np.delete(self.profiles, i, axis=0), np.delete(self.covers, i, axis=0)
 
     # ---- routing -------------------------------------------------------------------------------
     def similarities(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
         """Cosine similarity of encoded queries ``[Q, d]`` to every profile: ``[Q, M]``."""
-        queries = unit_rows(np.asarray(features, dtype=np.float32) - self.center)
-        return queries @ self.profiles.T
+        return self._unit_queries(features) @ self.profiles.T
+
+    def _unit_queries(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        return unit_rows(np.asarray(features, dtype=np.float32) - self.center)
 
     def decide(self, features: torch.Tensor | np.ndarray) -> list[RouteDecision]:
         """One decision per encoded query ``[Q, d]``."""
+        queries = self._unit_queries(features)
+        sims = queries @ self.profiles.T
+        claimed = np.zeros(len(sims), dtype=bool)
+        if self.background is not None:
+            claimed = self.background.claims(queries, sims.max(1), self.covers)
         decisions = []
-        for row in self.similarities(features):
+        for row, to_background in zip(sims, claimed, strict=True):
             order = np.argsort(-row, kind="stable")[: self.top_k]
             top = {self.model_ids[i]: float(row[i]) for i in order}
             best = float(row[order[0]])
-            if self.threshold is not None and best < self.threshold:
+            if to_background or (self.threshold is not None and best < self.threshold):
                 decisions.append(RouteDecision([], [], best, top))
                 continue
             logits = row[order] / self.temperature
@@ -251,12 +319,13 @@ class Router:
         return Router(
             [self.model_ids[i] for i in rows], self.profiles[rows], self.center, self.base_fingerprint,
             self.layer, self.pooling, self.max_length, self.top_k, self.threshold, self.temperature,
-            self.base_name, [self.sources[i] for i in rows],
+            self.base_name, [self.sources[i] for i in rows], self.background, self.covers[rows],
         )  # fmt: skip
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | Path, force: bool = False) -> Path:
-        """``router.json`` + ``profiles.npy``, written to a temp dir and renamed.
+        """``router.json`` + ``profiles.npy`` (+ ``covers.npy``, and ``background.npy`` when it has
+        one), written to a temp dir and renamed.
 
         An existing non-empty ``directory`` is refused unless ``force``.
         """
@@ -272,9 +341,15 @@ class Router:
             "threshold": self.threshold,
             "temperature": self.temperature,
             "sources": self.sources,
-        }
+            "background": None if self.background is None else {
+                "coverage": self.background.coverage, "margin": self.background.margin
+            },
+        }  # fmt: skip
         with atomic_directory(Path(directory), force=force) as tmp:
             np.save(tmp / "profiles.npy", np.vstack([self.profiles, self.center[None]]))
+            np.save(tmp / "covers.npy", self.covers)
+            if self.background is not None:
+                np.save(tmp / "background.npy", self.background.profiles)
             atomic_write_text(tmp / "router.json", json.dumps(meta, indent=2))
         return Path(directory)
 
@@ -284,7 +359,12 @@ class Router:
         try:
             meta = json.loads((directory / "router.json").read_text())
             matrix = np.load(directory / "profiles.npy")
-        except (OSError, ValueError) as err:
+            # routers saved before backgrounds were kept have neither file: no background, own covers
+            covers = np.load(directory / "covers.npy") if (directory / "covers.npy").exists() else None
+            background = None
+            if isinstance(meta, dict) and meta.get("background") is not None:
+                background = Background(np.load(directory / "background.npy"), **meta["background"])
+        except (OSError, ValueError, TypeError) as err:
             raise DataError(f"{directory} is not a saved router ({err})") from err
         if not isinstance(meta, dict):
             raise DataError(f"{directory} is not a saved router (router.json holds no JSON object)")
@@ -295,6 +375,7 @@ class Router:
         try:
             options = {k: meta[k] for k in ("top_k", "threshold", "temperature", "base_name")} | overrides
             options["sources"] = meta.get("sources")  # routers saved before sources were kept: examples
+            options |= {"background": background, "covers": covers}
             return cls(
                 meta["model_ids"],
                 matrix[:-1],

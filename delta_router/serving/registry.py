@@ -90,7 +90,7 @@ class AdapterRegistry:
         embedding = self.embedder.embed_one(finetune)  # refuses an adapter of another base
         router, backend = self.scheduler.router, self.scheduler.backend
         # forward passes outside the lock: traffic keeps flowing
-        profile, source = self._profile(finetune, examples) if router else (None, None)
+        profile, cover, source = self._profile(finetune, examples) if router else (None, None, None)
         with self.scheduler.lock:
             self._refuse_taken(finetune.model_id)  # a concurrent registration of the same id
             self.index.add(embedding, tags=tags or {})
@@ -102,7 +102,7 @@ class AdapterRegistry:
                 raise
             backend.add_adapter(finetune.model_id, finetune.path)
             if router is not None:
-                router.add(finetune.model_id, profile, source)
+                router.add(finetune.model_id, profile, source, cover)
         logger.info("registered %s (%s profile)", finetune.model_id, source)
         return {"id": finetune.model_id, **self.describe(finetune.model_id)}
 
@@ -125,17 +125,22 @@ class AdapterRegistry:
         if model_id in self.index or model_id in self.scheduler.backend.model_ids():
             raise DuplicateModelError(f"model id {model_id!r} is already served; DELETE it first")
 
-    def _profile(self, finetune: Finetune, examples: Sequence[str] | None) -> tuple[np.ndarray, str]:
-        """The router profile of a new adapter: from ``examples`` (queries of its task) when given,
-        else data-free from its profile delta, by a map fitted on the router's models whose profiles
-        came from examples (or, in a router with fewer than 2 of those, on all its models: a data-free
-        router's profiles are its reference map's predictions), centred on the map's predictions for
-        those models and the new one as ``fit_data_free`` centres its profiles."""
+    def _profile(
+        self, finetune: Finetune, examples: Sequence[str] | None
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """The router profile of a new adapter, what it covers of the router's background (see
+        ``Router``), and how the profile was made. From ``examples`` (queries of its task) when given
+        (it covers its profile); else data-free from its profile delta, by a map fitted on the
+        router's models whose profiles came from examples (or, in a router with fewer than 2 of
+        those, on all its models: a data-free router's profiles are its reference map's predictions),
+        centred on the map's predictions for those models and the new one as ``fit_data_free``
+        centres its profiles (it covers its uncentred prediction)."""
         router = self.scheduler.router
         if examples:  # the encoder runs the serving model, which decode steps hook: hold the lock
             with self.scheduler.lock:
                 features = self.scheduler.encoder(list(examples)).numpy()
-            return unit_rows((features.mean(0) - router.center)[None])[0], "examples"
+            profile = unit_rows((features.mean(0) - router.center)[None])[0]
+            return profile, profile, "examples"
         with self.scheduler.lock:  # a consistent snapshot of the rows used; forward passes run outside
             rows = [i for i, m in enumerate(router.model_ids) if m in self.index]
             from_examples = [i for i in rows if router.sources[i] == "examples"]
@@ -148,5 +153,5 @@ class AdapterRegistry:
             raise DataError("a data-free profile needs >= 2 routed models to learn from: give examples")
         paths = [self.index.get(m).embedding.path for m in known]
         deltas = self.profile_deltas_embedder.transform([*paths, finetune])  # cached but the new one
-        mapping = ProfileMap().fit(deltas[:-1], profiles, deltas)
-        return centred_profiles(mapping.predict(deltas))[-1], "data-free"
+        predicted = ProfileMap().fit(deltas[:-1], profiles, deltas).predict(deltas)
+        return centred_profiles(predicted)[-1], predicted[-1], "data-free"
