@@ -22,8 +22,11 @@ Abstention (``--abstention PNG``): each domain in turn is withheld from the rout
 removed); over thresholds on the best cosine, the share of the withheld domain's queries sent to
 the base against the in-zoo accuracy (right adapter and not sent to the base), averaged over the
 withheld domains, for the default router and the data-free one (alpha 0.01, its profiles centred
-on the kept models' mean as ``fit_data_free`` centres an index's); a table and a plot. ``--dev``
-routes dev queries instead of test records, to choose settings on.
+on the kept models' mean as ``fit_data_free`` centres an index's); a table and a plot. Mapped by
+``--reference-zoo``, each data-free curve is drawn twice: by the threshold alone, and with the
+reference zoos' profiles as the router's ``Background`` (as ``fit_data_free`` fits it): a query of a
+reference task no kept model covers goes to the base too. ``--dev`` routes dev queries instead of
+test records, to choose settings on.
 
 Downstream (``--downstream N`` test records per domain): multiple-choice accuracy (or minus the
 answer's NLL per token for math/code), mean per record with a 95% Student-t interval, of the base,
@@ -64,7 +67,7 @@ from delta_router.routing.data_free import (
     profile_deltas,
     reference_pairs,
 )
-from delta_router.routing.router import DEFAULT_THRESHOLD, QueryEncoder, Router, query_text
+from delta_router.routing.router import DEFAULT_THRESHOLD, Background, QueryEncoder, Router, query_text
 
 
 class ArrowVotes:
@@ -97,23 +100,38 @@ class ArrowVotes:
 THRESHOLDS = np.round(np.arange(0.0, 0.61, 0.01), 2)
 
 
-def abstention_curve(profiles_of, queries: np.ndarray, labels: list[str], domains: np.ndarray) -> list[tuple]:
-    """(threshold, withheld queries sent to the base, in-zoo accuracy), averaged over withheld domains.
+def abstention_curve(
+    profiles_of,
+    queries: np.ndarray,
+    labels: list[str],
+    domains: np.ndarray,
+    background: Background | None = None,
+    covers_of=None,
+) -> list[tuple]:
+    """(threshold, withheld queries sent to the base, in-zoo accuracy, points of it lost against
+    top-1 routing with no fallback at all), averaged over withheld domains.
 
     ``profiles_of(keep)``: the router's profiles ``[m, d]`` when only the models of mask ``keep`` are
-    in it; ``queries``: centred unit query features ``[Q, d]``; ``domains``: each model's domain."""
+    in it; ``queries``: centred unit query features ``[Q, d]``; ``domains``: each model's domain.
+    With a ``background``, a query it claims goes to the base too (``covers_of(keep)``: the kept
+    models' cover vectors ``[m, d]``)."""
     labels_arr = np.asarray(labels)
     per_withheld = []
     for withheld in sorted(set(labels)):
         keep = domains != withheld
         sims = queries @ profiles_of(keep).T
         right = domains[keep][sims.argmax(1)] == labels_arr
-        per_withheld.append((sims.max(1), right, labels_arr == withheld))
+        claimed = np.zeros(len(queries), dtype=bool)
+        if background is not None:
+            claimed = background.claims(queries, sims.max(1), covers_of(keep))
+        per_withheld.append((np.where(claimed, -np.inf, sims.max(1)), right, labels_arr == withheld))
+    top1 = float(np.mean([ok[~outside].mean() for _, ok, outside in per_withheld]))
     rows = []
-    for threshold in THRESHOLDS:
+    for threshold in THRESHOLDS:  # a claimed query's best is -inf: below every threshold
         to_base = [float((best[outside] < threshold).mean()) for best, _, outside in per_withheld]
         accuracy = [float((ok & (best >= threshold))[~outside].mean()) for best, ok, outside in per_withheld]
-        rows.append((float(threshold), float(np.mean(to_base)), float(np.mean(accuracy))))
+        mean = float(np.mean(accuracy))
+        rows.append((float(threshold), float(np.mean(to_base)), mean, 100 * (top1 - mean)))
     return rows
 
 
@@ -125,12 +143,13 @@ def cross_zoo_profiles(
     own_deltas: np.ndarray,
     groups: list[str],
     deltas: str,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Data-free profiles of ``own``'s models ``[n, d]`` (uncentred predictions) and the centre of their
-    query space, mapped by other zoos' pairs: by ``references`` alone (``route fit --data-free
-    --reference-zoo NAMES``), and by them plus this zoo's finetunes of other domains (each domain's
-    profiles predicted without its own finetunes: the union reference, this zoo's part left out).
-    ``deltas``: the kind of ``own_deltas`` (``PROFILE_DELTAS``), which the references' are read as."""
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Data-free profiles of ``own``'s models ``[n, d]`` (uncentred predictions), the centre of their
+    query space and the reference zoos' profiles in it (``fit_data_free``'s background), mapped by
+    other zoos' pairs: by ``references`` alone (``route fit --data-free --reference-zoo NAMES``), and
+    by them plus this zoo's finetunes of other domains (each domain's profiles predicted without its
+    own finetunes: the union reference, this zoo's part left out). ``deltas``: the kind of
+    ``own_deltas`` (``PROFILE_DELTAS``), which the references' are read as."""
     names = "+".join(z.spec.name for z in references)
     ref_deltas, ref = reference_pairs(references, encoder, deltas)
     population = np.vstack([ref_deltas, own_deltas])
@@ -141,9 +160,10 @@ def cross_zoo_profiles(
     for row, group in zip(rows, groups, strict=True):
         union_groups[row] = group
     with_own = leave_one_group_out(union_deltas, union.profiles, union_groups, DEFAULT_ALPHA)[rows]
+    theirs = union.profiles[[i for i in range(len(union_deltas)) if i not in rows]]  # the references'
     return {
-        f"data-free (map on {names})": (alone, ref.center),
-        f"data-free (map on {names} + {zoo.spec.name}, LODO)": (with_own, union.center),
+        f"data-free (map on {names})": (alone, ref.center, ref.profiles),
+        f"data-free (map on {names} + {zoo.spec.name}, LODO)": (with_own, union.center, theirs),
     }
 
 
@@ -160,22 +180,24 @@ def plot_abstention(curves: dict[str, list[tuple]], path: str) -> None:
     for name, rows in curves.items():
         print(f"\n{name}: | threshold | withheld -> base | in-zoo accuracy | lost (points) |")
         print("|---|---|---|---|")
-        for t, to_base, acc in rows:
+        for t, to_base, acc, loss in rows:
             if round(100 * t) % 5 == 0 or t in (DEFAULT_THRESHOLD, DATA_FREE_THRESHOLD):
-                print(f"| {t:.2f} | {to_base:.0%} | {acc:.1%} | {100 * (rows[0][2] - acc):.1f} |")
-        lost = [100 * (rows[0][2] - acc) for _, _, acc in rows]
-        t, to_base, loss = max(((t, b, x) for (t, b, _), x in zip(rows, lost, strict=True) if x <= 5),
-                               key=lambda row: row[1])  # fmt: skip
-        print(f"most to the base within 5 points: {t:.2f}, {to_base:.0%} for {loss:.1f} points")
-        ax.plot([100 * b for _, b, _ in rows], lost, marker="o", markersize=2, label=name)
-        for (t, b, _), loss in zip(rows, lost, strict=True):
+                print(f"| {t:.2f} | {to_base:.0%} | {acc:.1%} | {loss:.1f} |")
+        within = [row for row in rows if row[3] <= 5]
+        if within:
+            t, to_base, _, loss = max(within, key=lambda row: row[1])
+            print(f"most to the base within 5 points: {t:.2f}, {to_base:.0%} for {loss:.1f} points")
+        else:
+            print("most to the base within 5 points: none (every threshold costs more)")
+        ax.plot([100 * b for _, b, _, _ in rows], [x for *_, x in rows], marker="o", markersize=2, label=name)
+        for t, b, _, loss in rows:
             if round(100 * t) % 5 == 0:
                 ax.annotate(f"{t:.2f}", (100 * b, loss), fontsize=6)
     ax.axvline(80, color="grey", linestyle="--", linewidth=1)
     ax.axhline(5, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("withheld domain's queries sent to the base (%)")
     ax.set_ylabel("in-zoo routing accuracy lost (points)")
-    ax.set_title("Abstention by best-cosine threshold (labels)")
+    ax.set_title("Abstention by best-cosine threshold (and background)")
     ax.legend(fontsize=7)
     save_figure(fig, path)
     print(f"\nplot: {path}")
@@ -276,7 +298,7 @@ def main() -> None:
             crossed = cross_zoo_profiles(
                 zoo, references, encoder_of[default], reference, deltas, groups, args.profile_deltas
             )
-            for name, (predicted, centre) in crossed.items():
+            for name, (predicted, centre, _) in crossed.items():
                 free = Router(
                     reference.model_ids, centred_profiles(predicted), centre, reference.base_fingerprint
                 )
@@ -294,11 +316,14 @@ def main() -> None:
                     lambda keep: centred_profiles(lodo[keep]), unit_queries, labels, domains
                 ),
             }
-            for name, (predicted, centre) in crossed.items():
+            for name, (predicted, centre, theirs) in crossed.items():
                 centred_queries = unit_rows(np.asarray(features[default]) - centre)
-                curves[name] = abstention_curve(
-                    lambda keep, p=predicted: centred_profiles(p[keep]), centred_queries, labels, domains
-                )
+                for background in (None, Background(theirs)):
+                    label = name if background is None else f"{name}, background"
+                    curves[label] = abstention_curve(
+                        lambda keep, p=predicted: centred_profiles(p[keep]), centred_queries, labels, domains,
+                        background, lambda keep, p=predicted: unit_rows(p[keep]),
+                    )  # fmt: skip
             plot_abstention(curves, args.abstention)
     decisions["random"] = [rng.choice(ids) for _ in texts]
     arrow = None if args.no_arrow else arrow_model(zoo, [paths[i] for i in ids])
