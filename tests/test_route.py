@@ -220,6 +220,34 @@ def test_data_free_router_sends_queries_to_their_domain(
     assert np.allclose(by_index.profiles, expected.profiles, atol=1e-5)
 
 
+def test_a_registration_into_a_data_free_router_maps_like_a_refit(tiny_base, encoder, tmp_path):
+    """A data-free router keeps its reference pairs (saved with it); the live registry profiles a new
+    finetune by that map, exactly as ``fit_data_free`` would profile it in an index that held it.
+    (A map fitted on the router's own data-free profiles can only blend the tasks it already has.)"""
+    from delta_router.routing.data_free import fit_data_free, reference_pairs
+    from delta_router.serving.backends import PeftBackend
+    from delta_router.serving.registry import AdapterRegistry
+    from delta_router.serving.scheduler import BatchScheduler
+
+    zoo = tiny_zoo("tiny", tiny_base, tmp_path)
+    index = zoo.build()
+    deltas, reference = reference_pairs(zoo, encoder)
+    new = index.model_ids()[-1]
+    router = fit_data_free(index.filtered(lambda e: e.model_id != new), deltas, reference)
+    router = Router.load(router.save(tmp_path / "router"))
+    np.testing.assert_allclose(router.reference.deltas, deltas)
+    np.testing.assert_allclose(router.reference.profiles, reference.profiles)
+    registry = AdapterRegistry(
+        index.filtered(lambda e: e.model_id != new),
+        BatchScheduler(PeftBackend(resolve_base(tiny_base), {}), router),
+    )
+    registry.register(index.get(new).embedding.path, new)
+    refit = fit_data_free(index, deltas, reference)
+    row = refit.model_ids.index(new)
+    np.testing.assert_allclose(router.profiles[-1], refit.profiles[row], atol=1e-5)
+    np.testing.assert_allclose(router.covers[-1], refit.covers[row], atol=1e-5)
+
+
 def test_a_reference_of_two_zoos_maps_with_both(tiny_base, encoder, tmp_path):
     """Several reference zoos: one router over all their finetunes (ids prefixed by the zoo's name),
     their deltas stacked in its order, cached like one zoo's; the data-free router still routes."""

@@ -50,7 +50,7 @@ from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DataError
 from delta_router.home import cache_dir
 from delta_router.models.base import BaseLM, resolve_base
-from delta_router.routing.router import Background, QueryEncoder, Router, zoo_examples
+from delta_router.routing.router import Background, QueryEncoder, ReferencePairs, Router, zoo_examples
 from delta_router.search.index import ModelIndex
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,8 @@ def fit_data_free(
     """A ``Router`` over every model of ``index``, profiled from its ``profile_deltas`` (of the same
     kind as ``reference_deltas``) by a ``ProfileMap`` fitted on the reference pairs; queries centred
     like the reference router's. With ``background``, the reference's profiles are its ``Background``:
-    a query of a reference task that no indexed model covers goes to the base."""
+    a query of a reference task that no indexed model covers goes to the base. The router keeps the
+    reference pairs, so a model registered later is mapped the same way."""
     if index.space is None or len(index) == 0:
         raise DataError("the index is empty: add finetunes before fitting a router")
     reference.check_base(index.space.base, "the index's base")
@@ -209,7 +210,8 @@ def fit_data_free(
     return Router(
         ids, centred_profiles(predicted), reference.center, reference.base_fingerprint, **settings,
         base_name=reference.base_name, sources=["data-free"] * len(ids),
-        background=Background(reference.profiles) if background else None, covers=predicted, **options,
+        background=Background(reference.profiles) if background else None, covers=predicted,
+        reference=ReferencePairs(reference_deltas, reference.profiles, deltas, alpha), **options,
     )  # fmt: skip
 
 

@@ -157,13 +157,32 @@ class Background:
         return (queries @ tasks.T).max(1) > best + self.margin
 
 
+@dataclass
+class ReferencePairs:
+    """The (delta, profile) pairs a data-free router's ``ProfileMap`` was fitted on: ``deltas``
+    ``[n, h]`` of kind ``deltas_kind`` (``routing.data_free.PROFILE_DELTAS``), data-based
+    ``profiles`` ``[n, d]``, ridge ``alpha``. Kept with the router so that a model added later (the
+    live registry's) is profiled by the same map as the models it was fitted with."""
+
+    deltas: np.ndarray
+    profiles: np.ndarray
+    deltas_kind: str
+    alpha: float
+
+    def __post_init__(self) -> None:
+        self.deltas = np.asarray(self.deltas, dtype=np.float32)
+        self.profiles = np.asarray(self.profiles, dtype=np.float32)
+        if self.deltas.ndim != 2 or self.profiles.ndim != 2 or len(self.deltas) != len(self.profiles):
+            raise ValueError(f"reference pairs: deltas {self.deltas.shape}, profiles {self.profiles.shape}")
+
+
 class Router:
     """Profiles ``[M, d]`` (unit rows) of ``model_ids`` in the centred query space of one base;
     ``sources[i]`` (``PROFILE_SOURCES``) says how profile ``i`` was made (default: from examples).
 
     ``background`` (optional): tasks whose queries go to the base unless a model covers them, read
     against ``covers`` ``[M, d]``, what each model covers (default: its profile; a data-free model's
-    is its uncentred map prediction)."""
+    is its uncentred map prediction). ``reference``: a data-free router's ``ReferencePairs``."""
 
     def __init__(
         self,
@@ -181,6 +200,7 @@ class Router:
         sources: Sequence[str] | None = None,
         background: Background | None = None,
         covers: np.ndarray | None = None,
+        reference: ReferencePairs | None = None,
     ):
         if len(model_ids) != len(profiles) or not len(model_ids):
             raise DataError(f"{len(model_ids)} model ids for {len(profiles)} profiles")
@@ -199,7 +219,7 @@ class Router:
         self.covers = self.profiles.copy() if covers is None else unit_rows(np.asarray(covers, np.float32))
         if self.covers.shape != self.profiles.shape:
             raise DataError(f"cover vectors {self.covers.shape} for profiles {self.profiles.shape}")
-        self.background = background
+        self.background, self.reference = background, reference
         self.base_fingerprint, self.layer, self.pooling = base_fingerprint, layer, pooling
         self.max_length = max_length
         self.top_k, self.threshold, self.temperature = top_k, threshold, temperature
@@ -320,12 +340,13 @@ class Router:
             [self.model_ids[i] for i in rows], self.profiles[rows], self.center, self.base_fingerprint,
             self.layer, self.pooling, self.max_length, self.top_k, self.threshold, self.temperature,
             self.base_name, [self.sources[i] for i in rows], self.background, self.covers[rows],
+            self.reference,
         )  # fmt: skip
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | Path, force: bool = False) -> Path:
-        """``router.json`` + ``profiles.npy`` (+ ``covers.npy``, and ``background.npy`` when it has
-        one), written to a temp dir and renamed.
+        """``router.json`` + ``profiles.npy`` + ``covers.npy`` (+ ``background.npy`` and
+        ``reference.npz`` when it has them), written to a temp dir and renamed.
 
         An existing non-empty ``directory`` is refused unless ``force``.
         """
@@ -344,12 +365,17 @@ class Router:
             "background": None if self.background is None else {
                 "coverage": self.background.coverage, "margin": self.background.margin
             },
+            "reference": None if self.reference is None else {
+                "deltas_kind": self.reference.deltas_kind, "alpha": self.reference.alpha
+            },
         }  # fmt: skip
         with atomic_directory(Path(directory), force=force) as tmp:
             np.save(tmp / "profiles.npy", np.vstack([self.profiles, self.center[None]]))
             np.save(tmp / "covers.npy", self.covers)
             if self.background is not None:
                 np.save(tmp / "background.npy", self.background.profiles)
+            if (pairs := self.reference) is not None:
+                np.savez(tmp / "reference.npz", deltas=pairs.deltas, profiles=pairs.profiles)
             atomic_write_text(tmp / "router.json", json.dumps(meta, indent=2))
         return Path(directory)
 
@@ -359,11 +385,14 @@ class Router:
         try:
             meta = json.loads((directory / "router.json").read_text())
             matrix = np.load(directory / "profiles.npy")
-            # routers saved before backgrounds were kept have neither file: no background, own covers
+            # routers saved before backgrounds were kept have none of these: no background, own covers
             covers = np.load(directory / "covers.npy") if (directory / "covers.npy").exists() else None
-            background = None
+            background = reference = None
             if isinstance(meta, dict) and meta.get("background") is not None:
                 background = Background(np.load(directory / "background.npy"), **meta["background"])
+            if isinstance(meta, dict) and meta.get("reference") is not None:
+                with np.load(directory / "reference.npz") as pairs:
+                    reference = ReferencePairs(pairs["deltas"], pairs["profiles"], **meta["reference"])
         except (OSError, ValueError, TypeError) as err:
             raise DataError(f"{directory} is not a saved router ({err})") from err
         if not isinstance(meta, dict):
@@ -375,7 +404,7 @@ class Router:
         try:
             options = {k: meta[k] for k in ("top_k", "threshold", "temperature", "base_name")} | overrides
             options["sources"] = meta.get("sources")  # routers saved before sources were kept: examples
-            options |= {"background": background, "covers": covers}
+            options |= {"background": background, "covers": covers, "reference": reference}
             return cls(
                 meta["model_ids"],
                 matrix[:-1],

@@ -2,7 +2,8 @@
 
 ``AdapterRegistry.register(path)`` checks a LoRA adapter against the base, embeds it (its Delta
 Activation), profiles it for the router (from example queries when given, else from its profile
-delta by a ``ProfileMap`` fitted on the router's models whose profiles came from examples), and
+delta by a ``ProfileMap``: a data-free router's own reference map, or one fitted on the router's
+models whose profiles came from examples), and
 then, under the scheduler's lock, adds it to the index (committed to the index directory when there
 is one), the router and the backend in one step: either all three change or none does. ``remove``
 undoes that. Embedding and data-free profiling run outside the lock, so traffic keeps flowing while a
@@ -20,12 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from delta_router.embedding.embedder import DeltaEmbedder
+from delta_router.embedding.embedder import DeltaEmbedder, Embedding
 from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DataError, DuplicateModelError
 from delta_router.model_ids import check_model_id
 from delta_router.models.finetunes import Finetune
-from delta_router.routing.data_free import ProfileMap, centred_profiles, profile_embedder
+from delta_router.routing.data_free import (
+    DEFAULT_PROFILE_DELTAS,
+    ProfileMap,
+    centred_profiles,
+    profile_embedder,
+)
 from delta_router.search.index import ModelIndex
 
 logger = logging.getLogger(__name__)
@@ -42,7 +48,7 @@ class AdapterRegistry:
         self.index, self.scheduler = index, scheduler
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self._embedder: DeltaEmbedder | None = None
-        self._profile_embedder: DeltaEmbedder | None = None
+        self._profile_embedders: dict[str, DeltaEmbedder] = {}  # by kind of profile deltas
         self._embedders_lock = threading.RLock()  # first registrations at once build one of each
 
     @property
@@ -54,10 +60,15 @@ class AdapterRegistry:
 
     @property
     def profile_deltas_embedder(self) -> DeltaEmbedder:
+        """The embedder of the default profile deltas (``routing.data_free.DEFAULT_PROFILE_DELTAS``)."""
+        return self._profile_embedder(DEFAULT_PROFILE_DELTAS)
+
+    def _profile_embedder(self, kind: str) -> DeltaEmbedder:
         with self._embedders_lock:
-            if self._profile_embedder is None:
-                self._profile_embedder = profile_embedder(self.embedder.base, live=self.embedder.live)
-            return self._profile_embedder
+            if kind not in self._profile_embedders:
+                live = self.embedder.live  # one copy of the base for every embedder
+                self._profile_embedders[kind] = profile_embedder(self.embedder.base, live=live, deltas=kind)
+            return self._profile_embedders[kind]
 
     def describe(self, model_id: str) -> dict:
         """What ``/v1/models`` says of one served adapter."""
@@ -90,7 +101,7 @@ class AdapterRegistry:
         embedding = self.embedder.embed_one(finetune)  # refuses an adapter of another base
         router, backend = self.scheduler.router, self.scheduler.backend
         # forward passes outside the lock: traffic keeps flowing
-        profile, cover, source = self._profile(finetune, examples) if router else (None, None, None)
+        profile, cover, source = self._profile(finetune, embedding, examples) if router else (None,) * 3
         with self.scheduler.lock:
             self._refuse_taken(finetune.model_id)  # a concurrent registration of the same id
             self.index.add(embedding, tags=tags or {})
@@ -126,15 +137,15 @@ class AdapterRegistry:
             raise DuplicateModelError(f"model id {model_id!r} is already served; DELETE it first")
 
     def _profile(
-        self, finetune: Finetune, examples: Sequence[str] | None
+        self, finetune: Finetune, embedding: Embedding, examples: Sequence[str] | None
     ) -> tuple[np.ndarray, np.ndarray, str]:
         """The router profile of a new adapter, what it covers of the router's background (see
         ``Router``), and how the profile was made. From ``examples`` (queries of its task) when given
-        (it covers its profile); else data-free from its profile delta, by a map fitted on the
-        router's models whose profiles came from examples (or, in a router with fewer than 2 of
-        those, on all its models: a data-free router's profiles are its reference map's predictions),
-        centred on the map's predictions for those models and the new one as ``fit_data_free``
-        centres its profiles (it covers its uncentred prediction)."""
+        (it covers its profile); else data-free from its profile delta, by the router's own reference
+        map when it was fitted data-free (``Router.reference``: the map ``fit_data_free`` used), else
+        by a map fitted on the router's models whose profiles came from examples; centred on the
+        map's predictions for the router's models and the new one as ``fit_data_free`` centres its
+        profiles (it covers its uncentred prediction)."""
         router = self.scheduler.router
         if examples:  # the encoder runs the serving model, which decode steps hook: hold the lock
             with self.scheduler.lock:
@@ -142,16 +153,26 @@ class AdapterRegistry:
             profile = unit_rows((features.mean(0) - router.center)[None])[0]
             return profile, profile, "examples"
         with self.scheduler.lock:  # a consistent snapshot of the rows used; forward passes run outside
+            reference = router.reference
             rows = [i for i, m in enumerate(router.model_ids) if m in self.index]
             from_examples = [i for i in rows if router.sources[i] == "examples"]
-            if len(from_examples) >= 2:  # else a data-free router: learn from its reference map's profiles
+            if reference is None and len(from_examples) >= 2:
                 rows = from_examples
             if len(rows) > MAX_MAP_PAIRS:
                 rows = sorted(random.Random(0).sample(rows, MAX_MAP_PAIRS))
             known, profiles = [router.model_ids[i] for i in rows], router.profiles[rows]  # a copy
-        if len(known) < 2:
+        if reference is None and len(known) < 2:
             raise DataError("a data-free profile needs >= 2 routed models to learn from: give examples")
-        paths = [self.index.get(m).embedding.path for m in known]
-        deltas = self.profile_deltas_embedder.transform([*paths, finetune])  # cached but the new one
-        predicted = ProfileMap().fit(deltas[:-1], profiles, deltas).predict(deltas)
+        kind = DEFAULT_PROFILE_DELTAS if reference is None else reference.deltas_kind
+        if kind == "index":  # the indexed vectors: no forward pass
+            deltas = np.stack([*(self.index.get(m).embedding.vector for m in known), embedding.vector])
+        else:  # cached but the new one
+            paths = [self.index.get(m).embedding.path for m in known]
+            deltas = self._profile_embedder(kind).transform([*paths, finetune])
+        if reference is None:
+            mapping = ProfileMap().fit(deltas[:-1], profiles, deltas)
+        else:
+            population = np.vstack([reference.deltas, deltas])
+            mapping = ProfileMap(reference.alpha).fit(reference.deltas, reference.profiles, population)
+        predicted = mapping.predict(deltas)
         return centred_profiles(predicted)[-1], predicted[-1], "data-free"
