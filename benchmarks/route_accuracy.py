@@ -123,7 +123,7 @@ def abstention_curve(
         right = domains[keep][sims.argmax(1)] == labels_arr
         claimed = np.zeros(len(queries), dtype=bool)
         if background is not None:
-            claimed = background.claims(queries, sims.max(1), covers_of(keep))
+            claimed = background.claims(queries, sims.max(1), background.uncovered(covers_of(keep)))
         per_withheld.append((np.where(claimed, -np.inf, sims.max(1)), right, labels_arr == withheld))
     top1 = float(np.mean([ok[~outside].mean() for _, ok, outside in per_withheld]))
     rows = []

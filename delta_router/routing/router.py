@@ -148,10 +148,10 @@ class Background:
         """The background tasks ``[B', d]`` that no cover vector (``[M, d]``, unit) reaches."""
         return self.profiles[(self.profiles @ covers.T).max(1) < self.coverage]
 
-    def claims(self, queries: np.ndarray, best: np.ndarray, covers: np.ndarray) -> np.ndarray:
+    def claims(self, queries: np.ndarray, best: np.ndarray, tasks: np.ndarray) -> np.ndarray:
         """``[Q]`` bool: which unit queries ``[Q, d]`` (best routed cosines ``best`` ``[Q]``) go to
-        the base because an uncovered task matches them better."""
-        tasks = self.uncovered(covers)
+        the base because one of the uncovered ``tasks`` (``uncovered``'s ``[B', d]``) matches them
+        better."""
         if not len(tasks):
             return np.zeros(len(queries), dtype=bool)
         return (queries @ tasks.T).max(1) > best + self.margin
@@ -220,6 +220,7 @@ class Router:
         if self.covers.shape != self.profiles.shape:
             raise DataError(f"cover vectors {self.covers.shape} for profiles {self.profiles.shape}")
         self.background, self.reference = background, reference
+        self._uncovered: tuple | None = None  # (covers, background, their uncovered tasks)
         self.base_fingerprint, self.layer, self.pooling = base_fingerprint, layer, pooling
         self.max_length = max_length
         self.top_k, self.threshold, self.temperature = top_k, threshold, temperature
@@ -287,13 +288,22 @@ class Router:
     def _unit_queries(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
         return unit_rows(np.asarray(features, dtype=np.float32) - self.center)
 
+    def _uncovered_tasks(self) -> np.ndarray:
+        """The background's tasks no model covers ``[B', d]``; recomputed only when the covers or the
+        background change (``add``/``remove`` replace the covers): ``B x M`` cosines, per decision a
+        cost at hub scale."""
+        cached = self._uncovered
+        if cached is None or cached[0] is not self.covers or cached[1] is not self.background:
+            cached = self._uncovered = (self.covers, self.background, self.background.uncovered(self.covers))
+        return cached[2]
+
     def decide(self, features: torch.Tensor | np.ndarray) -> list[RouteDecision]:
         """One decision per encoded query ``[Q, d]``."""
         queries = self._unit_queries(features)
         sims = queries @ self.profiles.T
         claimed = np.zeros(len(sims), dtype=bool)
         if self.background is not None:
-            claimed = self.background.claims(queries, sims.max(1), self.covers)
+            claimed = self.background.claims(queries, sims.max(1), self._uncovered_tasks())
         decisions = []
         for row, to_background in zip(sims, claimed, strict=True):
             order = np.argsort(-row, kind="stable")[: self.top_k]
@@ -345,7 +355,7 @@ class Router:
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | Path, force: bool = False) -> Path:
-        """``router.json`` + ``profiles.npy`` + ``covers.npy`` (+ ``background.npy`` and
+        """``router.json`` + ``profiles.npy`` (+ ``covers.npy``, ``background.npy`` and
         ``reference.npz`` when it has them), written to a temp dir and renamed.
 
         An existing non-empty ``directory`` is refused unless ``force``.
@@ -371,7 +381,8 @@ class Router:
         }  # fmt: skip
         with atomic_directory(Path(directory), force=force) as tmp:
             np.save(tmp / "profiles.npy", np.vstack([self.profiles, self.center[None]]))
-            np.save(tmp / "covers.npy", self.covers)
+            if not np.array_equal(self.covers, self.profiles):  # a data-based router covers its profiles
+                np.save(tmp / "covers.npy", self.covers)
             if self.background is not None:
                 np.save(tmp / "background.npy", self.background.profiles)
             if (pairs := self.reference) is not None:
@@ -385,7 +396,7 @@ class Router:
         try:
             meta = json.loads((directory / "router.json").read_text())
             matrix = np.load(directory / "profiles.npy")
-            # routers saved before backgrounds were kept have none of these: no background, own covers
+            # no covers.npy: the profiles are the covers (and routers saved before backgrounds were kept)
             covers = np.load(directory / "covers.npy") if (directory / "covers.npy").exists() else None
             background = reference = None
             if isinstance(meta, dict) and meta.get("background") is not None:
