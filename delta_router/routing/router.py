@@ -126,8 +126,8 @@ class Background:
 
     A background task no routed model covers (cosine < ``coverage`` to every model's cover vector)
     stands for a task the pool lacks; a query whose cosine to such a task exceeds its best routed
-    cosine plus ``margin`` goes to the base. Coverage is re-read on every decision, so a model added
-    to the router (say, the registry's) covers its task from then on.
+    cosine plus ``margin`` goes to the base. Coverage follows the router's models: a model added to
+    the router (say, the registry's) covers its task from then on.
     """
 
     profiles: np.ndarray
