@@ -40,11 +40,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from delta_router.embedding.embedder import DeltaEmbedder, LiveModel
+from delta_router.embedding.embedder import DeltaEmbedder, Embedding, LiveModel
 from delta_router.embedding.probes import ProbeSet
 from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DataError
@@ -131,13 +132,21 @@ def profile_deltas(
 ) -> np.ndarray:
     """What a ``ProfileMap`` reads of each of ``model_ids``: ``[n, hidden]`` float32, the ``deltas``
     of ``PROFILE_DELTAS`` (``base``: the index's, already loaded, to skip loading it again)."""
+    embeddings = [index.get(m).embedding for m in model_ids]
+    base = base or index.space.base_name
+    return profile_deltas_of(embeddings, deltas, lambda kind: profile_embedder(base, progress, deltas=kind))
+
+
+def profile_deltas_of(
+    embeddings: Sequence[Embedding], deltas: str, embedder_of: Callable[[str], DeltaEmbedder]
+) -> np.ndarray:
+    """``profile_deltas`` of embedded finetunes, indexed or not: ``[n, hidden]`` float32; "index" reads
+    their vectors, any other kind runs ``embedder_of(deltas)`` on their files (cached)."""
     if deltas not in PROFILE_DELTAS:
         raise DataError(f"unknown profile deltas {deltas!r}; choose from {', '.join(PROFILE_DELTAS)}")
-    entries = [index.get(m) for m in model_ids]
     if deltas == "index":
-        return np.stack([e.embedding.vector for e in entries]).astype(np.float32)
-    embedder = profile_embedder(base or index.space.base_name, progress, deltas=deltas)
-    return embedder.transform([e.embedding.path for e in entries])
+        return np.stack([e.vector for e in embeddings]).astype(np.float32)
+    return embedder_of(deltas).transform([e.path for e in embeddings])
 
 
 def reference_pairs(

@@ -30,6 +30,7 @@ from delta_router.routing.data_free import (
     DEFAULT_PROFILE_DELTAS,
     ProfileMap,
     centred_profiles,
+    profile_deltas_of,
     profile_embedder,
 )
 from delta_router.search.index import ModelIndex
@@ -101,7 +102,7 @@ class AdapterRegistry:
         embedding = self.embedder.embed_one(finetune)  # refuses an adapter of another base
         router, backend = self.scheduler.router, self.scheduler.backend
         # forward passes outside the lock: traffic keeps flowing
-        profile, cover, source = self._profile(finetune, embedding, examples) if router else (None,) * 3
+        profile, cover, source = self._profile(embedding, examples) if router else (None,) * 3
         with self.scheduler.lock:
             self._refuse_taken(finetune.model_id)  # a concurrent registration of the same id
             self.index.add(embedding, tags=tags or {})
@@ -137,7 +138,7 @@ class AdapterRegistry:
             raise DuplicateModelError(f"model id {model_id!r} is already served; DELETE it first")
 
     def _profile(
-        self, finetune: Finetune, embedding: Embedding, examples: Sequence[str] | None
+        self, embedding: Embedding, examples: Sequence[str] | None
     ) -> tuple[np.ndarray, np.ndarray, str]:
         """The router profile of a new adapter, what it covers of the router's background (see
         ``Router``), and how the profile was made. From ``examples`` (queries of its task) when given
@@ -164,11 +165,8 @@ class AdapterRegistry:
         if reference is None and len(known) < 2:
             raise DataError("a data-free profile needs >= 2 routed models to learn from: give examples")
         kind = DEFAULT_PROFILE_DELTAS if reference is None else reference.deltas_kind
-        if kind == "index":  # the indexed vectors: no forward pass
-            deltas = np.stack([*(self.index.get(m).embedding.vector for m in known), embedding.vector])
-        else:  # cached but the new one
-            paths = [self.index.get(m).embedding.path for m in known]
-            deltas = self._profile_embedder(kind).transform([*paths, finetune])
+        embeddings = [*(self.index.get(m).embedding for m in known), embedding]
+        deltas = profile_deltas_of(embeddings, kind, self._profile_embedder)  # cached but the new one
         if reference is None:
             mapping = ProfileMap().fit(deltas[:-1], profiles, deltas)
         else:
