@@ -46,7 +46,8 @@ def test_top_k_weights_and_threshold_fallback(router, encoder):
     assert decision.weights[0] >= decision.weights[1]
     top2.threshold = 1.01  # no cosine reaches it: the base answers
     fallback = top2.route(encoder, query)[0]
-    assert fallback.adapters == [] and fallback.target == "__base__"
+    assert fallback.adapters == [] and fallback.target == "__base__" and fallback.fallback == "threshold"
+    assert decision.fallback is None
 
 
 def test_save_load_round_trip_and_checks(router, encoder, tiny_base, other_base, tmp_path):
@@ -98,7 +99,9 @@ def test_a_background_task_no_model_covers_sends_its_queries_to_the_base(router,
     fruit_only.threshold, fruit_only.background = None, Background(router.profiles)
     digits = [query_text(r) for r in synthetic_domain("digits", seed=7).test]
     fruit = [query_text(r) for r in synthetic_domain("fruit", seed=7).test]
-    assert all(d.target == "__base__" for d in fruit_only.route(encoder, digits))
+    assert all(
+        d.target == "__base__" and d.fallback == "background" for d in fruit_only.route(encoder, digits)
+    )
     assert all(d.adapters[0].startswith("fruit") for d in fruit_only.route(encoder, fruit))
     without = fruit_only.restricted(lambda _: True)
     without.background = None

@@ -133,7 +133,8 @@ def cmd_route_query(args: argparse.Namespace) -> None:
     for col in ("query", "served by", "weights", "best cosine"):
         table.add_column(col)
     for query, d in zip(args.queries, decisions, strict=True):
-        table.add_row(query[:60], d.target, ", ".join(f"{w:.2f}" for w in d.weights), f"{d.score:.3f}")
+        served = d.target if d.fallback is None else f"{d.target} ({d.fallback})"
+        table.add_row(query[:60], served, ", ".join(f"{w:.2f}" for w in d.weights), f"{d.score:.3f}")
     emit(args, [d.to_dict() | {"query": q} for q, d in zip(args.queries, decisions, strict=True)], table)
 
 

@@ -98,6 +98,7 @@ class RouteDecision:
     weights: list[float]
     score: float  # cosine similarity of the best profile
     scores: dict[str, float] = field(default_factory=dict)  # the top candidates' similarities
+    fallback: str | None = None  # why the base serves it: "threshold" or "background"; None: routed
 
     @property
     def target(self) -> str:
@@ -310,7 +311,9 @@ class Router:
             top = {self.model_ids[i]: float(row[i]) for i in order}
             best = float(row[order[0]])
             if to_background or (self.threshold is not None and best < self.threshold):
-                decisions.append(RouteDecision([], [], best, top))
+                decisions.append(
+                    RouteDecision([], [], best, top, "background" if to_background else "threshold")
+                )
                 continue
             logits = row[order] / self.temperature
             weights = np.exp(logits - logits.max())
