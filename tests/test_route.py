@@ -95,6 +95,7 @@ def test_each_profile_keeps_how_it_was_made(router, tmp_path):
 def test_a_background_task_no_model_covers_sends_its_queries_to_the_base(router, encoder, tmp_path):
     """A router without the digits models, with every profile as background: digits queries go to the
     base, fruit queries still to fruit; once a digits model is added it covers its task again."""
+    assert router.covers is router.profiles  # a data-based router's covers are its profiles: one array
     fruit_only = router.restricted(lambda m: m.startswith("fruit"))
     fruit_only.threshold, fruit_only.background = None, Background(router.profiles)
     digits = [query_text(r) for r in synthetic_domain("digits", seed=7).test]
@@ -113,6 +114,7 @@ def test_a_background_task_no_model_covers_sends_its_queries_to_the_base(router,
     assert all(d.target == "__base__" for d in loaded.route(encoder, digits))
     i = router.model_ids.index("digits-0")
     loaded.add("digits-0", router.profiles[i])
+    assert loaded.covers is loaded.profiles
     assert all(d.adapters[0] == "digits-0" for d in loaded.route(encoder, digits))
     loaded.remove("digits-0")
     assert all(d.target == "__base__" for d in loaded.route(encoder, digits))

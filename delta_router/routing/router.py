@@ -217,7 +217,8 @@ class Router:
         if len(self.sources) != len(model_ids) or unknown:
             raise DataError(f"profile sources must be one of {PROFILE_SOURCES} per model, got {sources}")
         self.model_ids, self.profiles, self.center = list(model_ids), profiles.astype(np.float32), center
-        self.covers = self.profiles.copy() if covers is None else unit_rows(np.asarray(covers, np.float32))
+        # no covers given: the profiles themselves (one array, never written in place: no copy)
+        self.covers = self.profiles if covers is None else unit_rows(np.asarray(covers, np.float32))
         if self.covers.shape != self.profiles.shape:
             raise DataError(f"cover vectors {self.covers.shape} for profiles {self.profiles.shape}")
         self.background, self.reference = background, reference
@@ -272,14 +273,22 @@ class Router:
         self.model_ids.append(model_id)
         self.sources.append(source)
         row = unit_rows(np.asarray(profile, np.float32)[None])
-        cover_row = row if cover is None else unit_rows(np.asarray(cover, np.float32)[None])
-        self.profiles, self.covers = np.vstack([self.profiles, row]), np.vstack([self.covers, cover_row])
+        profiles = np.vstack([self.profiles, row])
+        if self.covers is self.profiles and cover is None:  # the profiles are the covers: one array
+            covers = profiles
+        else:
+            covers = np.vstack(
+                [self.covers, row if cover is None else unit_rows(np.asarray(cover, np.float32)[None])]
+            )
+        self.profiles, self.covers = profiles, covers
 
     def remove(self, model_id: str) -> None:
         """Stop routing to ``model_id``."""
         i = self.model_ids.index(model_id)
         del self.model_ids[i], self.sources[i]
-        self.profiles, self.covers = np.delete(self.profiles, i, axis=0), np.delete(self.covers, i, axis=0)
+        profiles = np.delete(self.profiles, i, axis=0)
+        covers = profiles if self.covers is self.profiles else np.delete(self.covers, i, axis=0)
+        self.profiles, self.covers = profiles, covers
 
     # ---- routing -------------------------------------------------------------------------------
     def similarities(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -352,8 +361,8 @@ class Router:
         return Router(
             [self.model_ids[i] for i in rows], self.profiles[rows], self.center, self.base_fingerprint,
             self.layer, self.pooling, self.max_length, self.top_k, self.threshold, self.temperature,
-            self.base_name, [self.sources[i] for i in rows], self.background, self.covers[rows],
-            self.reference,
+            self.base_name, [self.sources[i] for i in rows], self.background,
+            None if self.covers is self.profiles else self.covers[rows], self.reference,
         )  # fmt: skip
 
     # ---- persistence ---------------------------------------------------------------------------
@@ -384,7 +393,7 @@ class Router:
         }  # fmt: skip
         with atomic_directory(Path(directory), force=force) as tmp:
             np.save(tmp / "profiles.npy", np.vstack([self.profiles, self.center[None]]))
-            if not np.array_equal(self.covers, self.profiles):  # a data-based router covers its profiles
+            if self.covers is not self.profiles and not np.array_equal(self.covers, self.profiles):
                 np.save(tmp / "covers.npy", self.covers)
             if self.background is not None:
                 np.save(tmp / "background.npy", self.background.profiles)
