@@ -1,7 +1,7 @@
-"""Data-free router fitting at hub scale: ``--profile-deltas formats`` against ``index``.
+"""Data-free router fitting at hub scale: the default profile deltas against ``--profile-deltas index``.
 
-``route fit --data-free`` predicts each indexed model's router profile from deltas. With
-``formats`` (the default) those are taken by a forward pass of 15 probes through every model
+``route fit --data-free`` predicts each indexed model's router profile from deltas. With the default
+(``formats+plain``) those are taken by forward passes of 15 + 15 probes through every model
 (``routing.data_free.profile_embedder``); with ``index`` they are the vectors the index already
 holds. The baseline measured in this run: the forward pass on ``--adapters`` random r=8 SmolLM2
 adapters with an empty embedding cache, seconds per model, times N. Then, for each N, a flat index
@@ -30,22 +30,26 @@ from embed_throughput import make_adapters
 from index_scale import DIM, template, vectors
 
 from delta_router import ModelIndex, resolve_base
-from delta_router.routing.data_free import fit_data_free, profile_embedder
+from delta_router.routing.data_free import DEFAULT_PROFILE_DELTAS, fit_data_free, profile_embedder
 from delta_router.routing.router import Router
 
 
 def forward_seconds_per_model(count: int) -> float:
-    """Seconds per model of the ``formats`` deltas: ``count`` adapters through the 15 probes."""
+    """Seconds per model of the default profile deltas: ``count`` adapters through each part's probes."""
     base = resolve_base("smollm2-135m")
     paths = make_adapters(base.path, count)
     with tempfile.TemporaryDirectory() as tmp:
         previous = os.environ.get("DELTA_ROUTER_HOME")
         os.environ["DELTA_ROUTER_HOME"] = str(fresh_home(Path(tmp), "home"))
         try:
-            embedder = profile_embedder(base)
-            embedder.transform(paths[:1])  # the base's own activations, once
+            first, *others = DEFAULT_PROFILE_DELTAS.split("+")
+            embedders = [profile_embedder(base, deltas=first)]
+            embedders += [profile_embedder(base, live=embedders[0].live, deltas=kind) for kind in others]
+            for embedder in embedders:
+                embedder.transform(paths[:1])  # the base's own activations, once
             clock = time.perf_counter()
-            embedder.transform(paths[1:])
+            for embedder in embedders:
+                embedder.transform(paths[1:])
             return (time.perf_counter() - clock) / (count - 1)
         finally:
             if previous is None:
@@ -78,8 +82,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# data_free_scale  {date.today()}  {platform.machine()}  {torch.get_num_threads()} threads")
     per_model = forward_seconds_per_model(args.adapters)
-    print(f"formats deltas: {per_model:.2f} s per model (forward pass, {args.adapters - 1} adapters)\n")
-    print("| N | formats deltas (N x forward) | index deltas | ratio |")
+    kind = DEFAULT_PROFILE_DELTAS
+    print(f"{kind} deltas: {per_model:.2f} s per model (forward passes, {args.adapters - 1} adapters)\n")
+    print(f"| N | {kind} deltas (N x forward) | index deltas | ratio |")
     print("|---|---|---|---|")
     for n in args.sizes:
         seconds, projected = index_fit_seconds(n), per_model * n

@@ -63,6 +63,7 @@ from delta_router.routing.data_free import (
     PROFILE_DELTAS,
     ProfileMap,
     centred_profiles,
+    delta_blocks,
     leave_one_group_out,
     profile_deltas,
     reference_pairs,
@@ -153,13 +154,15 @@ def cross_zoo_profiles(
     names = "+".join(z.spec.name for z in references)
     ref_deltas, ref = reference_pairs(references, encoder, deltas)
     population = np.vstack([ref_deltas, own_deltas])
-    alone = ProfileMap(DEFAULT_ALPHA).fit(ref_deltas, ref.profiles, population).predict(own_deltas)
+    mapping = ProfileMap(DEFAULT_ALPHA, delta_blocks(deltas))
+    alone = mapping.fit(ref_deltas, ref.profiles, population).predict(own_deltas)
     union_deltas, union = reference_pairs([*references, zoo], encoder, deltas)
     rows = [union.model_ids.index(f"{zoo.spec.name}_{m}") for m in own.model_ids]
     union_groups = [""] * len(union_deltas)  # the reference zoos' finetunes are never left out for own's
     for row, group in zip(rows, groups, strict=True):
         union_groups[row] = group
-    with_own = leave_one_group_out(union_deltas, union.profiles, union_groups, DEFAULT_ALPHA)[rows]
+    blocks = delta_blocks(deltas)
+    with_own = leave_one_group_out(union_deltas, union.profiles, union_groups, DEFAULT_ALPHA, blocks)[rows]
     theirs = union.profiles[[i for i in range(len(union_deltas)) if i not in rows]]  # the references'
     return {
         f"data-free (map on {names})": (alone, ref.center, ref.profiles),
@@ -283,8 +286,9 @@ def main() -> None:
         reference = routers[default]
         deltas = profile_deltas(zoo.load_index(), reference.model_ids, args.profile_deltas, zoo.base)
         groups = [domain_of[i] for i in reference.model_ids]
+        blocks = delta_blocks(args.profile_deltas)
         for alpha in args.alphas:
-            predicted = leave_one_group_out(deltas, reference.profiles, groups, alpha)
+            predicted = leave_one_group_out(deltas, reference.profiles, groups, alpha, blocks)
             free = Router(
                 reference.model_ids, centred_profiles(predicted), reference.center, reference.base_fingerprint
             )
@@ -304,7 +308,7 @@ def main() -> None:
                 )
                 decisions[name] = [d.adapters[0] for d in free.decide(features[default])]
         if args.abstention:  # the default alpha's curve, whichever --alphas are listed
-            lodo = leave_one_group_out(deltas, reference.profiles, groups, DEFAULT_ALPHA)
+            lodo = leave_one_group_out(deltas, reference.profiles, groups, DEFAULT_ALPHA, blocks)
             unit_queries = unit_rows(np.asarray(features[default]) - reference.center)
             domains = np.asarray(groups)
             labels = [d for d, _ in queries]

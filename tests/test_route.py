@@ -143,6 +143,25 @@ def test_profile_map_interpolates_its_reference_and_refuses_too_little():
         ProfileMap().fit(deltas[:1], profiles[:1])
 
 
+def test_a_profile_map_of_two_blocks_averages_one_map_per_block():
+    """Two kinds of delta side by side ("formats+plain"): each block mapped by its own ridge, the
+    prediction the unit mean of the two; one block is the plain map."""
+    from delta_router.embedding.vectors import unit_rows
+    from delta_router.routing.data_free import ProfileMap, delta_blocks
+
+    rng = np.random.default_rng(1)
+    first, second, profiles = rng.normal(size=(8, 16)), rng.normal(size=(8, 16)), rng.normal(size=(8, 16))
+    population = rng.normal(size=(11, 32))
+    both = ProfileMap(0.01, blocks=2).fit(np.hstack([first, second]), profiles, population)
+    one = ProfileMap(0.01).fit(first, profiles, population[:, :16]).predict(first[:3])
+    two = ProfileMap(0.01).fit(second, profiles, population[:, 16:]).predict(second[:3])
+    assert np.allclose(both.predict(np.hstack([first, second])[:3]), unit_rows(one + two), atol=1e-6)
+    assert not np.allclose(one, two, atol=1e-2)
+    assert delta_blocks("formats+plain") == 2 and delta_blocks("formats") == delta_blocks("index") == 1
+    with pytest.raises(DataError, match="3 equal blocks"):
+        ProfileMap(blocks=3).fit(np.hstack([first, second]), profiles)
+
+
 def test_centred_profiles_drop_the_direction_every_blend_shares():
     from delta_router.routing.data_free import centred_profiles
 
@@ -206,6 +225,8 @@ def test_data_free_router_sends_queries_to_their_domain(
     fitted = Router.load(out)
     assert fitted.model_ids == router.model_ids and fitted.threshold is not None  # the calibrated default
     assert fitted.background is not None
+    assert fitted.reference.deltas_kind == "formats+plain"  # the default: both kinds side by side
+    assert fitted.reference.deltas.shape[1] == 2 * reference_pairs(zoo, encoder, "formats")[0].shape[1]
     assert np.allclose(np.abs(fitted.profiles @ router.profiles.T).diagonal(), 1.0, atol=1e-4)
 
     # --profile-deltas index: the map reads the indexed vectors, no forward pass

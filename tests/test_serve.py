@@ -503,7 +503,13 @@ def test_a_data_free_registration_is_centred_like_a_data_free_fit(tiny_base, ada
     learns from and itself, as ``fit_data_free`` centres its profiles: not the raw prediction, whose
     shared direction raises its cosine to every query alike."""
     from delta_router.embedding.vectors import unit_rows
-    from delta_router.routing.data_free import ProfileMap, centred_profiles
+    from delta_router.routing.data_free import (
+        DEFAULT_PROFILE_DELTAS,
+        ProfileMap,
+        centred_profiles,
+        delta_blocks,
+        profile_deltas_of,
+    )
     from delta_router.search.index import ModelIndex
     from delta_router.serving.registry import AdapterRegistry
 
@@ -514,9 +520,13 @@ def test_a_data_free_registration_is_centred_like_a_data_free_fit(tiny_base, ada
     scheduler = BatchScheduler(PeftBackend(resolve_base(tiny_base), {}), router)
     registry = AdapterRegistry(ModelIndex.load(idx), scheduler)
     registry.register(adapters[2], "guessed")
-    paths = [registry.index.get(m).embedding.path for m in ("fruit", "digits")]
-    deltas = registry.profile_deltas_embedder.transform([*paths, adapters[2]])
-    predicted = ProfileMap().fit(deltas[:-1], known, deltas).predict(deltas)
+    embeddings = [registry.index.get(m).embedding for m in ("fruit", "digits", "guessed")]
+    deltas = profile_deltas_of(embeddings, DEFAULT_PROFILE_DELTAS, registry.profile_deltas_embedder)
+    predicted = (
+        ProfileMap(blocks=delta_blocks(DEFAULT_PROFILE_DELTAS))
+        .fit(deltas[:-1], known, deltas)
+        .predict(deltas)
+    )
     assert np.allclose(router.profiles[-1], centred_profiles(predicted)[-1], atol=1e-5)
     assert not np.allclose(router.profiles[-1], predicted[-1], atol=1e-3)
     assert np.allclose(router.covers[-1], predicted[-1], atol=1e-5)  # covers its uncentred prediction
@@ -561,8 +571,9 @@ def test_the_registrys_two_embedders_share_one_copy_of_the_base(tiny_base, adapt
     registry = AdapterRegistry(
         ModelIndex.load(idx), BatchScheduler(PeftBackend(resolve_base(tiny_base), {}), router)
     )
-    assert registry.profile_deltas_embedder.live is registry.embedder.live
-    assert registry.profile_deltas_embedder.probes != registry.embedder.probes
+    for kind in ("formats", "plain"):
+        assert registry.profile_deltas_embedder(kind).live is registry.embedder.live
+        assert registry.profile_deltas_embedder(kind).probes != registry.embedder.probes
 
 
 def test_an_indexed_dora_adapter_is_not_served_and_not_routed_to(tiny_base, adapters, tmp_path, caplog):

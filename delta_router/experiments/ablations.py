@@ -50,7 +50,13 @@ from delta_router.evaluation.clustering import (
 )
 from delta_router.home import atomic_write_text
 from delta_router.models.finetunes import ADAPTER_WEIGHTS, Finetune
-from delta_router.routing.data_free import centred_profiles, leave_one_group_out, reference_pairs
+from delta_router.routing.data_free import (
+    DEFAULT_PROFILE_DELTAS,
+    centred_profiles,
+    delta_blocks,
+    leave_one_group_out,
+    reference_pairs,
+)
 from delta_router.routing.router import QueryEncoder, Router
 from delta_router.search.selector import SELECTION_METHODS, TaskSelector
 
@@ -382,7 +388,8 @@ class Ablations:
         encoder = QueryEncoder.for_model(embedder.model, embedder.tokenizer)
         deltas, trained = reference_pairs(self.zoo, encoder)
         domains = [index.get(m).tags["domain"] for m in trained.model_ids]
-        predicted = centred_profiles(leave_one_group_out(deltas, trained.profiles, domains))
+        blocks = delta_blocks(DEFAULT_PROFILE_DELTAS)
+        predicted = centred_profiles(leave_one_group_out(deltas, trained.profiles, domains, blocks=blocks))
         free = Router(trained.model_ids, predicted, trained.center, trained.base_fingerprint)
         routers = {"by queries": trained, "by queries, data-free profiles": free}
         return {

@@ -7,18 +7,21 @@ base, and across finetunes whose data we do have (a *reference* zoo) the two geo
 reference pairs, predicts a profile for any finetune from its delta alone (no data). Queries are
 centred as the reference router centres them.
 
-The deltas the map reads are not the index's (the paper's 5 Alpaca probes) but ``profile_embedder``'s:
-by default (``"formats"``) the paper's probes in each of the three prompt formats (``ProbeSet.formats``),
-each probe's shift unit-normed before the mean. On finetunes trained in mixed prompt formats the
-index's deltas follow the format, these the domain. Chosen on dev queries (records no benchmark
-routes) by the lowest of four ratios to the data-based router: leave one domain out on ``full`` and
-on ``wild``, and each zoo mapped by the other (as ``route fit --data-free`` maps a pool by a
-reference zoo). ``"formats"`` 90.1% against ``"plain"`` (the paper's preambles with 3 generic tasks
-in no template, ``ProbeSet.plain``) 78.7%; on test 87.4% against 84.7%: wild mapped by full routes
-81.4% of its test queries right (plain 78.9%), leave one domain out wild 86.8% (90.4%), full 93.9%
-(93.6%). It costs one forward pass of 15 probes per finetune, cached like any embedding; for an
-index too large for that, ``deltas="index"`` maps the index's own vectors (no forward pass; as good
-on finetunes that share one prompt format).
+The deltas the map reads are not the index's (the paper's 5 Alpaca probes) but ``profile_embedder``'s,
+each probe's shift unit-normed before the mean: ``"formats"``, the paper's probes in each of the three
+prompt formats (``ProbeSet.formats``), and ``"plain"``, the paper's preambles with 3 generic tasks in
+no template (``ProbeSet.plain``). On finetunes trained in mixed prompt formats the index's deltas
+follow the format, these the domain. The default, ``"formats+plain"``, maps each kind by its own ridge
+and averages the two predictions: ``"formats"`` carries a pool across zoos better, ``"plain"`` leave
+one domain out, and their errors differ. Chosen on dev queries (records no benchmark routes) by the
+lowest of four ratios to the data-based router (leave one domain out on ``full`` and on ``wild``, and
+each zoo mapped by the other, as ``route fit --data-free`` maps a pool by a reference zoo), where it
+ties ``"formats"`` (90.1%) and beats it in the other three, then confirmed on a fresh set of test
+records (91.0% against 88.4%). On the benchmark's test queries wild mapped by full routes 84.6% right,
+90.8% of the data-based router (``"formats"`` 81.4%, ``"plain"`` 78.9%); leave one domain out wild
+90.7%, full 94.6%. It costs two forward passes of 15 probes per finetune, cached like any embedding;
+for an index too large for that, ``deltas="index"`` maps the index's own vectors (no forward pass; as
+good on finetunes that share one prompt format).
 
 The predicted profiles are blends of reference profiles that share a direction; ``fit_data_free``
 centres them on their mean (``centred_profiles``), as data-based profiles are centred: with the plain
@@ -59,13 +62,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_ALPHA = 0.01  # ridge strength, from a leave-one-domain-out sweep on the full zoo (RESULTS.md)
 # The fallback threshold of a data-free router: of the thresholds that cost <= 5 points of in-zoo
 # accuracy, the one that sends the most of a withheld domain's queries to the base, on dev queries of
-# the full zoo (67% for 4.2 points; RESULTS.md, "Format-spanning deltas again").
+# the full zoo (73% for 4.6 points with the default deltas; RESULTS.md, "Two kinds of delta, averaged").
 DATA_FREE_THRESHOLD = 0.40
 # What a ProfileMap reads of each finetune: "formats" or "plain", ``profile_embedder``'s deltas on
-# ``ProbeSet.formats`` or ``ProbeSet.plain`` (a forward pass of 15 probes per finetune, cached), or
-# "index", the vectors already in the index (free at any scale).
-PROFILE_DELTAS = ("formats", "plain", "index")
-DEFAULT_PROFILE_DELTAS = "formats"
+# ``ProbeSet.formats`` or ``ProbeSet.plain`` (a forward pass of 15 probes per finetune, cached);
+# "formats+plain", both side by side, each mapped by its own ridge and the two predictions averaged;
+# or "index", the vectors already in the index (free at any scale).
+PROFILE_DELTAS = ("formats+plain", "formats", "plain", "index")
+DEFAULT_PROFILE_DELTAS = "formats+plain"
 
 
 @dataclass
@@ -78,9 +82,13 @@ class ProfileMap:
     reference's and the ones to profile (their vectors are known; no data is): centred on the
     reference alone, deltas of a domain the reference lacks carry that domain's whole offset, and
     leave-one-domain-out routing on the full zoo falls from 88.6% to 3.9% (below random).
+
+    With ``blocks`` > 1 each row of deltas is that many equal blocks (kinds of delta side by side,
+    ``delta_blocks``): each block gets its own ridge, and the prediction is the unit mean of theirs.
     """
 
     alpha: float = DEFAULT_ALPHA
+    blocks: int = 1
 
     def fit(
         self, deltas: np.ndarray, profiles: np.ndarray, population: np.ndarray | None = None
@@ -90,34 +98,47 @@ class ProfileMap:
                 f"a profile map needs >= 2 (delta, profile) pairs, got {len(deltas)} / {len(profiles)}"
             )
         deltas = np.asarray(deltas, dtype=np.float64)
-        self.mean_ = np.asarray(deltas if population is None else population, dtype=np.float64).mean(0)
-        self.reference_ = self._unit(deltas)
-        kernel = self.reference_ @ self.reference_.T
-        self.coef_ = np.linalg.solve(
-            kernel + self.alpha * np.eye(len(kernel)), np.asarray(profiles, np.float64)
-        )
+        if deltas.shape[1] % self.blocks:
+            raise DataError(f"{deltas.shape[1]}-dim deltas do not split into {self.blocks} equal blocks")
+        population = deltas if population is None else np.asarray(population, dtype=np.float64)
+        self.means_ = [block.mean(0) for block in np.split(population, self.blocks, axis=1)]
+        self.references_ = self._units(deltas)
+        self.coefs_ = [
+            np.linalg.solve(unit @ unit.T + self.alpha * np.eye(len(unit)), np.asarray(profiles, np.float64))
+            for unit in self.references_
+        ]
         return self
 
     def predict(self, deltas: np.ndarray) -> np.ndarray:
         """Unit profiles ``[m, d]`` (float32) of finetunes with Delta Activations ``deltas`` ``[m, d]``."""
-        predicted = self._unit(np.asarray(deltas, dtype=np.float64)) @ self.reference_.T @ self.coef_
-        return unit_rows(predicted.astype(np.float32))
+        units = self._units(np.asarray(deltas, dtype=np.float64))
+        blocks = zip(units, self.references_, self.coefs_, strict=True)
+        return unit_rows(sum(unit_rows(unit @ reference.T @ coef) for unit, reference, coef in blocks))
 
-    def _unit(self, deltas: np.ndarray) -> np.ndarray:
-        centred = deltas - self.mean_
-        return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+    def _units(self, deltas: np.ndarray) -> list[np.ndarray]:
+        """``blocks`` x ``[n, d / blocks]``: each block of ``deltas`` less the population mean, unit rows."""
+        blocks = np.split(deltas, self.blocks, axis=1)
+        centred = [block - mean for block, mean in zip(blocks, self.means_, strict=True)]
+        return [block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12) for block in centred]
+
+
+def delta_blocks(deltas: str) -> int:
+    """How many blocks a ``ProfileMap`` splits deltas of kind ``deltas`` (``PROFILE_DELTAS``) into."""
+    return len(deltas.split("+"))
 
 
 def profile_embedder(
     base: str | BaseLM,
     progress: bool = False,
     live: LiveModel | None = None,
-    deltas: str = DEFAULT_PROFILE_DELTAS,
+    deltas: str = "formats",
 ) -> DeltaEmbedder:
     """The embedder of the deltas a ``ProfileMap`` reads (``[n, hidden]``): 15 probes (``deltas``
     "plain": ``ProbeSet.plain``; "formats": the paper's 5 in each of the 3 prompt formats), each
     probe's shift unit-normed before the mean. ``live``: another embedder's live model of this base,
     to share instead of loading the base again."""
+    if deltas not in ("formats", "plain"):
+        raise DataError(f"no profile embedder for {deltas!r} deltas: it embeds 'formats' or 'plain'")
     base = resolve_base(base)
     probes = ProbeSet.plain() if deltas == "plain" else ProbeSet.formats(tokenizer=base.load_tokenizer())
     return DeltaEmbedder(base, probes, normalize="probe", progress=progress, live=live)
@@ -130,23 +151,32 @@ def profile_deltas(
     base: str | BaseLM | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """What a ``ProfileMap`` reads of each of ``model_ids``: ``[n, hidden]`` float32, the ``deltas``
-    of ``PROFILE_DELTAS`` (``base``: the index's, already loaded, to skip loading it again)."""
+    """What a ``ProfileMap`` reads of each of ``model_ids``: ``[n, hidden * delta_blocks(deltas)]``
+    float32, the ``deltas`` of ``PROFILE_DELTAS`` (``base``: the index's, already loaded, to skip
+    loading it again). The embedders of a kind's parts share one copy of the base."""
     embeddings = [index.get(m).embedding for m in model_ids]
     base = base or index.space.base_name
-    return profile_deltas_of(embeddings, deltas, lambda kind: profile_embedder(base, progress, deltas=kind))
+    made: list[DeltaEmbedder] = []
+
+    def embedder_of(kind: str) -> DeltaEmbedder:
+        made.append(profile_embedder(base, progress, live=made[0].live if made else None, deltas=kind))
+        return made[-1]
+
+    return profile_deltas_of(embeddings, deltas, embedder_of)
 
 
 def profile_deltas_of(
     embeddings: Sequence[Embedding], deltas: str, embedder_of: Callable[[str], DeltaEmbedder]
 ) -> np.ndarray:
-    """``profile_deltas`` of embedded finetunes, indexed or not: ``[n, hidden]`` float32; "index" reads
-    their vectors, any other kind runs ``embedder_of(deltas)`` on their files (cached)."""
+    """``profile_deltas`` of embedded finetunes, indexed or not: ``[n, hidden * delta_blocks(deltas)]``
+    float32; "index" reads their vectors, any other kind runs ``embedder_of(part)`` on their files for
+    each part of it ("formats+plain": two), side by side (cached)."""
     if deltas not in PROFILE_DELTAS:
         raise DataError(f"unknown profile deltas {deltas!r}; choose from {', '.join(PROFILE_DELTAS)}")
     if deltas == "index":
         return np.stack([e.vector for e in embeddings]).astype(np.float32)
-    return embedder_of(deltas).transform([e.path for e in embeddings])
+    paths = [e.path for e in embeddings]
+    return np.hstack([embedder_of(part).transform(paths) for part in deltas.split("+")])
 
 
 def reference_pairs(
@@ -156,9 +186,9 @@ def reference_pairs(
     ``profile_deltas`` ``[n, d]`` and one data-based ``Router`` over all of them, from their training
     prompts (ids ``<zoo>_<member>`` when several, zoos in name order); both cached under the home.
 
-    The map carries a domain over only for recipes its reference has seen: wild's finetunes, mapped
-    by ``full`` alone, route 81.4% of wild's test queries right; by ``full`` + wild's finetunes of
-    the other domains, 88.9% (RESULTS.md, "Format-spanning deltas again")."""
+    The map carries a domain over best for recipes its reference has seen: wild's finetunes, mapped
+    by ``full`` alone, route 84.6% of wild's test queries right; by ``full`` + wild's finetunes of
+    the other domains, 90.4% (RESULTS.md, "Two kinds of delta, averaged")."""
     zoos = sorted(zoos, key=lambda zoo: zoo.spec.name) if isinstance(zoos, list | tuple) else [zoos]
     if not zoos:
         raise DataError("a reference needs at least one built zoo")
@@ -211,7 +241,7 @@ def fit_data_free(
     ids = index.model_ids()
     vectors = profile_deltas(index, ids, deltas, progress=progress)
     population = np.vstack([reference_deltas, vectors])
-    mapping = ProfileMap(alpha).fit(reference_deltas, reference.profiles, population)
+    mapping = ProfileMap(alpha, delta_blocks(deltas)).fit(reference_deltas, reference.profiles, population)
     predicted = mapping.predict(vectors)
     settings = {"layer": reference.layer, "pooling": reference.pooling, "max_length": reference.max_length}
     logger.info("data-free profiles: %d models, %s deltas, %d pairs", len(ids), deltas, len(reference_deltas))
@@ -236,14 +266,15 @@ def centred_profiles(predicted: np.ndarray) -> np.ndarray:
 
 
 def leave_one_group_out(
-    deltas: np.ndarray, profiles: np.ndarray, groups: list[str], alpha: float = DEFAULT_ALPHA
+    deltas: np.ndarray, profiles: np.ndarray, groups: list[str], alpha: float = DEFAULT_ALPHA, blocks: int = 1
 ) -> np.ndarray:
     """Each finetune's profile predicted by a map fitted without its group (e.g. its domain): how the
-    data-free router does on finetunes of a kind the reference never held. ``[n, d]`` float32."""
+    data-free router does on finetunes of a kind the reference never held. ``[n, d]`` float32;
+    ``blocks``: ``ProfileMap``'s."""
     groups_arr = np.asarray(groups)
     predicted = np.zeros(np.shape(profiles), dtype=np.float32)
     for group in sorted(set(groups)):
         held = groups_arr == group
-        mapping = ProfileMap(alpha).fit(deltas[~held], profiles[~held], population=deltas)
+        mapping = ProfileMap(alpha, blocks).fit(deltas[~held], profiles[~held], population=deltas)
         predicted[held] = mapping.predict(deltas[held])
     return predicted

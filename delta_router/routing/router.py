@@ -161,7 +161,7 @@ class Background:
 @dataclass
 class ReferencePairs:
     """The (delta, profile) pairs a data-free router's ``ProfileMap`` was fitted on: ``deltas``
-    ``[n, h]`` of kind ``deltas_kind`` (``routing.data_free.PROFILE_DELTAS``), data-based
+    ``[n, h * blocks]`` of kind ``deltas_kind`` (``routing.data_free.PROFILE_DELTAS``), data-based
     ``profiles`` ``[n, d]``, ridge ``alpha``. Kept with the router so that a model added later (the
     live registry's) is profiled by the same map as the models it was fitted with."""
 

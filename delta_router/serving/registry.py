@@ -30,6 +30,7 @@ from delta_router.routing.data_free import (
     DEFAULT_PROFILE_DELTAS,
     ProfileMap,
     centred_profiles,
+    delta_blocks,
     profile_deltas_of,
     profile_embedder,
 )
@@ -59,12 +60,9 @@ class AdapterRegistry:
                 self._embedder = DeltaEmbedder.for_space(self.index.space, progress=False)
             return self._embedder
 
-    @property
-    def profile_deltas_embedder(self) -> DeltaEmbedder:
-        """The embedder of the default profile deltas (``routing.data_free.DEFAULT_PROFILE_DELTAS``)."""
-        return self._profile_embedder(DEFAULT_PROFILE_DELTAS)
-
-    def _profile_embedder(self, kind: str) -> DeltaEmbedder:
+    def profile_deltas_embedder(self, kind: str = "formats") -> DeltaEmbedder:
+        """The embedder of one kind of profile deltas (``routing.data_free.profile_embedder``), on the
+        registry's copy of the base."""
         with self._embedders_lock:
             if kind not in self._profile_embedders:
                 live = self.embedder.live  # one copy of the base for every embedder
@@ -166,11 +164,12 @@ class AdapterRegistry:
             raise DataError("a data-free profile needs >= 2 routed models to learn from: give examples")
         kind = DEFAULT_PROFILE_DELTAS if reference is None else reference.deltas_kind
         embeddings = [*(self.index.get(m).embedding for m in known), embedding]
-        deltas = profile_deltas_of(embeddings, kind, self._profile_embedder)  # cached but the new one
+        deltas = profile_deltas_of(embeddings, kind, self.profile_deltas_embedder)  # cached but the new one
         if reference is None:
-            mapping = ProfileMap().fit(deltas[:-1], profiles, deltas)
+            mapping = ProfileMap(blocks=delta_blocks(kind)).fit(deltas[:-1], profiles, deltas)
         else:
             population = np.vstack([reference.deltas, deltas])
-            mapping = ProfileMap(reference.alpha).fit(reference.deltas, reference.profiles, population)
+            mapping = ProfileMap(reference.alpha, delta_blocks(kind))
+            mapping.fit(reference.deltas, reference.profiles, population)
         predicted = mapping.predict(deltas)
         return centred_profiles(predicted)[-1], predicted[-1], "data-free"
