@@ -203,9 +203,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                         "several: one reference of all their finetunes)")  # fmt: skip
     p.add_argument("--profile-deltas", choices=PROFILE_DELTAS,
                    help="--data-free: what the map reads of each model: formats = the paper's probes in "
-                        "every prompt format, a forward pass per model (default); plain = 15 generic "
-                        "probes in no template (as costly); index = the index's vectors, no forward "
-                        "pass (huge indexes of one prompt format)")  # fmt: skip
+                        "every prompt format, a forward pass per model; plain = 15 generic probes in no "
+                        "template (as costly); formats+plain = both, one map each, averaged (default, "
+                        "two passes); index = the index's vectors, no forward pass (huge indexes of "
+                        "one prompt format)")  # fmt: skip
     p.add_argument("--no-background", action="store_true",
                    help="--data-free: send a query to the base only below the threshold, not also when it "
                         "matches a reference task no indexed model covers")  # fmt: skip
