@@ -386,10 +386,12 @@ class Ablations:
         """The ``"queries"`` method over the zoo's domain finetunes, with profiles from their training
         prompts and data-free ones (from their profile deltas, each domain's map fitted without it)."""
         encoder = QueryEncoder.for_model(embedder.model, embedder.tokenizer)
-        deltas, trained = reference_pairs(self.zoo, encoder)
+        kind = DEFAULT_PROFILE_DELTAS
+        deltas, trained = reference_pairs(self.zoo, encoder, kind)
         domains = [index.get(m).tags["domain"] for m in trained.model_ids]
-        blocks = delta_blocks(DEFAULT_PROFILE_DELTAS)
-        predicted = centred_profiles(leave_one_group_out(deltas, trained.profiles, domains, blocks=blocks))
+        predicted = centred_profiles(
+            leave_one_group_out(deltas, trained.profiles, domains, blocks=delta_blocks(kind))
+        )
         free = Router(trained.model_ids, predicted, trained.center, trained.base_fingerprint)
         routers = {"by queries": trained, "by queries, data-free profiles": free}
         return {
