@@ -60,7 +60,7 @@ class AdapterRegistry:
                 self._embedder = DeltaEmbedder.for_space(self.index.space, progress=False)
             return self._embedder
 
-    def profile_deltas_embedder(self, kind: str = "formats") -> DeltaEmbedder:
+    def profile_deltas_embedder(self, kind: str) -> DeltaEmbedder:
         """The embedder of one kind of profile deltas (``routing.data_free.profile_embedder``), on the
         registry's copy of the base."""
         with self._embedders_lock:
