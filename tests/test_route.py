@@ -246,10 +246,12 @@ def test_data_free_router_sends_queries_to_their_domain(
     assert np.allclose(by_index.profiles, expected.profiles, atol=1e-5)
 
 
-def test_a_registration_into_a_data_free_router_maps_like_a_refit(tiny_base, encoder, tmp_path):
+@pytest.mark.parametrize("kind", ["formats+plain", "formats"])  # the default; one kind (older routers)
+def test_a_registration_into_a_data_free_router_maps_like_a_refit(tiny_base, encoder, tmp_path, kind):
     """A data-free router keeps its reference pairs (saved with it); the live registry profiles a new
-    finetune by that map, exactly as ``fit_data_free`` would profile it in an index that held it.
-    (A map fitted on the router's own data-free profiles can only blend the tasks it already has.)"""
+    finetune by that map, of the router's kind of deltas, exactly as ``fit_data_free`` would profile
+    it in an index that held it. (A map fitted on the router's own data-free profiles can only blend
+    the tasks it already has.)"""
     from delta_router.routing.data_free import fit_data_free, reference_pairs
     from delta_router.serving.backends import PeftBackend
     from delta_router.serving.registry import AdapterRegistry
@@ -257,10 +259,11 @@ def test_a_registration_into_a_data_free_router_maps_like_a_refit(tiny_base, enc
 
     zoo = tiny_zoo("tiny", tiny_base, tmp_path)
     index = zoo.build()
-    deltas, reference = reference_pairs(zoo, encoder)
+    deltas, reference = reference_pairs(zoo, encoder, kind)
     new = index.model_ids()[-1]
-    router = fit_data_free(index.filtered(lambda e: e.model_id != new), deltas, reference)
+    router = fit_data_free(index.filtered(lambda e: e.model_id != new), deltas, reference, deltas=kind)
     router = Router.load(router.save(tmp_path / "router"))
+    assert router.reference.deltas_kind == kind
     np.testing.assert_allclose(router.reference.deltas, deltas)
     np.testing.assert_allclose(router.reference.profiles, reference.profiles)
     registry = AdapterRegistry(
@@ -268,7 +271,7 @@ def test_a_registration_into_a_data_free_router_maps_like_a_refit(tiny_base, enc
         BatchScheduler(PeftBackend(resolve_base(tiny_base), {}), router),
     )
     registry.register(index.get(new).embedding.path, new)
-    refit = fit_data_free(index, deltas, reference)
+    refit = fit_data_free(index, deltas, reference, deltas=kind)
     row = refit.model_ids.index(new)
     np.testing.assert_allclose(router.profiles[-1], refit.profiles[row], atol=1e-5)
     np.testing.assert_allclose(router.covers[-1], refit.covers[row], atol=1e-5)
