@@ -97,14 +97,14 @@ class ProfileMap:
             raise DataError(
                 f"a profile map needs >= 2 (delta, profile) pairs, got {len(deltas)} / {len(profiles)}"
             )
-        deltas = np.asarray(deltas, dtype=np.float64)
+        deltas, profiles = np.asarray(deltas, dtype=np.float64), np.asarray(profiles, dtype=np.float64)
         if deltas.shape[1] % self.blocks:
             raise DataError(f"{deltas.shape[1]}-dim deltas do not split into {self.blocks} equal blocks")
         population = deltas if population is None else np.asarray(population, dtype=np.float64)
         self.means_ = [block.mean(0) for block in np.split(population, self.blocks, axis=1)]
         self.references_ = self._units(deltas)
         self.coefs_ = [
-            np.linalg.solve(unit @ unit.T + self.alpha * np.eye(len(unit)), np.asarray(profiles, np.float64))
+            np.linalg.solve(unit @ unit.T + self.alpha * np.eye(len(unit)), profiles)
             for unit in self.references_
         ]
         return self
