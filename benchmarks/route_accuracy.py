@@ -218,6 +218,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default="full")
     parser.add_argument("--queries", type=int, default=40, help="test records per domain to route")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="route records OFFSET.. of the split (e.g. 40: test records no default run "
+                        "routes, to confirm a choice made on --dev)")  # fmt: skip
     parser.add_argument("--dev", action="store_true",
                         help="route dev queries instead (few-shot pool records 60-99, which nothing else "
                         "reads): for choosing settings")  # fmt: skip
@@ -244,6 +247,8 @@ def main() -> None:
                 refuse_existing_file(getattr(args, option[2:]), args.force, option)
     except DeltaRouterError as error:
         parser.error(str(error))
+    if args.offset < 0:
+        parser.error(f"--offset is a record number >= 0, got {args.offset}")
     if args.zoo in (args.reference_zoo or []):
         parser.error(f"--reference-zoo {args.zoo} is the routed zoo itself: give other zoos")
     rng = random.Random(args.seed)
@@ -254,10 +259,11 @@ def main() -> None:
     domain_of = {m.id: m.label for m in members}
     tests = {d: zoo.splits(d).test for d in zoo.spec.domains}
     routed_records = {d: zoo.splits(d).fewshot[60:] if args.dev else tests[d] for d in zoo.spec.domains}
-    queries = [(d, r) for d in zoo.spec.domains for r in routed_records[d][: args.queries]]
+    window = slice(args.offset, args.offset + args.queries)
+    queries = [(d, r) for d in zoo.spec.domains for r in routed_records[d][window]]
     texts = [query_text(r) for _, r in queries]
     print(f"# route_accuracy  {date.today()}  {platform.machine()}  {torch.get_num_threads()} threads")
-    kind = "dev" if args.dev else "held-out"
+    kind = ("dev" if args.dev else "held-out") + (f" (from record {args.offset})" if args.offset else "")
     print(f"zoo {args.zoo}: {len(members)} single-domain adapters, {len(queries)} {kind} queries\n")
 
     model, tokenizer = zoo.base.load_model(), zoo.base.load_tokenizer()
