@@ -146,6 +146,7 @@ def test_api_misuse_is_a_type_or_value_error_saying_what_to_pass(tiny_base, adap
         (ValueError, "threshold", lambda: routed(["a"], threshold=5)),
         (ValueError, "coverage is a cosine", lambda: Background(np.ones((1, 64)), coverage=2)),
         (ValueError, "background profiles must be", lambda: Background(np.ones(64))),
+        (ValueError, "support is a number of models", lambda: Background(np.ones((1, 64)), support=0)),
         (InvalidModelIdError, "invalid model id", lambda: routed(["../x"])),
         (ValueError, "adapters_per_batch", lambda: DeltaEmbedder(tiny_base, adapters_per_batch=-1)),
     ]

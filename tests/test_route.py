@@ -94,10 +94,13 @@ def test_each_profile_keeps_how_it_was_made(router, tmp_path):
 
 def test_a_background_task_no_model_covers_sends_its_queries_to_the_base(router, encoder, tmp_path):
     """A router without the digits models, with every profile as background: digits queries go to the
-    base, fruit queries still to fruit; once a digits model is added it covers its task again."""
+    base, fruit queries still to fruit; a digits task is covered again once two digits models (the
+    default support) reach it, and one alone does not; a router saved before support was kept loads
+    with support 1, as it was fitted."""
     assert router.covers is router.profiles  # a data-based router's covers are its profiles: one array
     fruit_only = router.restricted(lambda m: m.startswith("fruit"))
-    fruit_only.threshold, fruit_only.background = None, Background(router.profiles)
+    # margin < 0: this background is the models' own profiles, which the routed model matches exactly
+    fruit_only.threshold, fruit_only.background = None, Background(router.profiles, margin=-0.05)
     digits = [query_text(r) for r in synthetic_domain("digits", seed=7).test]
     fruit = [query_text(r) for r in synthetic_domain("fruit", seed=7).test]
     assert all(
@@ -112,12 +115,25 @@ def test_a_background_task_no_model_covers_sends_its_queries_to_the_base(router,
     np.testing.assert_allclose(loaded.background.profiles, fruit_only.background.profiles)
     np.testing.assert_allclose(loaded.covers, fruit_only.covers)
     assert all(d.target == "__base__" for d in loaded.route(encoder, digits))
-    i = router.model_ids.index("digits-0")
-    loaded.add("digits-0", router.profiles[i])
-    assert loaded.covers is loaded.profiles
-    assert all(d.adapters[0] == "digits-0" for d in loaded.route(encoder, digits))
+    assert loaded.background.support == 2
+    for model_id in ("digits-0", "digits-1"):
+        loaded.add(model_id, router.profiles[router.model_ids.index(model_id)])
+        assert loaded.covers is loaded.profiles
+        covered = [
+            bool(d.adapters) and d.adapters[0].startswith("digits") for d in loaded.route(encoder, digits)
+        ]
+        assert all(covered) if model_id == "digits-1" else not any(covered)  # one model is not support
     loaded.remove("digits-0")
     assert all(d.target == "__base__" for d in loaded.route(encoder, digits))
+
+    before_support = fruit_only.save(tmp_path / "before-support")
+    meta = json.loads((before_support / "router.json").read_text())
+    del meta["background"]["support"]
+    (before_support / "router.json").write_text(json.dumps(meta))
+    one = Router.load(before_support)
+    assert one.background.support == 1
+    one.add("digits-0", router.profiles[router.model_ids.index("digits-0")])
+    assert all(d.adapters[0] == "digits-0" for d in one.route(encoder, digits))
 
     old = router.save(tmp_path / "before-backgrounds")  # a router saved before backgrounds were kept
     meta = json.loads((old / "router.json").read_text())
