@@ -261,6 +261,9 @@ def main() -> None:
     routed_records = {d: zoo.splits(d).fewshot[60:] if args.dev else tests[d] for d in zoo.spec.domains}
     window = slice(args.offset, args.offset + args.queries)
     queries = [(d, r) for d in zoo.spec.domains for r in routed_records[d][window]]
+    short = [d for d in zoo.spec.domains if not routed_records[d][window]]
+    if short:
+        parser.error(f"--offset {args.offset} is past the last record to route of {', '.join(short)}")
     texts = [query_text(r) for _, r in queries]
     print(f"# route_accuracy  {date.today()}  {platform.machine()}  {torch.get_num_threads()} threads")
     kind = ("dev" if args.dev else "held-out") + (f" (from record {args.offset})" if args.offset else "")
