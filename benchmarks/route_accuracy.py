@@ -51,7 +51,6 @@ import numpy as np
 import torch
 
 from delta_router import Zoo
-from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DeltaRouterError
 from delta_router.evaluation.scoring import example_scores
 from delta_router.evaluation.verification import Interval
@@ -68,7 +67,15 @@ from delta_router.routing.data_free import (
     profile_deltas,
     reference_pairs,
 )
-from delta_router.routing.router import DEFAULT_THRESHOLD, Background, QueryEncoder, Router, query_text
+from delta_router.routing.router import (
+    DEFAULT_THRESHOLD,
+    Background,
+    QueryEncoder,
+    Router,
+    mean_queries,
+    query_text,
+    zoo_examples,
+)
 
 
 class ArrowVotes:
@@ -101,30 +108,21 @@ class ArrowVotes:
 THRESHOLDS = np.round(np.arange(0.0, 0.61, 0.01), 2)
 
 
-def abstention_curve(
-    profiles_of,
-    queries: np.ndarray,
-    labels: list[str],
-    domains: np.ndarray,
-    background: Background | None = None,
-    covers_of=None,
-) -> list[tuple]:
+def abstention_curve(router_without, features, labels: list[str], domain_of: dict[str, str]) -> list[tuple]:
     """(threshold, withheld queries sent to the base, in-zoo accuracy, points of it lost against
     top-1 routing with no fallback at all), averaged over withheld domains.
 
-    ``profiles_of(keep)``: the router's profiles ``[m, d]`` when only the models of mask ``keep`` are
-    in it; ``queries``: centred unit query features ``[Q, d]``; ``domains``: each model's domain.
-    With a ``background``, a query it claims goes to the base too (``covers_of(keep)``: the kept
-    models' cover vectors ``[m, d]``)."""
+    ``router_without(withheld)``: a ``Router`` over the models of every other domain, fitted as if the
+    withheld domain's did not exist (its finetunes in no population, centre or reference); with a
+    background, a query it claims goes to the base too. ``features``: the encoded queries ``[Q, d]``;
+    ``domain_of``: each model's domain."""
     labels_arr = np.asarray(labels)
     per_withheld = []
     for withheld in sorted(set(labels)):
-        keep = domains != withheld
-        sims = queries @ profiles_of(keep).T
-        right = domains[keep][sims.argmax(1)] == labels_arr
-        claimed = np.zeros(len(queries), dtype=bool)
-        if background is not None:
-            claimed = background.claims(queries, sims.max(1), background.uncovered(covers_of(keep)))
+        router = router_without(withheld)
+        sims, claimed = router.assess(features)
+        domains = np.asarray([domain_of[m] for m in router.model_ids])
+        right = domains[sims.argmax(1)] == labels_arr
         per_withheld.append((np.where(claimed, -np.inf, sims.max(1)), right, labels_arr == withheld))
     top1 = float(np.mean([ok[~outside].mean() for _, ok, outside in per_withheld]))
     rows = []
@@ -137,36 +135,49 @@ def abstention_curve(
 
 
 def cross_zoo_profiles(
-    zoo,
-    references: list,
-    encoder: QueryEncoder,
-    own: Router,
+    zoo_name: str,
+    reference_name: str,
+    reference: tuple[np.ndarray, Router],
+    union: tuple[np.ndarray, Router],
+    own_ids: list[str],
     own_deltas: np.ndarray,
     groups: list[str],
     deltas: str,
+    keep: np.ndarray | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Data-free profiles of ``own``'s models ``[n, d]`` (uncentred predictions), the centre of their
-    query space and the reference zoos' profiles in it (``fit_data_free``'s background), mapped by
-    other zoos' pairs: by ``references`` alone (``route fit --data-free --reference-zoo NAMES``), and
-    by them plus this zoo's finetunes of other domains (each domain's profiles predicted without its
-    own finetunes: the union reference, this zoo's part left out). ``deltas``: the kind of
-    ``own_deltas`` (``PROFILE_DELTAS``), which the references' are read as."""
-    names = "+".join(z.spec.name for z in references)
-    ref_deltas, ref = reference_pairs(references, encoder, deltas)
-    population = np.vstack([ref_deltas, own_deltas])
-    mapping = ProfileMap(DEFAULT_ALPHA, delta_blocks(deltas))
-    alone = mapping.fit(ref_deltas, ref.profiles, population).predict(own_deltas)
-    union_deltas, union = reference_pairs([*references, zoo], encoder, deltas)
-    rows = [union.model_ids.index(f"{zoo.spec.name}_{m}") for m in own.model_ids]
-    union_groups = [""] * len(union_deltas)  # the reference zoos' finetunes are never left out for own's
-    for row, group in zip(rows, groups, strict=True):
-        union_groups[row] = group
+    """Data-free profiles of the zoo's models ``own_ids`` (of ``keep``, a mask; default all) as
+    uncentred predictions ``[n, d]``, the centre of their query space and the reference zoos'
+    profiles in it (``fit_data_free``'s background), mapped by other zoos' pairs: by ``reference``
+    alone (``reference_pairs`` of the zoos ``reference_name``; as ``route fit --data-free
+    --reference-zoo`` maps), and by ``union`` (``reference_pairs`` of them and this zoo) less this
+    zoo's finetunes outside ``keep``, each domain's profiles predicted without its own finetunes
+    (this zoo's part left out). The models outside ``keep`` are in no population: as if they did not
+    exist. ``deltas``: the kind of ``own_deltas`` (``PROFILE_DELTAS``)."""
+    keep = np.ones(len(own_ids), dtype=bool) if keep is None else keep
+    ref_deltas, ref = reference
     blocks = delta_blocks(deltas)
-    with_own = leave_one_group_out(union_deltas, union.profiles, union_groups, DEFAULT_ALPHA, blocks)[rows]
-    theirs = union.profiles[[i for i in range(len(union_deltas)) if i not in rows]]  # the references'
+    population = np.vstack([ref_deltas, own_deltas[keep]])
+    mapping = ProfileMap(DEFAULT_ALPHA, blocks)
+    alone = mapping.fit(ref_deltas, ref.profiles, population).predict(own_deltas[keep])
+    union_deltas, union_router = union
+    own_rows = [union_router.model_ids.index(f"{zoo_name}_{m}") for m in own_ids]
+    rows = [i for i in range(len(union_deltas)) if i not in own_rows]  # the reference zoos' finetunes
+    kept_rows = [row for row, kept in zip(own_rows, keep, strict=True) if kept]
+    union_groups = [""] * len(rows) + [g for g, kept in zip(groups, keep, strict=True) if kept]
+    with_own = leave_one_group_out(
+        union_deltas[rows + kept_rows],
+        union_router.profiles[rows + kept_rows],
+        union_groups,
+        DEFAULT_ALPHA,
+        blocks,
+    )[len(rows) :]
     return {
-        f"data-free (map on {names})": (alone, ref.center, ref.profiles),
-        f"data-free (map on {names} + {zoo.spec.name}, LODO)": (with_own, union.center, theirs),
+        f"data-free (map on {reference_name})": (alone, ref.center, ref.profiles),
+        f"data-free (map on {reference_name} + {zoo_name}, LODO)": (
+            with_own,
+            union_router.center,
+            union_router.profiles[rows],
+        ),
     }
 
 
@@ -272,7 +283,8 @@ def main() -> None:
     model, tokenizer = zoo.base.load_model(), zoo.base.load_tokenizer()
     decisions: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
-    routers, features, encoder_of = {}, {}, {}
+    routers, features, encoder_of, means = {}, {}, {}, {}
+    examples = zoo_examples(zoo)
     for setting in args.settings:
         pooling, max_length = setting.split(":")[0], int(setting.split(":")[1])
         name = f"router ({pooling}, {max_length} tokens)"
@@ -280,7 +292,10 @@ def main() -> None:
             model, tokenizer, pooling=pooling, max_length=max_length
         )
         clock = time.perf_counter()
-        routers[name] = Router.fit_zoo(zoo, encoder, threshold=None)  # top-1 accuracy; abstention: below
+        means[name] = mean_queries(encoder, examples)  # top-1 accuracy (no threshold); abstention: below
+        routers[name] = Router.from_means(
+            list(examples), means[name], encoder, zoo.base.fingerprint, threshold=None
+        )
         fit_s = time.perf_counter() - clock
         clock = time.perf_counter()
         features[name] = encoder(texts)
@@ -293,50 +308,82 @@ def main() -> None:
     default = "router (mean, 128 tokens)"
     if default in routers:  # data-free: the default router's query space, profiles from deltas alone
         reference = routers[default]
+        fingerprint = reference.base_fingerprint
         deltas = profile_deltas(zoo.load_index(), reference.model_ids, args.profile_deltas, zoo.base)
         groups = [domain_of[i] for i in reference.model_ids]
         blocks = delta_blocks(args.profile_deltas)
         for alpha in args.alphas:
             predicted = leave_one_group_out(deltas, reference.profiles, groups, alpha, blocks)
-            free = Router(
-                reference.model_ids, centred_profiles(predicted), reference.center, reference.base_fingerprint
-            )
+            free = Router(reference.model_ids, centred_profiles(predicted), reference.center, fingerprint)
             routed = free.decide(features[default])
             decisions[f"data-free (LODO, alpha {alpha:g})"] = [d.adapters[0] for d in routed]
             if alpha == DEFAULT_ALPHA:
                 routers[f"data-free (LODO, alpha {alpha:g})"] = free
-        crossed = {}
+        crossed_without = None
         if args.reference_zoo:
             references = [Zoo(name, progress=False) for name in args.reference_zoo]
-            crossed = cross_zoo_profiles(
-                zoo, references, encoder_of[default], reference, deltas, groups, args.profile_deltas
-            )
-            for name, (predicted, centre, _) in crossed.items():
-                free = Router(
-                    reference.model_ids, centred_profiles(predicted), centre, reference.base_fingerprint
+            pairs = [
+                reference_pairs(zoos, encoder_of[default], args.profile_deltas)
+                for zoos in (references, [*references, zoo])
+            ]
+            names = "+".join(z.spec.name for z in references)
+
+            def crossed_without(withheld: str | None = None) -> dict:
+                """``cross_zoo_profiles`` with the ``withheld`` domain's finetunes absent (None: all in)."""
+                keep = np.asarray(groups) != withheld
+                return cross_zoo_profiles(
+                    zoo.spec.name,
+                    names,
+                    *pairs,
+                    reference.model_ids,
+                    deltas,
+                    groups,
+                    args.profile_deltas,
+                    keep,
                 )
+
+            for name, (predicted, centre, _) in crossed_without().items():
+                free = Router(reference.model_ids, centred_profiles(predicted), centre, fingerprint)
                 decisions[name] = [d.adapters[0] for d in free.decide(features[default])]
         if args.abstention:  # the default alpha's curve, whichever --alphas are listed
-            lodo = leave_one_group_out(deltas, reference.profiles, groups, DEFAULT_ALPHA, blocks)
-            unit_queries = unit_rows(np.asarray(features[default]) - reference.center)
             domains = np.asarray(groups)
+            encoder = encoder_of[default]
+
+            def data_based(withheld: str) -> Router:  # fitted on the other domains' examples alone
+                kept = domains != withheld
+                kept_ids = [m for m, k in zip(reference.model_ids, kept, strict=True) if k]
+                return Router.from_means(kept_ids, means[default][kept], encoder, fingerprint, threshold=None)
+
+            def data_free(withheld: str) -> Router:  # its map learns from the kept domains alone
+                data, kept = data_based(withheld), domains != withheld
+                predicted = leave_one_group_out(
+                    deltas[kept], data.profiles, list(domains[kept]), DEFAULT_ALPHA, blocks
+                )
+                return Router(data.model_ids, centred_profiles(predicted), data.center, fingerprint)
+
+            def crossed(withheld: str, name: str, background: bool) -> Router:
+                predicted, centre, theirs = crossed_without(withheld)[name]
+                kept_ids = [m for m in reference.model_ids if domain_of[m] != withheld]
+                return Router(
+                    kept_ids,
+                    centred_profiles(predicted),
+                    centre,
+                    fingerprint,
+                    background=Background(theirs) if background else None,
+                )
+
             labels = [d for d, _ in queries]
-            curves = {  # data-free: the profiles fit_data_free gives an index of the kept models
-                default: abstention_curve(
-                    lambda keep: reference.profiles[keep], unit_queries, labels, domains
-                ),
+            curves = {
+                default: abstention_curve(data_based, features[default], labels, domain_of),
                 f"data-free (LODO, alpha {DEFAULT_ALPHA:g})": abstention_curve(
-                    lambda keep: centred_profiles(lodo[keep]), unit_queries, labels, domains
+                    data_free, features[default], labels, domain_of
                 ),
             }
-            for name, (predicted, centre, theirs) in crossed.items():
-                centred_queries = unit_rows(np.asarray(features[default]) - centre)
-                for background in (None, Background(theirs)):
-                    label = name if background is None else f"{name}, background"
-                    curves[label] = abstention_curve(
-                        lambda keep, p=predicted: centred_profiles(p[keep]), centred_queries, labels, domains,
-                        background, lambda keep, p=predicted: unit_rows(p[keep]),
-                    )  # fmt: skip
+            for name in crossed_without() if crossed_without else ():
+                for background in (False, True):
+                    curves[name + (", background" if background else "")] = abstention_curve(
+                        lambda w, n=name, b=background: crossed(w, n, b), features[default], labels, domain_of
+                    )
             plot_abstention(curves, args.abstention)
     decisions["random"] = [rng.choice(ids) for _ in texts]
     arrow = None if args.no_arrow else arrow_model(zoo, [paths[i] for i in ids])

@@ -50,6 +50,28 @@ def test_top_k_weights_and_threshold_fallback(router, encoder):
     assert decision.fallback is None
 
 
+def test_a_router_of_some_models_from_their_means_is_the_one_fitted_on_their_examples(tiny_base, encoder):
+    """``Router.from_means`` of a subset of models is centred on that subset alone: the router that
+    ``fit`` on their examples gives (what a benchmark needs to withhold a domain honestly)."""
+    from delta_router.routing.router import mean_queries
+
+    fingerprint = resolve_base(tiny_base).fingerprint
+    examples = {
+        f"{name}-{part}": [query_text(r) for r in synthetic_domain(name).train[part][:6]]
+        for name in SYNTHETIC_WORDS
+        for part in range(2)
+    }
+    means = mean_queries(encoder, examples)
+    some = list(examples)[1:]
+    subset = Router.from_means(some, means[1:], encoder, fingerprint)
+    fitted = Router.fit(encoder, fingerprint, {name: examples[name] for name in some})
+    assert subset.model_ids == fitted.model_ids and subset.threshold == fitted.threshold
+    np.testing.assert_allclose(subset.profiles, fitted.profiles, atol=1e-5)
+    np.testing.assert_allclose(subset.center, fitted.center, atol=1e-5)
+    whole = Router.fit(encoder, fingerprint, examples)
+    assert not np.allclose(whole.center, subset.center)  # the withheld model moved the centre
+
+
 def test_save_load_round_trip_and_checks(router, encoder, tiny_base, other_base, tmp_path):
     loaded = Router.load(router.save(tmp_path / "router"))
     queries = [query_text(r) for r in synthetic_domain("digits", seed=5).test[:5]]

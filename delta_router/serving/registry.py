@@ -137,20 +137,20 @@ class AdapterRegistry:
 
     def _profile(
         self, embedding: Embedding, examples: Sequence[str] | None
-    ) -> tuple[np.ndarray, np.ndarray, str]:
+    ) -> tuple[np.ndarray, np.ndarray | None, str]:
         """The router profile of a new adapter, what it covers of the router's background (see
         ``Router``), and how the profile was made. From ``examples`` (queries of its task) when given
         (it covers its profile); else data-free from its profile delta, by the router's own reference
         map when it was fitted data-free (``Router.reference``: the map ``fit_data_free`` used), else
         by a map fitted on the router's models whose profiles came from examples; centred on the
         map's predictions for the router's models and the new one as ``fit_data_free`` centres its
-        profiles (it covers its uncentred prediction)."""
+        profiles (what it covers: ``cover``, None for its profile)."""
         router = self.scheduler.router
         if examples:  # the encoder runs the serving model, which decode steps hook: hold the lock
             with self.scheduler.lock:
                 features = self.scheduler.encoder(list(examples)).numpy()
             profile = unit_rows((features.mean(0) - router.center)[None])[0]
-            return profile, profile, "examples"
+            return profile, None, "examples"
         with self.scheduler.lock:  # a consistent snapshot of the rows used; forward passes run outside
             reference = router.reference
             rows = [i for i, m in enumerate(router.model_ids) if m in self.index]
@@ -172,4 +172,7 @@ class AdapterRegistry:
             mapping = ProfileMap(reference.alpha, delta_blocks(kind))
             mapping.fit(reference.deltas, reference.profiles, population)
         predicted = mapping.predict(deltas)
-        return centred_profiles(predicted)[-1], predicted[-1], "data-free"
+        # it covers its profile, as fit_data_free's models do; in a router saved before they did
+        # (covers of their own: uncentred predictions), its uncentred prediction
+        cover = None if router.covers is router.profiles else predicted[-1]
+        return centred_profiles(predicted)[-1], cover, "data-free"
