@@ -56,6 +56,8 @@ wild: install
 	$(BIN)/delta-router -v zoo report --zoo wild --eval-size 200 --where variant=strong --out reports/wild
 	$(BIN)/python benchmarks/route_accuracy.py --zoo wild --no-arrow --downstream 0 --settings mean:128 \
 		--reference-zoo full --json reports/wild/routing.json --abstention reports/wild/abstention.png --force
+	$(BIN)/python benchmarks/registry_replay.py --zoo wild --reference-zoo full \
+		--json reports/wild/registry_replay.json --force
 	$(BIN)/delta-router -v ablations --zoo wild --only clustering --only nuisance --only probes \
 		--out reports/wild --reference reports
 	$(BIN)/delta-router -v ablations --zoo wild --only fewshot $(WILD_FEWSHOT) --out reports/wild \
