@@ -39,6 +39,7 @@ a random adapter, the router's top-1 adapter, the data-free router's (leave one 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import random
@@ -328,6 +329,7 @@ def main() -> None:
             ]
             names = "+".join(z.spec.name for z in references)
 
+            @functools.cache  # each abstention curve asks for every withheld domain's, twice
             def crossed_without(withheld: str | None = None) -> dict:
                 """``cross_zoo_profiles`` with the ``withheld`` domain's finetunes absent (None: all in)."""
                 keep = np.asarray(groups) != withheld
