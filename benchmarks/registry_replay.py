@@ -80,6 +80,8 @@ def main() -> None:
             refuse_existing_file(args.json, args.force, "--json")
     except DeltaRouterError as error:
         parser.error(str(error))
+    if args.queries < 1:
+        parser.error(f"--queries is a number of test records per domain >= 1, got {args.queries}")
     if args.zoo in args.reference_zoo:
         parser.error(f"--reference-zoo {args.zoo} is the routed zoo itself: give other zoos")
 

@@ -517,7 +517,7 @@ def test_a_data_free_registration_is_centred_like_a_data_free_fit(tiny_base, ada
     router, _ = _indexed_router(tiny_base, adapters, idx)
     # two centred profiles are opposite, and centring would not move a blend of them: draw others
     router.profiles = known = unit_rows(np.random.default_rng(0).normal(size=router.profiles.shape))
-    router.covers = router.profiles.copy()  # covers of their own: a data-free router saved before stop 40
+    router.covers = router.profiles.copy()  # own covers: an older data-free router's
     scheduler = BatchScheduler(PeftBackend(resolve_base(tiny_base), {}), router)
     registry = AdapterRegistry(ModelIndex.load(idx), scheduler)
     registry.register(adapters[2], "guessed")

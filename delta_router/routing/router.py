@@ -208,8 +208,8 @@ class Router:
     ``sources[i]`` (``PROFILE_SOURCES``) says how profile ``i`` was made (default: from examples).
 
     ``background`` (optional): tasks whose queries go to the base unless a model covers them, read
-    against ``covers`` ``[M, d]``, what each model covers (default: its profile; data-free routers
-    saved before stop 40 keep their models' uncentred map predictions). ``reference``: a data-free
+    against ``covers`` ``[M, d]``, what each model covers (default: its profile; older data-free routers,
+    saved with a ``covers.npy``, keep their models' uncentred map predictions). ``reference``: a data-free
     router's ``ReferencePairs``."""
 
     def __init__(
