@@ -48,16 +48,24 @@ ablations: install
 # The wild zoo (41 finetunes that differ in seed, rank, LoRA variant, modules, steps, format and
 # dataset; ~75 min to build on 2 cores, cached): its report, the clustering / recipe-factor /
 # few-shot analyses and the router's accuracy, with a README table next to the full zoo's figures.
+# Each zoo's data-free router is mapped by the other, so the full zoo is built too (cached) and its
+# routing benchmark (reports/routing.json, reports/routing/) runs here.
 WILD_FEWSHOT ?= --fewshot-sizes 20 --fewshot-queries 2 --fewshot-formats alpaca chat qa
 WILD_COMPARE ?= --domain sentiment --domain science --domain biomedical --domain commonsense --domain legal \
 	--k 3 --recipe linear --seeds 5 --limit 40 --lorahub 0
 wild: install
+	$(BIN)/delta-router -v zoo build --zoo full
 	$(BIN)/delta-router -v zoo build --zoo wild
 	$(BIN)/delta-router -v zoo report --zoo wild --eval-size 200 --where variant=strong --out reports/wild
 	$(BIN)/python benchmarks/route_accuracy.py --zoo wild --no-arrow --downstream 0 --settings mean:128 \
 		--reference-zoo full --json reports/wild/routing.json --abstention reports/wild/abstention.png --force
 	$(BIN)/python benchmarks/registry_replay.py --zoo wild --reference-zoo full \
 		--json reports/wild/registry_replay.json --force
+	$(BIN)/python benchmarks/route_accuracy.py --zoo full --no-arrow --downstream 0 --settings mean:128 \
+		--alphas 0.001 0.01 0.1 --reference-zoo wild --json reports/routing.json \
+		--abstention reports/routing/abstention.png --force
+	$(BIN)/python benchmarks/registry_replay.py --zoo full --reference-zoo wild \
+		--json reports/routing/registry_replay.json --force
 	$(BIN)/delta-router -v ablations --zoo wild --only clustering --only nuisance --only probes \
 		--out reports/wild --reference reports
 	$(BIN)/delta-router -v ablations --zoo wild --only fewshot $(WILD_FEWSHOT) --out reports/wild \

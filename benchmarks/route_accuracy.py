@@ -53,6 +53,7 @@ import torch
 
 from delta_router import Zoo
 from delta_router.errors import DeltaRouterError
+from delta_router.evaluation.clustering import silhouette
 from delta_router.evaluation.scoring import example_scores
 from delta_router.evaluation.verification import Interval
 from delta_router.home import atomic_write_text, refuse_existing_file
@@ -109,30 +110,55 @@ class ArrowVotes:
 THRESHOLDS = np.round(np.arange(0.0, 0.61, 0.01), 2)
 
 
-def abstention_curve(router_without, features, labels: list[str], domain_of: dict[str, str]) -> list[tuple]:
+def abstention_curve(
+    router_without, features, labels: list[str], domain_of: dict[str, str]
+) -> tuple[list[tuple], dict[str, list[float]]]:
     """(threshold, withheld queries sent to the base, in-zoo accuracy, points of it lost against
-    top-1 routing with no fallback at all), averaged over withheld domains.
+    top-1 routing with no fallback at all), averaged over withheld domains; and per withheld domain,
+    the share of its queries sent to the base at each threshold (``THRESHOLDS``).
 
     ``router_without(withheld)``: a ``Router`` over the models of every other domain, fitted as if the
     withheld domain's did not exist (its finetunes in no population, centre or reference); with a
     background, a query it claims goes to the base too. ``features``: the encoded queries ``[Q, d]``;
     ``domain_of``: each model's domain."""
     labels_arr = np.asarray(labels)
-    per_withheld = []
+    per_withheld = {}
     for withheld in sorted(set(labels)):
         router = router_without(withheld)
         sims, claimed = router.assess(features)
         domains = np.asarray([domain_of[m] for m in router.model_ids])
         right = domains[sims.argmax(1)] == labels_arr
-        per_withheld.append((np.where(claimed, -np.inf, sims.max(1)), right, labels_arr == withheld))
-    top1 = float(np.mean([ok[~outside].mean() for _, ok, outside in per_withheld]))
+        per_withheld[withheld] = (np.where(claimed, -np.inf, sims.max(1)), right, labels_arr == withheld)
+    runs = list(per_withheld.values())
+    top1 = float(np.mean([ok[~outside].mean() for _, ok, outside in runs]))
     rows = []
     for threshold in THRESHOLDS:  # a claimed query's best is -inf: below every threshold
-        to_base = [float((best[outside] < threshold).mean()) for best, _, outside in per_withheld]
-        accuracy = [float((ok & (best >= threshold))[~outside].mean()) for best, ok, outside in per_withheld]
+        to_base = [float((best[outside] < threshold).mean()) for best, _, outside in runs]
+        accuracy = [float((ok & (best >= threshold))[~outside].mean()) for best, ok, outside in runs]
         mean = float(np.mean(accuracy))
         rows.append((float(threshold), float(np.mean(to_base)), mean, 100 * (top1 - mean)))
-    return rows
+    by_domain = {
+        withheld: [float((best[outside] < t).mean()) for t in THRESHOLDS]
+        for withheld, (best, _, outside) in per_withheld.items()
+    }
+    return rows, by_domain
+
+
+def best_within(rows: list[tuple], budget: float = 5.0) -> tuple | None:
+    """The row of ``abstention_curve`` that sends the most withheld queries to the base at most
+    ``budget`` points of in-zoo accuracy lost (None: every threshold costs more)."""
+    within = [row for row in rows if row[3] <= budget]
+    return max(within, key=lambda row: row[1]) if within else None
+
+
+def profile_geometry(profiles: dict[str, np.ndarray], factors: dict[str, list[str]]) -> dict:
+    """Silhouette (cosine) of each set of model vectors ``[M, d]`` by each factor (a label per model):
+    whether a view of the finetunes groups by domain, and not by how they were made."""
+    grouping = {factor: labels for factor, labels in factors.items() if len(set(labels)) > 1}
+    return {
+        name: {factor: silhouette(vectors, labels) for factor, labels in grouping.items()}
+        for name, vectors in profiles.items()
+    }
 
 
 def cross_zoo_profiles(
@@ -182,8 +208,10 @@ def cross_zoo_profiles(
     }
 
 
-def plot_abstention(curves: dict[str, list[tuple]], path: str) -> None:
-    """Print each curve as a table and plot accuracy lost against withheld queries sent to the base."""
+def plot_abstention(curves: dict[str, tuple], path: str) -> dict:
+    """Print each curve (``abstention_curve``'s) as a table, with its best trade within 5 points and
+    each withheld domain's share there; plot accuracy lost against withheld queries sent to the base.
+    Returns what the JSON keeps of each curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,16 +220,24 @@ def plot_abstention(curves: dict[str, list[tuple]], path: str) -> None:
     from delta_router.evaluation.clustering import save_figure
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, rows in curves.items():
+    summary = {}
+    for name, (rows, by_domain) in curves.items():
         print(f"\n{name}: | threshold | withheld -> base | in-zoo accuracy | lost (points) |")
         print("|---|---|---|---|")
         for t, to_base, acc, loss in rows:
             if round(100 * t) % 5 == 0 or t in (DEFAULT_THRESHOLD, DATA_FREE_THRESHOLD):
                 print(f"| {t:.2f} | {to_base:.0%} | {acc:.1%} | {loss:.1f} |")
-        within = [row for row in rows if row[3] <= 5]
-        if within:
-            t, to_base, _, loss = max(within, key=lambda row: row[1])
-            print(f"most to the base within 5 points: {t:.2f}, {to_base:.0%} for {loss:.1f} points")
+        best = best_within(rows)
+        keys = ("threshold", "to_base", "accuracy", "lost")
+        summary[name] = {"rows": [dict(zip(keys, row, strict=True)) for row in rows]}
+        if best:
+            t, to_base, _, loss = best
+            column = [round(float(x), 2) for x in THRESHOLDS].index(round(t, 2))
+            shares = {d: shares[column] for d, shares in by_domain.items()}
+            print(f"most to the base within 5 points: {t:.2f}, {to_base:.0%} for {loss:.1f} points; by "
+                  "withheld domain: " + ", ".join(f"{d} {x:.0%}" for d, x in shares.items()))  # fmt: skip
+            summary[name]["best within 5 points"] = {"threshold": t, "to_base": to_base, "lost": loss,
+                                                     "to_base by withheld domain": shares}  # fmt: skip
         else:
             print("most to the base within 5 points: none (every threshold costs more)")
         ax.plot([100 * b for _, b, _, _ in rows], [x for *_, x in rows], marker="o", markersize=2, label=name)
@@ -216,6 +252,7 @@ def plot_abstention(curves: dict[str, list[tuple]], path: str) -> None:
     ax.legend(fontsize=7)
     save_figure(fig, path)
     print(f"\nplot: {path}")
+    return summary
 
 
 def arrow_model(zoo, paths: list[str]):
@@ -307,12 +344,16 @@ def main() -> None:
 
     ids = [m.id for m in members]
     default = "router (mean, 128 tokens)"
+    views: dict[str, np.ndarray] = {}  # model vectors whose grouping is reported (profile geometry)
+    abstention: dict = {}
     if default in routers:  # data-free: the default router's query space, profiles from deltas alone
         reference = routers[default]
         fingerprint = reference.base_fingerprint
         deltas = profile_deltas(zoo.load_index(), reference.model_ids, args.profile_deltas, zoo.base)
         groups = [domain_of[i] for i in reference.model_ids]
         blocks = delta_blocks(args.profile_deltas)
+        views[f"profile deltas ({args.profile_deltas}), what the map reads"] = deltas
+        views[f"{default}: data-based profiles"] = reference.profiles
         for alpha in args.alphas:
             predicted = leave_one_group_out(deltas, reference.profiles, groups, alpha, blocks)
             free = Router(reference.model_ids, centred_profiles(predicted), reference.center, fingerprint)
@@ -320,6 +361,7 @@ def main() -> None:
             decisions[f"data-free (LODO, alpha {alpha:g})"] = [d.adapters[0] for d in routed]
             if alpha == DEFAULT_ALPHA:
                 routers[f"data-free (LODO, alpha {alpha:g})"] = free
+                views[f"data-free (LODO, alpha {alpha:g})"] = free.profiles
         crossed_without = None
         if args.reference_zoo:
             references = [Zoo(name, progress=False) for name in args.reference_zoo]
@@ -347,6 +389,7 @@ def main() -> None:
             for name, (predicted, centre, _) in crossed_without().items():
                 free = Router(reference.model_ids, centred_profiles(predicted), centre, fingerprint)
                 decisions[name] = [d.adapters[0] for d in free.decide(features[default])]
+                views[name] = free.profiles
         if args.abstention:  # the default alpha's curve, whichever --alphas are listed
             domains = np.asarray(groups)
             encoder = encoder_of[default]
@@ -386,7 +429,7 @@ def main() -> None:
                     curves[name + (", background" if background else "")] = abstention_curve(
                         lambda w, n=name, b=background: crossed(w, n, b), features[default], labels, domain_of
                     )
-            plot_abstention(curves, args.abstention)
+            abstention = plot_abstention(curves, args.abstention)
     decisions["random"] = [rng.choice(ids) for _ in texts]
     arrow = None if args.no_arrow else arrow_model(zoo, [paths[i] for i in ids])
     if arrow is not None:
@@ -412,8 +455,21 @@ def main() -> None:
         cost = seconds.get(method, 0.0)
         print(f"| {method} | " + " | ".join(cells) + f" | **{accuracy[method]:.1%}** | {cost:.3f} |")
     print("\noracle = 100%: each router's accuracy is its fraction of the oracle's")
+    geometry = {}
+    if views:  # rows follow the default router's model ids
+        tags = {entry.model_id: entry.tags for entry in zoo.load_index().list()}
+        model_ids = routers[default].model_ids
+        factors = {f: [str(tags[m].get(f, "")) for m in model_ids] for f in ("format", "dataset", "rank")}
+        geometry = profile_geometry(views, {"domain": [domain_of[m] for m in model_ids], **factors})
+        columns = list(dict.fromkeys(f for row in geometry.values() for f in row))
+        print("\nsilhouette (cosine) of each view of the finetunes, by factor")
+        print("\n| view | " + " | ".join(columns) + " |")
+        print("|---|" + "---|" * len(columns))
+        for name, row in geometry.items():
+            print(f"| {name} | " + " | ".join(f"{row[c]:+.3f}" if c in row else "-" for c in columns) + " |")
     if args.json:
-        summary = {"zoo": args.zoo, "queries": len(queries), "adapters": len(ids), "accuracy": accuracy}
+        summary = {"zoo": args.zoo, "queries": len(queries), "adapters": len(ids), "accuracy": accuracy,
+                   "silhouette": geometry, "abstention": abstention}  # fmt: skip
         atomic_write_text(Path(args.json), json.dumps(summary, indent=2))
 
     if args.downstream <= 0:

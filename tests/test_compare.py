@@ -193,6 +193,43 @@ def test_ablations_on_a_wild_zoo_compare_mixed_finetunes_and_recipe_factors(tiny
     assert "| silhouette by format, probes: 5 probes (paper) |" in readme
 
 
+def test_summary_reads_the_routing_benchmark(tmp_path):
+    """route_accuracy's JSON: accuracies, each view's silhouettes and the abstention trades become rows
+    (a curve with no trade within budget says so)."""
+    import json
+
+    from delta_router.experiments.summary import headline_figures
+
+    best = {"threshold": 0.4, "to_base": 0.7, "lost": 2.8, "to_base by withheld domain": {"math": 1.0}}
+    (tmp_path / "routing.json").write_text(json.dumps({
+        "accuracy": {"router": 0.9},
+        "silhouette": {"data-based profiles": {"domain": 0.6, "format": -0.1}},
+        "abstention": {"router": {"rows": [], "best within 5 points": best}, "free": {"rows": []}},
+    }))  # fmt: skip
+    rows = headline_figures(tmp_path)
+    assert rows["router accuracy: router"] == "90.0%"
+    assert rows["silhouette by domain, view: data-based profiles"] == "0.600"
+    assert rows["silhouette by format, view: data-based profiles"] == "-0.100"
+    assert rows["withheld domain to the base, most within 5 points: router"] == "70% for 2.8 points"
+    assert rows["withheld domain to the base, most within 5 points: free"] == "none within 5 points"
+
+
+def test_summary_puts_each_zoo_mapped_by_the_other_on_one_row(tmp_path):
+    """wild's "map on full" and full's "map on wild" are one row of the table."""
+    import json
+
+    from delta_router.experiments.summary import write_summary
+
+    for zoo, other in (("wild", "full"), ("full", "wild")):
+        (tmp_path / zoo).mkdir()
+        accuracy = {f"data-free (map on {other})": 0.8, f"data-free (map on {other} + {zoo}, LODO)": 0.9}
+        (tmp_path / zoo / "routing.json").write_text(json.dumps({"accuracy": accuracy}))
+    readme = write_summary(tmp_path / "wild", tmp_path / "full", ("wild", "full")).read_text()
+    assert "| router accuracy: data-free (map on the other zoo) | 80.0% | 80.0% | - |" in readme
+    union = "data-free (map on the other zoo + this zoo, LODO)"
+    assert f"| router accuracy: {union} | 90.0% | 90.0% | - |" in readme
+
+
 def test_comparison_merges_a_full_finetune_with_loras(tiny_base, tmp_path):
     """A wild zoo holds full finetunes: a merge with one is a full model, not a refusal."""
     from delta_router.testing import tiny_wild_zoo

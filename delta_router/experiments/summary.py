@@ -1,7 +1,8 @@
 """One table of a zoo's headline figures next to another zoo's and the paper's (``README.md``).
 
 Reads the JSON files that ``ablations`` (``clustering``, ``probes``, ``nuisance``, ``fewshot``) and
-``benchmarks/route_accuracy.py --json`` (``routing``) write into a report directory; a figure that a
+``benchmarks/route_accuracy.py --json`` (``routing``: accuracies, the silhouettes of each view of the
+finetunes, abstention trades) write into a report directory; a figure that a
 directory lacks is shown as "-".
 """
 
@@ -53,15 +54,34 @@ def headline_figures(report_dir: str | Path) -> dict[str, str]:
         for size, cell in per_size.items():
             name = f"few-shot top-1 domain, {method}, {size} examples"
             rows[name] = f"{cell['top1']:.0%} of {cell['queries']}"
-    for method, value in read("routing").get("accuracy", {}).items():
+    routing = read("routing")
+    for method, value in routing.get("accuracy", {}).items():
         rows[f"router accuracy: {method}"] = f"{value:.1%}"
+    for view, by_factor in routing.get("silhouette", {}).items():
+        for factor, value in by_factor.items():
+            rows[f"silhouette by {factor}, view: {view}"] = f"{value:.3f}"
+    for curve, result in routing.get("abstention", {}).items():
+        best = result.get("best within 5 points")
+        trade = f"{best['to_base']:.0%} for {best['lost']:.1f} points" if best else "none within 5 points"
+        rows[f"withheld domain to the base, most within 5 points: {curve}"] = trade
     return rows
+
+
+def _cross_zoo_names(rows: dict[str, str], own: str, other: str) -> dict[str, str]:
+    """Rows of a zoo mapped by the other one (``map on full`` for wild, ``map on wild`` for full) under
+    one name, so that the two zoos' figures share a row."""
+
+    def shared(row: str) -> str:
+        row = row.replace(f"map on {other} + {own}", "map on the other zoo + this zoo")
+        return row.replace(f"map on {other}", "map on the other zoo")
+
+    return {shared(row): value for row, value in rows.items()}
 
 
 def write_summary(out_dir: str | Path, reference_dir: str | Path | None, names: tuple[str, str]) -> Path:
     """``out_dir/README.md``: the figures of ``out_dir`` next to ``reference_dir``'s and the paper's."""
-    ours = headline_figures(out_dir)
-    theirs = headline_figures(reference_dir) if reference_dir else {}
+    ours = _cross_zoo_names(headline_figures(out_dir), *names)
+    theirs = _cross_zoo_names(headline_figures(reference_dir), *names[::-1]) if reference_dir else {}
     paper = {f"silhouette by domain: {k}": f"{v:.3f}" for k, v in PAPER_SILHOUETTE.items()}
     lines = [
         f"# Zoo `{names[0]}` next to `{names[1]}` and the paper",
