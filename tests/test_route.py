@@ -234,9 +234,10 @@ def assert_held_out_queries_reach_their_domain(router: Router, encoder: QueryEnc
 
 
 def test_data_free_router_sends_queries_to_their_domain(
-    tiny_base, other_base, encoder, tmp_path, monkeypatch
+    tiny_base, other_base, encoder, tmp_path, monkeypatch, capsys
 ):
-    """Profiles from the finetunes alone, mapped by a reference zoo (here the same zoo); API and CLI."""
+    """Profiles from the finetunes alone, mapped by a reference zoo (here the same zoo); API and CLI,
+    which says what the map takes each finetune for (its nearest reference finetune)."""
     from delta_router.routing.data_free import fit_data_free, reference_pairs
 
     zoo = tiny_zoo("tiny", tiny_base, tmp_path)
@@ -259,7 +260,13 @@ def test_data_free_router_sends_queries_to_their_domain(
     monkeypatch.setattr(zoo_module, "Zoo", lambda *args, **kwargs: zoo)  # --reference-zoo: this one
     out = tmp_path / "router"
     argv = ["route", "fit", "--index", str(zoo.index_dir), "--data-free", "--out", str(out), "--json"]
+    capsys.readouterr()
     assert main(argv) == 0
+    nearest = json.loads(capsys.readouterr().out)["nearest_reference"]
+    assert list(nearest) == router.model_ids
+    for model_id, row in nearest.items():  # in its own reference, a finetune is mapped onto its domain
+        assert row["domain"] == model_id.split("-")[0] and row["reference"].startswith(row["domain"])
+        assert -1 <= row["cosine"] <= 1
     fitted = Router.load(out)
     assert fitted.model_ids == router.model_ids and fitted.threshold is not None  # the calibrated default
     assert fitted.background is not None

@@ -81,7 +81,12 @@ def cmd_route_fit(args: argparse.Namespace) -> None:
 
 def _fit_data_free(args: argparse.Namespace) -> None:
     """``route fit --data-free``: profiles from the indexed vectors, mapped by a reference zoo."""
-    from delta_router.routing.data_free import fit_data_free, reference_pairs
+    from delta_router.routing.data_free import (
+        fit_data_free,
+        nearest_references,
+        reference_domains,
+        reference_pairs,
+    )
     from delta_router.routing.router import QueryEncoder
     from delta_router.zoo.zoo import Zoo
 
@@ -103,9 +108,23 @@ def _fit_data_free(args: argparse.Namespace) -> None:
     router = fit_data_free(index, deltas, reference, deltas=profile_deltas, progress=not args.json,
                            background=not args.no_background)  # fmt: skip
     router.save(args.out, force=args.force)
+    domain_of = reference_domains(zoos)
+    mapped_as = zip(router.model_ids, nearest_references(router, reference), strict=True)
+    nearest = {
+        model_id: {"reference": ref_id, "domain": domain_of.get(ref_id, ""), "cosine": round(cosine, 4)}
+        for model_id, (ref_id, cosine) in mapped_as
+    }
     payload = {"router": args.out, "models": router.model_ids, "reference_zoos": [z.spec.name for z in zoos],
-               "profile_deltas": profile_deltas, "background": not args.no_background}  # fmt: skip
-    emit(args, payload, _ids_table(router.model_ids, args.out))
+               "profile_deltas": profile_deltas, "background": not args.no_background,
+               "nearest_reference": nearest}  # fmt: skip
+    names = "+".join(zoo.spec.name for zoo in zoos)
+    title = f"data-free router at {args.out}: {len(router.model_ids)} models, as the map on {names} sees them"
+    table = Table(title=title)
+    for column in ("model id", "nearest reference finetune", "its domain", "cosine"):
+        table.add_column(column)
+    for model_id, row in nearest.items():
+        table.add_row(model_id, row["reference"], row["domain"], f"{row['cosine']:.2f}")
+    emit(args, payload, table)
 
 
 def _overrides(args: argparse.Namespace) -> dict:

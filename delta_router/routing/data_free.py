@@ -205,7 +205,7 @@ def reference_pairs(
     members = [[m.id for m in zoo.spec.members() if m.kind == "domain"] for zoo in zoos]  # the router's rows
     if (directory / "router.json").exists():
         router = Router.load(directory)
-        if router.model_ids != [p + m for p, ids in zip(prefixes, members, strict=True) for m in ids]:
+        if router.model_ids != list(reference_domains(zoos)):
             raise DataError(f"the cached reference router {directory} does not match its zoos: remove it")
     else:
         examples = [zoo_examples(zoo) for zoo in zoos]
@@ -218,6 +218,19 @@ def reference_pairs(
         for zoo, index, ids in zip(zoos, indexes, members, strict=True)
     ]
     return np.vstack(vectors), router
+
+
+def reference_domains(zoos) -> dict[str, str]:
+    """The rows of ``reference_pairs(zoos)`` (its router's model ids, in order) -> their domains: ids
+    ``<zoo>_<member>`` when several zoos (zoos in name order), the member ids of one."""
+    zoos = sorted(zoos, key=lambda zoo: zoo.spec.name) if isinstance(zoos, list | tuple) else [zoos]
+    prefix = len(zoos) > 1
+    return {
+        (f"{zoo.spec.name}_" if prefix else "") + m.id: m.label
+        for zoo in zoos
+        for m in zoo.spec.members()
+        if m.kind == "domain"
+    }
 
 
 def fit_data_free(
@@ -254,6 +267,15 @@ def fit_data_free(
         background=Background(reference.profiles) if background else None,
         reference=ReferencePairs(reference_deltas, reference.profiles, deltas, alpha), **options,
     )  # fmt: skip
+
+
+def nearest_references(router: Router, reference: Router) -> list[tuple[str, float]]:
+    """For each of ``router``'s models, the ``reference`` finetune whose data-based profile is nearest
+    to its profile, and their cosine: what the map takes each finetune for. A data-free profile is a
+    guess; one that lands on another domain's finetune (on ``wild`` mapped by ``full``, 7 of 38) is
+    routed that domain's queries, and covers that domain's background task."""
+    sims = router.profiles @ unit_rows(reference.profiles).T
+    return [(reference.model_ids[j], float(row[j])) for row, j in zip(sims, sims.argmax(1), strict=True)]
 
 
 def centred_profiles(predicted: np.ndarray) -> np.ndarray:
