@@ -191,7 +191,7 @@ def reference_pairs(
     The map carries a domain over best for recipes its reference has seen: wild's finetunes, mapped
     by ``full`` alone, route 84.6% of wild's test queries right; by ``full`` + wild's finetunes of
     the other domains, 90.4% (RESULTS.md, "Two kinds of delta, averaged")."""
-    zoos = sorted(zoos, key=lambda zoo: zoo.spec.name) if isinstance(zoos, list | tuple) else [zoos]
+    zoos = _in_name_order(zoos)
     if not zoos:
         raise DataError("a reference needs at least one built zoo")
     indexes = [zoo.load_index() for zoo in zoos]
@@ -220,10 +220,15 @@ def reference_pairs(
     return np.vstack(vectors), router
 
 
+def _in_name_order(zoos) -> list:
+    """One zoo or several, as a list in name order: the order of ``reference_pairs``' rows."""
+    return sorted(zoos, key=lambda zoo: zoo.spec.name) if isinstance(zoos, list | tuple) else [zoos]
+
+
 def reference_domains(zoos) -> dict[str, str]:
     """The rows of ``reference_pairs(zoos)`` (its router's model ids, in order) -> their domains: ids
     ``<zoo>_<member>`` when several zoos (zoos in name order), the member ids of one."""
-    zoos = sorted(zoos, key=lambda zoo: zoo.spec.name) if isinstance(zoos, list | tuple) else [zoos]
+    zoos = _in_name_order(zoos)
     prefix = len(zoos) > 1
     return {
         (f"{zoo.spec.name}_" if prefix else "") + m.id: m.label
