@@ -254,5 +254,5 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--threshold",
             type=float_in(-1.0, 1.0),
-            help="best cosine below this -> the base (default: the router's own, 0.35 if fitted; -1: never)",
+            help="best cosine below this -> the base (default: the router's own, 0.43 if fitted; -1: never)",
         )
