@@ -24,6 +24,7 @@ from delta_router.errors import DeltaRouterError
 from delta_router.home import refuse_existing
 from delta_router.models.base import resolve_base
 from delta_router.routing.data_free import DEFAULT_PROFILE_DELTAS, PROFILE_DELTAS
+from delta_router.routing.router import DEFAULT_THRESHOLD
 from delta_router.search.index import ModelIndex
 
 
@@ -111,7 +112,7 @@ def _fit_data_free(args: argparse.Namespace) -> None:
     domain_of = reference_domains(zoos)
     mapped_as = zip(router.model_ids, nearest_references(router, reference), strict=True)
     nearest = {
-        model_id: {"reference": ref_id, "domain": domain_of.get(ref_id, ""), "cosine": round(cosine, 4)}
+        model_id: {"reference": ref_id, "domain": domain_of[ref_id], "cosine": round(cosine, 4)}
         for model_id, (ref_id, cosine) in mapped_as
     }
     payload = {"router": args.out, "models": router.model_ids, "reference_zoos": [z.spec.name for z in zoos],
@@ -254,5 +255,6 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--threshold",
             type=float_in(-1.0, 1.0),
-            help="best cosine below this -> the base (default: the router's own, 0.43 if fitted; -1: never)",
+            help=f"best cosine below this -> the base (default: the router's own, {DEFAULT_THRESHOLD} if "
+            "fitted; -1: never)",
         )

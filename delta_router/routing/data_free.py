@@ -201,7 +201,7 @@ def reference_pairs(
     names = zoos[0].spec.name if len(zoos) == 1 else [zoo.spec.name for zoo in zoos]
     key = json.dumps([names, space, encoder.layer, encoder.pooling, encoder.max_length])
     directory = cache_dir("references") / hashlib.sha256(key.encode()).hexdigest()[:16]
-    prefixes = [f"{zoo.spec.name}_" if len(zoos) > 1 else "" for zoo in zoos]
+    prefixes = _row_prefixes(zoos)
     members = [[m.id for m in zoo.spec.members() if m.kind == "domain"] for zoo in zoos]  # the router's rows
     if (directory / "router.json").exists():
         router = Router.load(directory)
@@ -225,14 +225,18 @@ def _in_name_order(zoos) -> list:
     return sorted(zoos, key=lambda zoo: zoo.spec.name) if isinstance(zoos, list | tuple) else [zoos]
 
 
+def _row_prefixes(zoos: list) -> list[str]:
+    """What each zoo's member ids are prefixed with in a reference's rows: ``<zoo>_`` when several."""
+    return [f"{zoo.spec.name}_" if len(zoos) > 1 else "" for zoo in zoos]
+
+
 def reference_domains(zoos) -> dict[str, str]:
     """The rows of ``reference_pairs(zoos)`` (its router's model ids, in order) -> their domains: ids
     ``<zoo>_<member>`` when several zoos (zoos in name order), the member ids of one."""
     zoos = _in_name_order(zoos)
-    prefix = len(zoos) > 1
     return {
-        (f"{zoo.spec.name}_" if prefix else "") + m.id: m.label
-        for zoo in zoos
+        prefix + m.id: m.label
+        for zoo, prefix in zip(zoos, _row_prefixes(zoos), strict=True)
         for m in zoo.spec.members()
         if m.kind == "domain"
     }
