@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from delta_router.errors import DataError, IncompatibleBaseError
+from delta_router.errors import DataError, IncompatibleBaseError, SpaceMismatchError
 from delta_router.models.base import resolve_base
 from delta_router.routing.router import Background, QueryEncoder, Router, query_text
 from delta_router.testing import SYNTHETIC_WORDS, synthetic_domain
@@ -252,6 +253,9 @@ def test_data_free_router_sends_queries_to_their_domain(
         fit_data_free(index, deltas, foreign)
     with pytest.raises(DataError, match="reference deltas"):
         fit_data_free(index, deltas[:-1], reference)
+    elsewhere = dataclasses.replace(index.space, probes="other probes")  # an index of other probes
+    with pytest.raises(SpaceMismatchError, match="the index there(.|\n)*the reference zoo tiny"):
+        reference_pairs(zoo, encoder, space=(elsewhere, "the index there"))
     assert_held_out_queries_reach_their_domain(router, encoder)
 
     from delta_router.cli import main

@@ -101,11 +101,9 @@ def _fit_data_free(args: argparse.Namespace) -> None:
     refuse_existing(args.out, args.force, inputs=index_inputs(index, args.index))
     base = resolve_base(index.space.base_name)
     zoos = [Zoo(name, base, progress=False) for name in dict.fromkeys(reference_zoos)]
-    for zoo in zoos:
-        where = f"the reference zoo {zoo.spec.name}"
-        index.space.check_same(zoo.load_index().space, f"the index {args.index}", where)
     encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
-    deltas, reference = reference_pairs(zoos, encoder, profile_deltas, progress=not args.json)
+    space = (index.space, f"the index {args.index}")
+    deltas, reference = reference_pairs(zoos, encoder, profile_deltas, not args.json, space)
     router = fit_data_free(index, deltas, reference, deltas=profile_deltas, progress=not args.json,
                            background=not args.no_background)  # fmt: skip
     router.save(args.out, force=args.force)

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from delta_router.embedding.embedder import DeltaEmbedder, Embedding, LiveModel
+from delta_router.embedding.embedder import DeltaEmbedder, Embedding, EmbeddingSpace, LiveModel
 from delta_router.embedding.probes import ProbeSet
 from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DataError
@@ -182,11 +182,17 @@ def profile_deltas_of(
 
 
 def reference_pairs(
-    zoos, encoder: QueryEncoder, deltas: str = DEFAULT_PROFILE_DELTAS, progress: bool = False
+    zoos,
+    encoder: QueryEncoder,
+    deltas: str = DEFAULT_PROFILE_DELTAS,
+    progress: bool = False,
+    space: tuple[EmbeddingSpace, str] | None = None,
 ) -> tuple[np.ndarray, Router]:
     """The reference of one built zoo or several (of one base and probe set): their domain finetunes'
     ``profile_deltas`` ``[n, d]`` and one data-based ``Router`` over all of them, from their training
     prompts (ids ``<zoo>_<member>`` when several, zoos in name order); both cached under the home.
+    ``space``: the space of the index the pairs will map and what to call it; every zoo's must match
+    (``SpaceMismatchError`` naming both otherwise).
 
     The map carries a domain over best for recipes its reference has seen: wild's finetunes, mapped
     by ``full`` alone, route 84.6% of wild's test queries right; by ``full`` + wild's finetunes of
@@ -195,8 +201,9 @@ def reference_pairs(
     if not zoos:
         raise DataError("a reference needs at least one built zoo")
     indexes = [zoo.load_index() for zoo in zoos]
-    for zoo, index in zip(zoos[1:], indexes[1:], strict=True):
-        index.space.check_same(indexes[0].space, f"the zoo {zoo.spec.name}", f"the zoo {zoos[0].spec.name}")
+    expected, named = space or (indexes[0].space, f"the zoo {zoos[0].spec.name}")
+    for zoo, index in zip(zoos, indexes, strict=True):
+        expected.check_same(index.space, named, f"the reference zoo {zoo.spec.name}")
     space = {k: v for k, v in indexes[0].space.to_dict().items() if k != "probe_texts"}  # fingerprinted
     names = zoos[0].spec.name if len(zoos) == 1 else [zoo.spec.name for zoo in zoos]
     key = json.dumps([names, space, encoder.layer, encoder.pooling, encoder.max_length])
