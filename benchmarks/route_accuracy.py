@@ -165,7 +165,8 @@ def cross_zoo_profiles(
     zoo_name: str,
     reference_name: str,
     reference: tuple[np.ndarray, Router],
-    union: tuple[np.ndarray, Router],
+    union: tuple[np.ndarray, Router, np.ndarray],
+    encoder: QueryEncoder,
     own_ids: list[str],
     own_deltas: np.ndarray,
     groups: list[str],
@@ -176,34 +177,33 @@ def cross_zoo_profiles(
     uncentred predictions ``[n, d]``, the centre of their query space and the reference zoos'
     profiles in it (``fit_data_free``'s background), mapped by other zoos' pairs: by ``reference``
     alone (``reference_pairs`` of the zoos ``reference_name``; as ``route fit --data-free
-    --reference-zoo`` maps), and by ``union`` (``reference_pairs`` of them and this zoo) less this
-    zoo's finetunes outside ``keep``, each domain's profiles predicted without its own finetunes
-    (this zoo's part left out). The models outside ``keep`` are in no population: as if they did not
-    exist. ``deltas``: the kind of ``own_deltas`` (``PROFILE_DELTAS``)."""
+    --reference-zoo`` maps), and by ``union`` (``reference_pairs`` of them and this zoo, with each
+    row's uncentred mean query ``[n, d]``) less this zoo's finetunes outside ``keep``, each domain's
+    profiles predicted without its own finetunes (this zoo's part left out). The models outside
+    ``keep`` are in no population, profile or centre: as if they did not exist. ``deltas``: the kind
+    of ``own_deltas`` (``PROFILE_DELTAS``); ``encoder``: the union router's."""
     keep = np.ones(len(own_ids), dtype=bool) if keep is None else keep
     ref_deltas, ref = reference
     blocks = delta_blocks(deltas)
     population = np.vstack([ref_deltas, own_deltas[keep]])
     mapping = ProfileMap(DEFAULT_ALPHA, blocks)
     alone = mapping.fit(ref_deltas, ref.profiles, population).predict(own_deltas[keep])
-    union_deltas, union_router = union
+    union_deltas, union_router, union_means = union
     own_rows = [union_router.model_ids.index(f"{zoo_name}_{m}") for m in own_ids]
     rows = [i for i in range(len(union_deltas)) if i not in own_rows]  # the reference zoos' finetunes
-    kept_rows = [row for row, kept in zip(own_rows, keep, strict=True) if kept]
+    kept_rows = rows + [row for row, kept in zip(own_rows, keep, strict=True) if kept]
     union_groups = [""] * len(rows) + [g for g, kept in zip(groups, keep, strict=True) if kept]
+    kept_ids = [union_router.model_ids[i] for i in kept_rows]
+    kept_union = Router.from_means(kept_ids, union_means[kept_rows], encoder, union_router.base_fingerprint)
     with_own = leave_one_group_out(
-        union_deltas[rows + kept_rows],
-        union_router.profiles[rows + kept_rows],
-        union_groups,
-        DEFAULT_ALPHA,
-        blocks,
+        union_deltas[kept_rows], kept_union.profiles, union_groups, DEFAULT_ALPHA, blocks
     )[len(rows) :]
     return {
         f"data-free (map on {reference_name})": (alone, ref.center, ref.profiles),
         f"data-free (map on {reference_name} + {zoo_name}, LODO)": (
             with_own,
-            union_router.center,
-            union_router.profiles[rows],
+            kept_union.center,
+            kept_union.profiles[: len(rows)],
         ),
     }
 
@@ -369,6 +369,15 @@ def main() -> None:
                 reference_pairs(zoos, encoder_of[default], args.profile_deltas)
                 for zoos in (references, [*references, zoo])
             ]
+            union_means = np.vstack([  # the union router's rows, uncentred: re-centred without a domain
+                means[default] if other is zoo else mean_queries(encoder_of[default], zoo_examples(other))
+                for other in sorted([*references, zoo], key=lambda z: z.spec.name)
+            ])  # fmt: skip
+            union_ids, union_profiles = pairs[1][1].model_ids, pairs[1][1].profiles
+            refitted = Router.from_means(union_ids, union_means, encoder_of[default], fingerprint)
+            if not np.allclose(refitted.profiles, union_profiles, atol=1e-4):
+                raise DeltaRouterError("the cached union reference router does not match its zoos' prompts")
+            pairs[1] = (*pairs[1], union_means)
             names = "+".join(z.spec.name for z in references)
 
             @functools.cache  # each abstention curve asks for every withheld domain's, twice
@@ -379,6 +388,7 @@ def main() -> None:
                     zoo.spec.name,
                     names,
                     *pairs,
+                    encoder_of[default],
                     reference.model_ids,
                     deltas,
                     groups,
