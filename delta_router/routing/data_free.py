@@ -204,9 +204,9 @@ def reference_pairs(
     expected, named = space or (indexes[0].space, f"the zoo {zoos[0].spec.name}")
     for zoo, index in zip(zoos, indexes, strict=True):
         expected.check_same(index.space, named, f"the reference zoo {zoo.spec.name}")
-    space = {k: v for k, v in indexes[0].space.to_dict().items() if k != "probe_texts"}  # fingerprinted
+    fingerprinted = {k: v for k, v in indexes[0].space.to_dict().items() if k != "probe_texts"}
     names = zoos[0].spec.name if len(zoos) == 1 else [zoo.spec.name for zoo in zoos]
-    key = json.dumps([names, space, encoder.layer, encoder.pooling, encoder.max_length])
+    key = json.dumps([names, fingerprinted, encoder.layer, encoder.pooling, encoder.max_length])
     directory = cache_dir("references") / hashlib.sha256(key.encode()).hexdigest()[:16]
     prefixes = _row_prefixes(zoos)
     members = [[m.id for m in zoo.spec.members() if m.kind == "domain"] for zoo in zoos]  # the router's rows
