@@ -365,19 +365,18 @@ def main() -> None:
         crossed_without = None
         if args.reference_zoo:
             references = [Zoo(name, progress=False) for name in args.reference_zoo]
-            pairs = [
+            reference_alone, (union_deltas, union_router) = (
                 reference_pairs(zoos, encoder_of[default], args.profile_deltas)
                 for zoos in (references, [*references, zoo])
-            ]
+            )
             union_means = np.vstack([  # the union router's rows, uncentred: re-centred without a domain
                 means[default] if other is zoo else mean_queries(encoder_of[default], zoo_examples(other))
                 for other in sorted([*references, zoo], key=lambda z: z.spec.name)
             ])  # fmt: skip
-            union_ids, union_profiles = pairs[1][1].model_ids, pairs[1][1].profiles
+            union_ids = union_router.model_ids
             refitted = Router.from_means(union_ids, union_means, encoder_of[default], fingerprint)
-            if not np.allclose(refitted.profiles, union_profiles, atol=1e-4):
+            if not np.allclose(refitted.profiles, union_router.profiles, atol=1e-4):
                 raise DeltaRouterError("the cached union reference router does not match its zoos' prompts")
-            pairs[1] = (*pairs[1], union_means)
             names = "+".join(z.spec.name for z in references)
 
             @functools.cache  # each abstention curve asks for every withheld domain's, twice
@@ -387,7 +386,8 @@ def main() -> None:
                 return cross_zoo_profiles(
                     zoo.spec.name,
                     names,
-                    *pairs,
+                    reference_alone,
+                    (union_deltas, union_router, union_means),
                     encoder_of[default],
                     reference.model_ids,
                     deltas,
