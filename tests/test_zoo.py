@@ -108,13 +108,40 @@ def test_wild_spec_draws_recorded_recipes_and_keeps_held_out_records_out(tiny_ba
     report = build_report(zoo, eval_size=4, progress=False)  # each scored in the format it was trained in
     single = [m for m in members if m.kind == "domain"]
     assert report.member_formats == {m.id: spec.train_config(m).prompt_format for m in single}
-    for member in single:
-        assert report.base_score(member.id) is report.base_scores[
-            member.domains[0] if report.member_formats[member.id] == "alpaca"
-            else f"{member.domains[0]} ({report.member_formats[member.id]})"
-        ]  # fmt: skip
+    for member in single:  # on its own dataset's test set, which the synthetic datasets all have
+        test, fmt = spec.source(member, member.domains[0]), report.member_formats[member.id]
+        assert report.member_tests[member.id] == test
+        key = test if fmt == "alpaca" else f"{test} ({fmt})"
+        assert report.base_score(member.id) is report.base_scores[key]
     strong = build_report(
         zoo, eval_size=4, progress=False, out_dir=tmp_path / "strong", where={"variant": "strong"}
     )
     assert set(strong.member_scores) == {m.id for m in single if m.variant == "strong"}
     assert (tmp_path / "strong" / "report.md").exists()
+
+
+def test_wild_deep_strong_member_reads_fresh_records_and_a_changed_recipe_retrains(tiny_base, tmp_path):
+    from dataclasses import replace
+
+    from delta_router.testing import tiny_wild_zoo
+    from delta_router.zoo.zoo import Zoo
+
+    zoo = tiny_wild_zoo(tiny_base, tmp_path / "zoo")
+    deep = replace(zoo.spec, deep=("fruit",), deep_layers=1, deep_steps=8)
+    deep = replace(deep, strong_datasets={"fruit": "fruit-b"})
+    strong = next(m for m in deep.members() if m.variant == "strong" and m.domains == ("fruit",))
+    assert strong.dataset == "fruit-b" and dict(strong.options)["lora_layers"] == 1
+    assert deep.records_for(strong) == 8 * deep.train.batch_size > deep.train_size
+    plain = next(m for m in zoo.spec.members() if m.id == strong.id)
+    assert "lora_layers" not in dict(plain.options) and zoo.spec.records_for(plain) == zoo.spec.train_size
+
+    def runs() -> dict[str, str]:
+        return {m.id: (zoo.adapter_dir(m) / "training.json").read_text() for m in zoo.spec.members()}
+
+    zoo.build()
+    before = runs()
+    rebuilt = Zoo(deep, tiny_base, root=zoo.root, progress=False, splits=zoo._splits)
+    tags = {e.model_id: e.tags for e in rebuilt.build().list()}
+    after = runs()
+    assert after.pop(strong.id) != before.pop(strong.id) and after == before  # only the changed one retrains
+    assert tags[strong.id]["dataset"] == "fruit-b"

@@ -51,7 +51,13 @@ def dataset_source(name: str) -> DomainSource:
 
 
 def load_domain(
-    name: str, seed: int = 0, *, test_size: int = 300, fewshot_size: int = 100, train_cap: int = 600
+    name: str,
+    seed: int = 0,
+    *,
+    test_size: int = 300,
+    fewshot_size: int = 100,
+    train_cap: int = 600,
+    test_last: bool = False,
 ) -> DomainSplits:
     """Splits of the built-in domain, unseen task or extra dataset ``name`` (``DOMAINS``,
     ``UNSEEN_TASKS``, ``EXTRA_DATASETS``), built once per seed and sizes, then cached.
@@ -59,13 +65,17 @@ def load_domain(
     Records are deduplicated by prompt, capped at ``MAX_RECORD_CHARS``, put in content order and
     shuffled with ``random.Random(seed)``; the first ``test_size`` are the test set, the next
     ``fewshot_size`` the few-shot pool, and the rest fill three training thirds of up to
-    ``train_cap`` each (fewer, with a warning, when the domain is too small). The splits are written
+    ``train_cap`` each (fewer, with a warning, when the domain is too small). ``test_last`` takes the
+    test set from the records after the thirds instead (up to ``test_size``; the thirds are those of
+    ``test_size=0``), so a dataset used only for training gains a test set without changing its
+    thirds. The splits are written
     as JSONL under ``$DELTA_ROUTER_HOME/data/<name>/`` with a manifest of their sha256, verified on reuse.
     """
     source = dataset_source(name)
     if min(test_size, fewshot_size) < 0 or train_cap < 1:
         raise DataError(f"bad split sizes for {name!r}: need test_size, fewshot_size >= 0 and train_cap >= 1")
-    directory = cache_dir("data", name) / _split_key(source, seed, test_size, fewshot_size, train_cap)
+    key = _split_key(source, seed, test_size, fewshot_size, train_cap, test_last)
+    directory = cache_dir("data", name) / key
     if (directory / MANIFEST).is_file():
         return _read_splits(name, directory)
 
@@ -79,7 +89,7 @@ def load_domain(
     usable = [record for record in unique if _fits(record)]
     rng = random.Random(seed)
     rng.shuffle(usable)
-    test, fewshot, train = _carve(name, usable, test_size, fewshot_size, train_cap)
+    test, fewshot, train = _carve(name, usable, test_size, fewshot_size, train_cap, test_last)
 
     files = {**dict(zip(TRAIN_FILES, train, strict=True)), FEWSHOT_FILE: fewshot, TEST_FILE: test}
     manifest = {
@@ -93,7 +103,7 @@ def load_domain(
         "members": list(source.members),
         "instruction": source.instruction,
         "seed": seed,
-        "sizes": {"test": test_size, "fewshot": fewshot_size, "train_cap": train_cap},
+        "sizes": {"test": test_size, "fewshot": fewshot_size, "train_cap": train_cap, "test_last": test_last},
         "max_record_chars": MAX_RECORD_CHARS,
         "counts": {
             "read": len(records),
@@ -115,7 +125,9 @@ def load_domain(
     return DomainSplits(name, train, fewshot, test, manifest)
 
 
-def _split_key(source: DomainSource, seed: int, test_size: int, fewshot_size: int, train_cap: int) -> str:
+def _split_key(
+    source: DomainSource, seed: int, test_size: int, fewshot_size: int, train_cap: int, test_last: bool
+) -> str:
     """Cache directory name: the parameters, plus a digest of what defines the records."""
     spec = (
         SPLITS_FORMAT,
@@ -126,7 +138,8 @@ def _split_key(source: DomainSource, seed: int, test_size: int, fewshot_size: in
         source.instruction,
     )
     digest = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:10]
-    return f"seed{seed}-test{test_size}-fewshot{fewshot_size}-train{train_cap}-{digest}"
+    test = f"test{test_size}-last" if test_last else f"test{test_size}"
+    return f"seed{seed}-{test}-fewshot{fewshot_size}-train{train_cap}-{digest}"
 
 
 def _unique(records: list[Record]) -> list[Record]:
@@ -143,10 +156,11 @@ def _fits(record: Record) -> bool:
 
 
 def _carve(
-    name: str, records: list[Record], test_size: int, fewshot_size: int, train_cap: int
+    name: str, records: list[Record], test_size: int, fewshot_size: int, train_cap: int, test_last: bool
 ) -> tuple[list[Record], list[Record], list[list[Record]]]:
-    """Cut shuffled ``records`` into test, few-shot pool and three equal training thirds."""
-    held_out = test_size + fewshot_size
+    """Cut shuffled ``records`` into test, few-shot pool and three equal training thirds (the test
+    set first, or after the thirds if ``test_last``)."""
+    held_out = fewshot_size if test_last else test_size + fewshot_size
     per_third = min(train_cap, (len(records) - held_out) // 3)
     if per_third < 1:
         raise DataError(
@@ -162,6 +176,9 @@ def _carve(
             per_third,
         )
     train = [records[held_out + i * per_third : held_out + (i + 1) * per_third] for i in range(3)]
+    if test_last:
+        rest = held_out + 3 * per_third
+        return records[rest : rest + test_size], records[:held_out], train
     return records[:test_size], records[test_size:held_out], train
 
 

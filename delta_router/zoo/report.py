@@ -3,7 +3,8 @@
 Writes ``report.md``, ``report.json`` and ``tsne.png`` under ``<zoo root>/report/``:
 silhouette by domain (cosine distance) of the domain finetunes, with and without the robustness
 variants; a nearest-neighbour table; and each domain finetune's held-out score against the base
-(multiple-choice accuracy, or answer NLL for free-form domains). Scores are cached by adapter
+(multiple-choice accuracy, or answer NLL for free-form domains), on its own dataset's test set where
+that has the records (else its domain's). Scores are cached by adapter
 content hash, so a second report is seconds.
 """
 
@@ -44,6 +45,7 @@ class ZooReport:
     member_scores: dict[str, Score] = field(default_factory=dict)
     member_domains: dict[str, str] = field(default_factory=dict)
     member_formats: dict[str, str] = field(default_factory=dict)  # prompt format each was trained in
+    member_tests: dict[str, str] = field(default_factory=dict)  # the dataset each is scored on
     eval_size: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     out_dir: Path | None = None
@@ -55,13 +57,12 @@ class ZooReport:
         return sum(n.same_label for n in rows) / max(1, len(rows))
 
     def base_score(self, member: str) -> Score:
-        """The base on the member's domain, prompted in the member's format."""
-        return self.base_scores[
-            _base_key(self.member_domains[member], self.member_formats.get(member, "alpaca"))
-        ]
+        """The base on the member's test set, prompted in the member's format."""
+        test = self.member_tests.get(member, self.member_domains[member])
+        return self.base_scores[_base_key(test, self.member_formats.get(member, "alpaca"))]
 
     def learned(self) -> dict[str, bool]:
-        """Per member: beats the base on its own domain's held-out records (both in its format)."""
+        """Per member: beats the base on its held-out records (both in its format)."""
         return {m: s.main > self.base_score(m).main for m, s in self.member_scores.items()}
 
     def to_dict(self) -> dict:
@@ -75,6 +76,7 @@ class ZooReport:
             "eval_size": self.eval_size,
             "base_scores": {d: s.to_dict() for d, s in self.base_scores.items()},
             "member_scores": {m: s.to_dict() for m, s in self.member_scores.items()},
+            "test_sets": self.member_tests,
             "learned": self.learned(),
             "seconds": self.seconds,
         }
@@ -104,13 +106,14 @@ class ZooReport:
         ]
         lines += [
             "",
-            f"## Held-out scores ({self.eval_size} test records per domain)",
+            f"## Held-out scores ({self.eval_size} test records of each finetune's dataset)",
             "",
             "acc = multiple-choice accuracy; free-form domains: answer NLL per token (lower is better). "
-            "Each finetune and the base are prompted in the format the finetune was trained in.",
+            "Each finetune and the base are prompted in the format the finetune was trained in, on the "
+            "test set of the finetune's dataset (its domain's where the dataset has too few records).",
             "",
-            "| model | domain | format | metric | finetune | base | learned |",
-            "|---|---|---|---|---|---|---|",
+            "| model | domain | test set | format | metric | finetune | base | learned |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         learned = self.learned()
         for member, score in self.member_scores.items():
@@ -120,7 +123,10 @@ class ZooReport:
                 ("acc", score.acc, base.acc) if score.acc is not None else ("nll", score.nll, base.nll)
             )
             mark = "yes" if learned[member] else "**no**"
-            lines.append(f"| {member} | {domain} | {fmt} | {metric} | {ours:.3f} | {theirs:.3f} | {mark} |")
+            test = self.member_tests.get(member, domain)
+            lines.append(
+                f"| {member} | {domain} | {test} | {fmt} | {metric} | {ours:.3f} | {theirs:.3f} | {mark} |"
+            )
         lines += ["", "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()), ""]
         return "\n".join(lines)
 
@@ -179,8 +185,9 @@ def _silhouette(entries: list[IndexEntry]) -> float:
 
 
 def _score_members(zoo: Zoo, report: ZooReport, entries: list[IndexEntry], eval_size: int, progress) -> None:
-    """Base and each domain finetune on its domain's first ``eval_size`` test records (cached), both
-    prompted in the format the finetune was trained in (``training.json``; Alpaca if unknown)."""
+    """Base and each domain finetune on the first ``eval_size`` test records of its dataset, or of its
+    domain where the dataset has fewer (cached), both prompted in the format the finetune was trained
+    in (``training.json``; Alpaca if unknown)."""
     from peft import PeftModel
 
     from delta_router.evaluation.harness import load_for_eval
@@ -190,8 +197,10 @@ def _score_members(zoo: Zoo, report: ZooReport, entries: list[IndexEntry], eval_
     tokenizer = zoo.base.load_tokenizer()
     model = zoo.base.load_model()
     max_length = zoo.spec.train.max_length
-    tests = {d: zoo.splits(d).test[:eval_size] for d in {e.tags["domain"] for e in entries}}
-    test_hash = {d: hashlib.sha256(repr(r).encode()).hexdigest()[:12] for d, r in tests.items()}
+    for entry in entries:
+        report.member_tests[entry.model_id] = _test_set(zoo, entry, eval_size)
+    tests = {t: zoo.splits(t).test[:eval_size] for t in set(report.member_tests.values())}
+    test_hash = {t: hashlib.sha256(repr(r).encode()).hexdigest()[:12] for t, r in tests.items()}
 
     def cached_score(key: str, fmt: str, scorer) -> Score:
         key = key if fmt == "alpaca" else f"{key}:{fmt}"
@@ -204,19 +213,19 @@ def _score_members(zoo: Zoo, report: ZooReport, entries: list[IndexEntry], eval_
         domain = entry.tags["domain"]
         report.member_domains[entry.model_id] = domain
         report.member_formats[entry.model_id] = _prompt_format(entry.embedding.path)
-    for domain, fmt in sorted({(report.member_domains[m], f) for m, f in report.member_formats.items()}):
-        report.base_scores[_base_key(domain, fmt)] = cached_score(
-            f"base:{zoo.base.fingerprint.id}:{test_hash[domain]}",
+    for test, fmt in sorted({(report.member_tests[m], f) for m, f in report.member_formats.items()}):
+        report.base_scores[_base_key(test, fmt)] = cached_score(
+            f"base:{zoo.base.fingerprint.id}:{test_hash[test]}",
             fmt,
-            lambda r=tests[domain], f=fmt: score_records(
+            lambda r=tests[test], f=fmt: score_records(
                 model, tokenizer, r, max_length, progress=progress, prompt_format=f
             ),  # fmt: skip
         )
     peft_model = None
     for entry in entries:
-        domain, fmt = report.member_domains[entry.model_id], report.member_formats[entry.model_id]
+        test, fmt = report.member_tests[entry.model_id], report.member_formats[entry.model_id]
 
-        def score(entry=entry, records=tests[domain], fmt=fmt) -> Score:
+        def score(entry=entry, records=tests[test], fmt=fmt) -> Score:
             nonlocal peft_model
             logger.info("scoring %s on %d test records", entry.model_id, len(records))
             if Finetune.open(entry.embedding.path).kind == "full":
@@ -233,8 +242,16 @@ def _score_members(zoo: Zoo, report: ZooReport, entries: list[IndexEntry], eval_
                 scored = peft_model
             return score_records(scored, tokenizer, records, max_length, progress=progress, prompt_format=fmt)
 
-        key = f"{entry.embedding.content_hash}:{test_hash[domain]}"
+        key = f"{entry.embedding.content_hash}:{test_hash[test]}"
         report.member_scores[entry.model_id] = cached_score(key, fmt, score)
+
+
+def _test_set(zoo: Zoo, entry: IndexEntry, eval_size: int) -> str:
+    """The data source a finetune is scored on: its dataset's if that holds ``eval_size`` test
+    records (an extra dataset's: those after its training thirds), else its domain's."""
+    domain = entry.tags["domain"]
+    source = zoo.spec.datasets.get(domain, {}).get(entry.tags.get("dataset", ""), domain)
+    return source if len(zoo.splits(source).test) >= eval_size else domain
 
 
 def _prompt_format(path: str | Path) -> str:

@@ -89,6 +89,10 @@ class ZooSpec:
                 options[key] = int(options[key])
         return config.with_options(**options)
 
+    def records_for(self, member: ZooMember) -> int:
+        """How many training records the member reads (``train_size``)."""
+        return self.train_size
+
     def source(self, member: ZooMember, domain: str) -> str:
         """The data source a member reads for ``domain``: its dataset's, or the domain's own."""
         if not member.dataset:

@@ -22,7 +22,7 @@ from delta_router.home import cache_dir
 from delta_router.models.base import DEFAULT_BASE, BaseLM, resolve_base
 from delta_router.search.index import ModelIndex
 from delta_router.search.selector import FEWSHOT_TRAIN_CONFIG
-from delta_router.training.trainer import LoraTrainer, TrainConfig
+from delta_router.training.trainer import TRAINING_FILE, LoraTrainer, TrainConfig
 from delta_router.zoo.spec import ROBUSTNESS_VARIANTS, ZooMember, ZooSpec
 from delta_router.zoo.wild import WILD_SPEC, WILD_TINY_SPEC
 
@@ -83,9 +83,9 @@ class Zoo:
         return self.root / "adapters" / member.id
 
     def splits(self, name: str) -> DomainSplits:
-        """Splits of a domain, or of an extra dataset (all of it in the training thirds)."""
+        """Splits of a domain, or of an extra dataset (its test set: the records after the thirds)."""
         if name not in self._splits:
-            held_out = {} if name not in EXTRA_DATASETS else {"test_size": 0, "fewshot_size": 0}
+            held_out = {} if name not in EXTRA_DATASETS else {"fewshot_size": 0, "test_last": True}
             self._splits[name] = load_domain(name, seed=self.spec.seed, **held_out)
         return self._splits[name]
 
@@ -95,7 +95,7 @@ class Zoo:
         A member of another dataset of its domain never sees a record of any domain's test split or
         few-shot pool (some datasets share files, e.g. OpenBookQA with ``science``).
         """
-        share = self.spec.train_size // len(member.domains)
+        share = self.spec.records_for(member) // len(member.domains)
         records = []
         for domain in member.domains:
             source = self.spec.source(member, domain)
@@ -130,7 +130,9 @@ class Zoo:
                 "member": member.tags(),
                 "sources": {d: _provenance(self.splits(s).manifest) for d, s in sources.items()},
             }
-            trainer.fit(records, self.adapter_dir(member), data=data)
+            # a member this zoo trained with another recipe or data is retrained; anything else refused
+            ours = (self.adapter_dir(member) / TRAINING_FILE).is_file()
+            trainer.fit(records, self.adapter_dir(member), data=data, overwrite=ours)
             timings[member.id] = time.perf_counter() - clock
             logger.info("[%d/%d] %s ready (%.1fs)", n, len(members), member.id, timings[member.id])
         embedder = DeltaEmbedder(self.base, progress=self.progress)
