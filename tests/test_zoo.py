@@ -145,3 +145,13 @@ def test_wild_deep_strong_member_reads_fresh_records_and_a_changed_recipe_retrai
     after = runs()
     assert after.pop(strong.id) != before.pop(strong.id) and after == before  # only the changed one retrains
     assert tags[strong.id]["dataset"] == "fruit-b"
+
+    scored = build_report(
+        rebuilt, eval_size=4, progress=False, out_dir=tmp_path / "r1", where={"variant": "strong"}
+    )
+    assert scored.member_tests[strong.id] == "fruit-b"
+    rebuilt._splits["fruit-b"] = replace(rebuilt.splits("fruit-b"), test=[])  # too few: its domain's test set
+    fallback = build_report(
+        rebuilt, eval_size=4, progress=False, out_dir=tmp_path / "r2", where={"variant": "strong"}
+    )
+    assert fallback.member_tests[strong.id] == "fruit"
