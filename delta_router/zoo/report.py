@@ -27,6 +27,7 @@ from delta_router.models.finetunes import Finetune
 from delta_router.search.index import IndexEntry
 from delta_router.serialize import from_json, to_json
 from delta_router.training.trainer import TrainingRun
+from delta_router.zoo.spec import ZooMember
 from delta_router.zoo.zoo import Zoo
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ class ZooReport:
 
     def base_score(self, member: str) -> Score:
         """The base on the member's test set, prompted in the member's format."""
-        test = self.member_tests.get(member, self.member_domains[member])
-        return self.base_scores[_base_key(test, self.member_formats.get(member, "alpaca"))]
+        fmt = self.member_formats.get(member, "alpaca")
+        return self.base_scores[_base_key(self.member_tests[member], fmt)]
 
     def learned(self) -> dict[str, bool]:
         """Per member: beats the base on its held-out records (both in its format)."""
@@ -123,7 +124,7 @@ class ZooReport:
                 ("acc", score.acc, base.acc) if score.acc is not None else ("nll", score.nll, base.nll)
             )
             mark = "yes" if learned[member] else "**no**"
-            test = self.member_tests.get(member, domain)
+            test = self.member_tests[member]
             lines.append(
                 f"| {member} | {domain} | {test} | {fmt} | {metric} | {ours:.3f} | {theirs:.3f} | {mark} |"
             )
@@ -197,8 +198,9 @@ def _score_members(zoo: Zoo, report: ZooReport, entries: list[IndexEntry], eval_
     tokenizer = zoo.base.load_tokenizer()
     model = zoo.base.load_model()
     max_length = zoo.spec.train.max_length
+    members = {m.id: m for m in zoo.spec.members()}
     for entry in entries:
-        report.member_tests[entry.model_id] = _test_set(zoo, entry, eval_size)
+        report.member_tests[entry.model_id] = _test_set(zoo, members[entry.model_id], eval_size)
     tests = {t: zoo.splits(t).test[:eval_size] for t in set(report.member_tests.values())}
     test_hash = {t: hashlib.sha256(repr(r).encode()).hexdigest()[:12] for t, r in tests.items()}
 
@@ -246,11 +248,11 @@ def _score_members(zoo: Zoo, report: ZooReport, entries: list[IndexEntry], eval_
         report.member_scores[entry.model_id] = cached_score(key, fmt, score)
 
 
-def _test_set(zoo: Zoo, entry: IndexEntry, eval_size: int) -> str:
+def _test_set(zoo: Zoo, member: ZooMember, eval_size: int) -> str:
     """The data source a finetune is scored on: its dataset's if that holds ``eval_size`` test
     records (an extra dataset's: those after its training thirds), else its domain's."""
-    domain = entry.tags["domain"]
-    source = zoo.spec.datasets.get(domain, {}).get(entry.tags.get("dataset", ""), domain)
+    [domain] = member.domains
+    source = zoo.spec.source(member, domain)
     return source if len(zoo.splits(source).test) >= eval_size else domain
 
 
