@@ -326,6 +326,20 @@ def test_a_registration_into_a_data_free_router_maps_like_a_refit(tiny_base, enc
     np.testing.assert_allclose(router.covers[-1], refit.covers[row], atol=1e-5)
 
 
+def test_a_reference_router_is_refitted_when_its_zoo_trains_on_other_prompts(tiny_base, encoder, tmp_path):
+    from delta_router.routing.data_free import reference_pairs
+    from delta_router.zoo.zoo import Zoo
+
+    zoo = tiny_zoo("tiny", tiny_base, tmp_path)
+    zoo.build()
+    first = reference_pairs(zoo, encoder)[1]
+    redrawn = {domain: synthetic_domain(domain, seed=3) for domain in SYNTHETIC_WORDS}
+    rebuilt = Zoo(zoo.spec, tiny_base, root=zoo.root, progress=False, splits=redrawn)
+    refitted = reference_pairs(rebuilt, encoder)[1]
+    assert refitted.model_ids == first.model_ids and not np.allclose(refitted.profiles, first.profiles)
+    assert np.allclose(reference_pairs(zoo, encoder)[1].profiles, first.profiles)  # each from its cache
+
+
 def test_a_reference_of_two_zoos_maps_with_both(tiny_base, encoder, tmp_path):
     """Several reference zoos: one router over all their finetunes (ids prefixed by the zoo's name),
     their deltas stacked in its order, cached like one zoo's; the data-free router still routes."""

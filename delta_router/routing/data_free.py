@@ -206,17 +206,17 @@ def reference_pairs(
         expected.check_same(index.space, named, f"the reference zoo {zoo.spec.name}")
     fingerprinted = {k: v for k, v in indexes[0].space.to_dict().items() if k != "probe_texts"}
     names = zoos[0].spec.name if len(zoos) == 1 else [zoo.spec.name for zoo in zoos]
-    key = json.dumps([names, fingerprinted, encoder.layer, encoder.pooling, encoder.max_length])
-    directory = cache_dir("references") / hashlib.sha256(key.encode()).hexdigest()[:16]
+    examples = [zoo_examples(zoo) for zoo in zoos]  # the cache is keyed by them: a rebuilt zoo refits
     prefixes = _row_prefixes(zoos)
+    prompts = {p + m: t for p, ex in zip(prefixes, examples, strict=True) for m, t in ex.items()}
+    key = json.dumps([names, fingerprinted, encoder.layer, encoder.pooling, encoder.max_length, prompts])
+    directory = cache_dir("references") / hashlib.sha256(key.encode()).hexdigest()[:16]
     members = [[m.id for m in zoo.spec.members() if m.kind == "domain"] for zoo in zoos]  # the router's rows
     if (directory / "router.json").exists():
         router = Router.load(directory)
-        if router.model_ids != list(reference_domains(zoos)):
+        if router.model_ids != list(prompts):  # written over by hand, or by another version
             raise DataError(f"the cached reference router {directory} does not match its zoos: remove it")
     else:
-        examples = [zoo_examples(zoo) for zoo in zoos]
-        prompts = {p + m: t for p, ex in zip(prefixes, examples, strict=True) for m, t in ex.items()}
         base = zoos[0].base
         router = Router.fit(encoder, base.fingerprint, prompts, progress, base_name=base.name)
         router.save(directory, force=True)
