@@ -11,8 +11,9 @@ Methods, in one run:
   query is the adapter with the largest routing weight summed over tokens and layers;
 - ``data-free (LODO)``: profiles predicted from each adapter's profile deltas alone
   (``routing.data_free.profile_deltas``, ``--profile-deltas``), the map fitted on the other domains'
-  adapters (leave one domain out), one row per ridge ``alpha``; queries encoded as the default router
-  encodes them;
+  adapters (leave one domain out), one row per ridge ``alpha``, and one of the map before its deltas
+  were whitened (alpha 0.01, no whitening: the default until 2026-12-07); queries encoded as the
+  default router encodes them;
 - ``data-free (map on REF)`` and ``(map on REF + zoo, LODO)`` (``--reference-zoo REF ...``): the map
   fitted on other zoos' pairs, as ``route fit --data-free --reference-zoo REF`` fits it (no finetune of
   this zoo in the reference), and on those plus this zoo's finetunes of the other domains;
@@ -21,7 +22,7 @@ Methods, in one run:
 Abstention (``--abstention PNG``): each domain in turn is withheld from the router (its adapters
 removed); over thresholds on the best cosine, the share of the withheld domain's queries sent to
 the base against the in-zoo accuracy (right adapter and not sent to the base), averaged over the
-withheld domains, for the default router and the data-free one (alpha 0.01, its profiles centred
+withheld domains, for the default router and the data-free one (default alpha, its profiles centred
 on the kept models' mean as ``fit_data_free`` centres an index's); a table and a plot. Mapped by
 ``--reference-zoo``, each data-free curve is drawn twice: by the threshold alone, and with the
 reference zoos' profiles as the router's ``Background`` (as ``fit_data_free`` fits it): a query of a
@@ -30,8 +31,8 @@ test records, to choose settings on.
 
 Downstream (``--downstream N`` test records per domain): multiple-choice accuracy (or minus the
 answer's NLL per token for math/code), mean per record with a 95% Student-t interval, of the base,
-a random adapter, the router's top-1 adapter, the data-free router's (leave one domain out, alpha
-0.01), Arrow, and the oracle (the domain's part-0 adapter; on ``wild`` its strong member).
+a random adapter, the router's top-1 adapter, the data-free router's (leave one domain out, default
+alpha), Arrow, and the oracle (the domain's part-0 adapter; on ``wild`` its strong member).
 
     python benchmarks/route_accuracy.py                 # full zoo, 40 queries/domain, 40 downstream
 """
@@ -58,14 +59,16 @@ from delta_router.evaluation.scoring import example_scores
 from delta_router.evaluation.verification import Interval
 from delta_router.home import atomic_write_text, refuse_existing_file
 from delta_router.routing.data_free import (
+    COVER_ALPHA,
     DATA_FREE_THRESHOLD,
     DEFAULT_ALPHA,
     DEFAULT_PROFILE_DELTAS,
+    DEFAULT_SHRINKAGE,
     PROFILE_DELTAS,
-    ProfileMap,
     centred_profiles,
     delta_blocks,
     leave_one_group_out,
+    mapped_profiles,
     profile_deltas,
     reference_pairs,
 )
@@ -73,6 +76,7 @@ from delta_router.routing.router import (
     DEFAULT_THRESHOLD,
     Background,
     QueryEncoder,
+    ReferencePairs,
     Router,
     mean_queries,
     query_text,
@@ -172,10 +176,13 @@ def cross_zoo_profiles(
     groups: list[str],
     deltas: str,
     keep: np.ndarray | None = None,
-) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Data-free profiles of the zoo's models ``own_ids`` (of ``keep``, a mask; default all) as
-    uncentred predictions ``[n, d]``, the centre of their query space and the reference zoos'
-    profiles in it (``fit_data_free``'s background), mapped by other zoos' pairs: by ``reference``
+    alpha: float = DEFAULT_ALPHA,
+    shrinkage: float | None = DEFAULT_SHRINKAGE,
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Data-free profiles of the zoo's models ``own_ids`` (of ``keep``, a mask; default all), centred
+    ``[n, d]``, their covers ``[n, d]`` (``mapped_profiles``'), the centre of their query space and
+    the reference zoos' profiles in it (``fit_data_free``'s background), mapped by other zoos' pairs
+    (ridge ``alpha``, whitening ``shrinkage``): by ``reference``
     alone (``reference_pairs`` of the zoos ``reference_name``; as ``route fit --data-free
     --reference-zoo`` maps), and by ``union`` (``reference_pairs`` of them and this zoo, with each
     row's uncentred mean query ``[n, d]``) less this zoo's finetunes outside ``keep``, each domain's
@@ -186,8 +193,8 @@ def cross_zoo_profiles(
     ref_deltas, ref = reference
     blocks = delta_blocks(deltas)
     population = np.vstack([ref_deltas, own_deltas[keep]])
-    mapping = ProfileMap(DEFAULT_ALPHA, blocks)
-    alone = mapping.fit(ref_deltas, ref.profiles, population).predict(own_deltas[keep])
+    pairs = ReferencePairs(ref_deltas, ref.profiles, deltas, alpha, shrinkage)
+    alone = mapped_profiles(pairs, own_deltas[keep], population)
     union_deltas, union_router, union_means = union
     own_rows = [union_router.model_ids.index(f"{zoo_name}_{m}") for m in own_ids]
     rows = [i for i in range(len(union_deltas)) if i not in own_rows]  # the reference zoos' finetunes
@@ -195,13 +202,18 @@ def cross_zoo_profiles(
     union_groups = [""] * len(rows) + [g for g, kept in zip(groups, keep, strict=True) if kept]
     kept_ids = [union_router.model_ids[i] for i in kept_rows]
     kept_union = Router.from_means(kept_ids, union_means[kept_rows], encoder, union_router.base_fingerprint)
-    with_own = leave_one_group_out(
-        union_deltas[kept_rows], kept_union.profiles, union_groups, DEFAULT_ALPHA, blocks
-    )[len(rows) :]
+    with_own = [  # profiles, then covers (as mapped_profiles makes them)
+        centred_profiles(
+            leave_one_group_out(union_deltas[kept_rows], kept_union.profiles, union_groups, a, blocks, s)[
+                len(rows) :
+            ]
+        )
+        for a, s in ((alpha, shrinkage), (COVER_ALPHA, None))
+    ]
     return {
-        f"data-free (map on {reference_name})": (alone, ref.center, ref.profiles),
+        f"data-free (map on {reference_name})": (*alone, ref.center, ref.profiles),
         f"data-free (map on {reference_name} + {zoo_name}, LODO)": (
-            with_own,
+            *with_own,
             kept_union.center,
             kept_union.profiles[: len(rows)],
         ),
@@ -279,6 +291,11 @@ def main() -> None:
                         help="router variants POOLING:TOKENS (mean:128 is the default router)")  # fmt: skip
     parser.add_argument("--no-arrow", action="store_true", help="skip PEFT's Arrow (minutes)")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01, 0.03, 0.1])
+    parser.add_argument("--map-alpha", type=float, default=DEFAULT_ALPHA,
+                        help="the ridge alpha of every data-free map but the sweep's")  # fmt: skip
+    parser.add_argument("--shrinkage", type=lambda v: None if v == "none" else float(v),
+                        default=DEFAULT_SHRINKAGE,
+                        help="the maps' whitening shrinkage ('none': not whitened; ProfileMap)")  # fmt: skip
     parser.add_argument("--profile-deltas", choices=PROFILE_DELTAS, default=DEFAULT_PROFILE_DELTAS,
                         help="what the data-free map reads (see routing.data_free)")  # fmt: skip
     parser.add_argument("--reference-zoo", nargs="+", metavar="NAME",
@@ -354,12 +371,14 @@ def main() -> None:
         blocks = delta_blocks(args.profile_deltas)
         views[f"profile deltas ({args.profile_deltas}), what the map reads"] = deltas
         views[f"{default}: data-based profiles"] = reference.profiles
-        for alpha in args.alphas:
-            predicted = leave_one_group_out(deltas, reference.profiles, groups, alpha, blocks)
+        alpha, shrinkage = args.map_alpha, args.shrinkage  # the map of every other data-free row
+        maps = [(f"alpha {a:g}", a, shrinkage) for a in sorted({*args.alphas, alpha})]
+        for label, a, s in [*maps, ("alpha 0.01, not whitened", 0.01, None)]:
+            predicted = leave_one_group_out(deltas, reference.profiles, groups, a, blocks, s)
             free = Router(reference.model_ids, centred_profiles(predicted), reference.center, fingerprint)
             routed = free.decide(features[default])
-            decisions[f"data-free (LODO, alpha {alpha:g})"] = [d.adapters[0] for d in routed]
-            if alpha == DEFAULT_ALPHA:
+            decisions[f"data-free (LODO, {label})"] = [d.adapters[0] for d in routed]
+            if (a, s) == (alpha, shrinkage):
                 routers[f"data-free (LODO, alpha {alpha:g})"] = free
                 views[f"data-free (LODO, alpha {alpha:g})"] = free.profiles
         crossed_without = None
@@ -394,10 +413,12 @@ def main() -> None:
                     groups,
                     args.profile_deltas,
                     keep,
+                    alpha,
+                    shrinkage,
                 )
 
-            for name, (predicted, centre, _) in crossed_without().items():
-                free = Router(reference.model_ids, centred_profiles(predicted), centre, fingerprint)
+            for name, (profiles, _, centre, _) in crossed_without().items():
+                free = Router(reference.model_ids, profiles, centre, fingerprint)
                 decisions[name] = [d.adapters[0] for d in free.decide(features[default])]
                 views[name] = free.profiles
         if args.abstention:  # the default alpha's curve, whichever --alphas are listed
@@ -412,25 +433,26 @@ def main() -> None:
             def data_free(withheld: str) -> Router:  # its map learns from the kept domains alone
                 data, kept = data_based(withheld), domains != withheld
                 predicted = leave_one_group_out(
-                    deltas[kept], data.profiles, list(domains[kept]), DEFAULT_ALPHA, blocks
+                    deltas[kept], data.profiles, list(domains[kept]), alpha, blocks, shrinkage
                 )
                 return Router(data.model_ids, centred_profiles(predicted), data.center, fingerprint)
 
             def crossed(withheld: str, name: str, background: bool) -> Router:
-                predicted, centre, theirs = crossed_without(withheld)[name]
+                profiles, covers, centre, theirs = crossed_without(withheld)[name]
                 kept_ids = [m for m in reference.model_ids if domain_of[m] != withheld]
                 return Router(
                     kept_ids,
-                    centred_profiles(predicted),
+                    profiles,
                     centre,
                     fingerprint,
                     background=Background(theirs) if background else None,
+                    covers=covers,
                 )
 
             labels = [d for d, _ in queries]
             curves = {
                 default: abstention_curve(data_based, features[default], labels, domain_of),
-                f"data-free (LODO, alpha {DEFAULT_ALPHA:g})": abstention_curve(
+                f"data-free (LODO, alpha {alpha:g})": abstention_curve(
                     data_free, features[default], labels, domain_of
                 ),
             }
@@ -510,7 +532,7 @@ def main() -> None:
         served.set_adapter(adapter)
         return example_scores(served, tokenizer, records, max_length=256).main
 
-    free = routers.get("data-free (LODO, alpha 0.01)")
+    free = routers.get(f"data-free (LODO, alpha {args.map_alpha:g})")
     methods = ("base", "random", "router", "data-free", "arrow", "oracle")
     print(f"\nmean per record, 95% interval (n={args.downstream} per domain; acc, or -NLL/token: math, code)")
     print("\n| domain | " + " | ".join(methods) + " |")

@@ -201,6 +201,26 @@ def test_a_profile_map_of_two_blocks_averages_one_map_per_block():
         ProfileMap(blocks=3).fit(np.hstack([first, second]), profiles)
 
 
+def test_whitening_keeps_a_widely_varying_nuisance_from_deciding_the_profile():
+    """Deltas of three domains, each shifted along one shared direction by how hard the finetune was
+    trained (a spread 10x the domains' own shifts). A new finetune of domain 0, trained as hard as
+    one of domain 1: whitened, the map takes it for domain 0; unwhitened, for domain 1."""
+    from delta_router.routing.data_free import ProfileMap
+
+    rng = np.random.default_rng(0)
+    dim, labels = 32, np.repeat(np.arange(3), 4)
+    strength = rng.uniform(-10, 10, size=len(labels))
+    nuisance = np.eye(dim)[3]
+    deltas = np.eye(dim)[labels] + strength[:, None] * nuisance + 0.05 * rng.normal(size=(len(labels), dim))
+    profiles, tasks = np.eye(dim)[10 + labels], np.eye(dim)[10:13]
+    new = np.eye(dim)[[0]] + strength[labels == 1][0] * nuisance
+    population = np.vstack([deltas, new])
+    whitened = ProfileMap(0.1, shrinkage=0.1).fit(deltas, profiles, population).predict(new)
+    plain = ProfileMap(0.1, shrinkage=None).fit(deltas, profiles, population).predict(new)
+    assert (whitened @ tasks.T).argmax() == 0
+    assert (plain @ tasks.T).argmax() == 1
+
+
 def test_centred_profiles_drop_the_direction_every_blend_shares():
     from delta_router.routing.data_free import centred_profiles
 
@@ -295,13 +315,34 @@ def test_data_free_router_sends_queries_to_their_domain(
     assert np.allclose(by_index.profiles, expected.profiles, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["formats+plain", "formats"])  # the default; one kind (older routers)
-def test_a_registration_into_a_data_free_router_maps_like_a_refit(tiny_base, encoder, tmp_path, kind):
+def test_a_whitened_data_free_router_covers_what_the_unwhitened_map_predicts(tiny_base, encoder, tmp_path):
+    """Whitening ranks a pool's models (their profiles); what each covers of the background is the
+    unwhitened map's profile (``mapped_profiles``), saved with the router. Unwhitened, covers are
+    the profiles."""
+    from delta_router.routing.data_free import COVER_ALPHA, fit_data_free, reference_pairs
+
+    zoo = tiny_zoo("tiny", tiny_base, tmp_path)
+    index = zoo.build()
+    deltas, reference = reference_pairs(zoo, encoder)
+    whitened = fit_data_free(index, deltas, reference)
+    plain = fit_data_free(index, deltas, reference, alpha=COVER_ALPHA, shrinkage=None)
+    assert plain.covers is plain.profiles
+    np.testing.assert_allclose(whitened.covers, plain.profiles, atol=1e-5)
+    assert not np.allclose(whitened.profiles, plain.profiles, atol=1e-3)
+    loaded = Router.load(whitened.save(tmp_path / "router"))
+    np.testing.assert_allclose(loaded.covers, whitened.covers)
+
+
+@pytest.mark.parametrize("kind, whitened", [("formats+plain", True), ("formats", False)])  # default; older
+def test_a_registration_into_a_data_free_router_maps_like_a_refit(
+    tiny_base, encoder, tmp_path, kind, whitened
+):
     """A data-free router keeps its reference pairs (saved with it); the live registry profiles a new
     finetune by that map, of the router's kind of deltas, exactly as ``fit_data_free`` would profile
     it in an index that held it. (A map fitted on the router's own data-free profiles can only blend
-    the tasks it already has.)"""
-    from delta_router.routing.data_free import fit_data_free, reference_pairs
+    the tasks it already has.) A router saved before maps were whitened (no ``shrinkage`` saved) is
+    mapped unwhitened, as it was fitted."""
+    from delta_router.routing.data_free import DEFAULT_SHRINKAGE, fit_data_free, reference_pairs
     from delta_router.serving.backends import PeftBackend
     from delta_router.serving.registry import AdapterRegistry
     from delta_router.serving.scheduler import BatchScheduler
@@ -310,9 +351,15 @@ def test_a_registration_into_a_data_free_router_maps_like_a_refit(tiny_base, enc
     index = zoo.build()
     deltas, reference = reference_pairs(zoo, encoder, kind)
     new = index.model_ids()[-1]
-    router = fit_data_free(index.filtered(lambda e: e.model_id != new), deltas, reference, deltas=kind)
-    router = Router.load(router.save(tmp_path / "router"))
-    assert router.reference.deltas_kind == kind
+    shrinkage = DEFAULT_SHRINKAGE if whitened else None
+    kept = index.filtered(lambda e: e.model_id != new)
+    saved = fit_data_free(kept, deltas, reference, deltas=kind, shrinkage=shrinkage).save(tmp_path / "router")
+    if not whitened:
+        meta = json.loads((saved / "router.json").read_text())
+        del meta["reference"]["shrinkage"]
+        (saved / "router.json").write_text(json.dumps(meta))
+    router = Router.load(saved)
+    assert router.reference.deltas_kind == kind and router.reference.shrinkage == shrinkage
     np.testing.assert_allclose(router.reference.deltas, deltas)
     np.testing.assert_allclose(router.reference.profiles, reference.profiles)
     registry = AdapterRegistry(
@@ -320,7 +367,7 @@ def test_a_registration_into_a_data_free_router_maps_like_a_refit(tiny_base, enc
         BatchScheduler(PeftBackend(resolve_base(tiny_base), {}), router),
     )
     registry.register(index.get(new).embedding.path, new)
-    refit = fit_data_free(index, deltas, reference, deltas=kind)
+    refit = fit_data_free(index, deltas, reference, deltas=kind, shrinkage=shrinkage)
     row = refit.model_ids.index(new)
     np.testing.assert_allclose(router.profiles[-1], refit.profiles[row], atol=1e-5)
     np.testing.assert_allclose(router.covers[-1], refit.covers[row], atol=1e-5)

@@ -3,9 +3,9 @@
 A public finetune ships without its training data, so ``Router.fit`` has no prompts to profile it
 from. Its Delta Activation and its data-based profile are both final-layer states of the same
 base, and across finetunes whose data we do have (a *reference* zoo) the two geometries correspond:
-``ProfileMap``, a kernel ridge regression from unit, centred deltas to profiles fitted on the
-reference pairs, predicts a profile for any finetune from its delta alone (no data). Queries are
-centred as the reference router centres them.
+``ProfileMap``, a kernel ridge regression from centred, whitened, unit deltas to profiles fitted on
+the reference pairs, predicts a profile for any finetune from its delta alone (no data). Queries
+are centred as the reference router centres them.
 
 The deltas the map reads are not the index's (the paper's 5 Alpaca probes) but ``profile_embedder``'s,
 each probe's shift unit-normed before the mean: ``"formats"``, the paper's probes in each of the three
@@ -17,9 +17,10 @@ one domain out, and their errors differ. Chosen on dev queries (records no bench
 lowest of four ratios to the data-based router (leave one domain out on ``full`` and on ``wild``, and
 each zoo mapped by the other, as ``route fit --data-free`` maps a pool by a reference zoo), where it
 ties ``"formats"`` (90.1%) and beats it in the other three, then confirmed on a fresh set of test
-records (91.0% against 88.4%). On the benchmark's test queries wild mapped by full routes 84.6% right,
-90.8% of the data-based router (``"formats"`` 81.4%, ``"plain"`` 78.9%); leave one domain out wild
-90.7%, full 94.6%. It costs two forward passes of 15 probes per finetune, cached like any embedding;
+records (91.0% against 88.4%). Whitened (``ProfileMap``), on the benchmark's test queries of the
+rebuilt wild zoo, wild mapped by full routes 88.6% right, 95% of the data-based router (84.6%
+unwhitened); leave one domain out wild 90.4% (83.2%), full 94.6% (94.6%). It costs two forward
+passes of 15 probes per finetune, cached like any embedding;
 for an index too large for that, ``deltas="index"`` maps the index's own vectors (no forward pass; as
 good on finetunes that share one prompt format).
 
@@ -32,7 +33,8 @@ A data-free router also keeps its reference's profiles as its ``Background``: a 
 reference task no indexed model covers goes to the base. The threshold alone cannot see that a task
 is missing (a query of it still lands near some mis-predicted profile); the reference, whose
 profiles come from data, can. Mapped across zoos, it sends far more of an unseen domain's queries to
-the base at no more in-zoo accuracy lost (RESULTS.md, "Background tasks").
+the base at no more in-zoo accuracy lost (RESULTS.md, "Background tasks"). What each model covers
+of it is its unwhitened profile (``mapped_profiles``).
 
 Measured leave-one-domain-out (the map is fitted without the domain it predicts): see
 ``benchmarks/route_accuracy.py`` and benchmarks/RESULTS.md.
@@ -59,7 +61,12 @@ from delta_router.search.index import ModelIndex
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ALPHA = 0.01  # ridge strength, from a leave-one-domain-out sweep on the full zoo (RESULTS.md)
+# Ridge strength and whitening shrinkage of the map, chosen together on dev queries by the lowest of
+# four ratios to the data-based router (leave one domain out on full and on wild, each zoo mapped by
+# the other): a plateau over shrinkage 0.03-0.3 and alpha 0.01-0.1 (RESULTS.md, "Whitened deltas").
+DEFAULT_ALPHA = 0.1
+DEFAULT_SHRINKAGE = 0.1
+COVER_ALPHA = 0.01  # the ridge of the unwhitened map behind a router's covers (``mapped_profiles``)
 # The fallback threshold of a data-free router: of the thresholds that cost <= 5 points of in-zoo
 # accuracy, the one that sends the most of a withheld domain's queries to the base, on dev queries of
 # the full zoo (RESULTS.md, "Two kinds of delta, averaged"); with the withheld domain out of the map's
@@ -78,12 +85,18 @@ DEFAULT_PROFILE_DELTAS = "formats+plain"
 class ProfileMap:
     """Kernel ridge from Delta Activations ``[n, d]`` to unit router profiles ``[n, d]``.
 
-    ``predict(x) = unit(k(x) (K + alpha I)^-1 P)`` with the linear kernel of unit deltas centred on
-    the mean of ``population``: a combination of the reference profiles, weighted by how the
-    finetune's delta relates to the reference deltas. The population is every delta in play, the
-    reference's and the ones to profile (their vectors are known; no data is): centred on the
-    reference alone, deltas of a domain the reference lacks carry that domain's whole offset, and
-    leave-one-domain-out routing on the full zoo falls from 88.6% to 3.9% (below random).
+    ``predict(x) = unit(k(x) (K + alpha I)^-1 P)`` with the linear kernel of whitened unit deltas: a
+    combination of the reference profiles, weighted by how the finetune's delta relates to the
+    reference deltas. Deltas are centred on the mean of ``population``, whitened by its covariance
+    shrunk toward isotropy (``(C + lam I)^-1/2``, lam ``shrinkage`` x the mean variance along its
+    principal directions; None: not whitened), then unit-normed. The population is every delta in
+    play, the reference's and the ones to profile (their vectors are known; no data is): centred on
+    the reference alone, deltas of a domain the reference lacks carry that domain's whole offset, and
+    leave-one-domain-out routing on the full zoo falls from 88.6% to 3.9% (below random). Whitened,
+    the few directions that every recipe moves (how long, how hard, in which format a finetune was
+    trained) no longer outweigh the ones that tell domains apart: on wild's test queries leave one
+    domain out 83.2% -> 90.4% routed right, wild mapped by full 84.6% -> 88.6%, full unchanged
+    (chosen on dev queries; RESULTS.md, "Whitened deltas").
 
     With ``blocks`` > 1 each row of deltas is that many equal blocks (kinds of delta side by side,
     ``delta_blocks``): each block gets its own ridge, and the prediction is the unit mean of theirs.
@@ -91,6 +104,7 @@ class ProfileMap:
 
     alpha: float = DEFAULT_ALPHA
     blocks: int = 1
+    shrinkage: float | None = DEFAULT_SHRINKAGE
 
     def fit(
         self, deltas: np.ndarray, profiles: np.ndarray, population: np.ndarray | None = None
@@ -103,7 +117,9 @@ class ProfileMap:
         if deltas.shape[1] % self.blocks:
             raise DataError(f"{deltas.shape[1]}-dim deltas do not split into {self.blocks} equal blocks")
         population = deltas if population is None else np.asarray(population, dtype=np.float64)
-        self.means_ = [block.mean(0) for block in np.split(population, self.blocks, axis=1)]
+        blocks = np.split(population, self.blocks, axis=1)
+        self.means_ = [block.mean(0) for block in blocks]
+        self.whiteners_ = [self._whitener(b - mean) for b, mean in zip(blocks, self.means_, strict=True)]
         self.references_ = self._units(deltas)
         self.coefs_ = [
             np.linalg.solve(unit @ unit.T + self.alpha * np.eye(len(unit)), profiles)
@@ -117,11 +133,28 @@ class ProfileMap:
         blocks = zip(units, self.references_, self.coefs_, strict=True)
         return unit_rows(sum(unit_rows(unit @ reference.T @ coef) for unit, reference, coef in blocks))
 
+    def _whitener(self, centred: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The population's principal directions ``[k, d]`` and the factor ``[k]`` that scales each:
+        ``sqrt(lam / (var + lam))``, the shrunk whitening up to an overall scale (None: no whitening)."""
+        if self.shrinkage is None:
+            return None
+        _, singular, directions = np.linalg.svd(centred, full_matrices=False)
+        variances = singular**2 / len(centred)
+        lam = max(self.shrinkage * float(variances.mean()), 1e-24)
+        return directions, np.sqrt(lam / (variances + lam))
+
     def _units(self, deltas: np.ndarray) -> list[np.ndarray]:
-        """``blocks`` x ``[n, d / blocks]``: each block of ``deltas`` less the population mean, unit rows."""
-        blocks = np.split(deltas, self.blocks, axis=1)
-        centred = [block - mean for block, mean in zip(blocks, self.means_, strict=True)]
-        return [block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12) for block in centred]
+        """``blocks`` x ``[n, d / blocks]``: each block of ``deltas`` less the population mean, whitened,
+        unit rows."""
+        units = []
+        parts = zip(np.split(deltas, self.blocks, axis=1), self.means_, self.whiteners_, strict=True)
+        for block, mean, whitener in parts:
+            block = block - mean
+            if whitener is not None:
+                directions, factors = whitener
+                block = block + ((block @ directions.T) * (factors - 1)) @ directions
+            units.append(block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12))
+        return units
 
 
 def delta_blocks(deltas: str) -> int:
@@ -257,13 +290,16 @@ def fit_data_free(
     deltas: str = DEFAULT_PROFILE_DELTAS,
     progress: bool = False,
     background: bool = True,
+    shrinkage: float | None = DEFAULT_SHRINKAGE,
     **options,
 ) -> Router:
     """A ``Router`` over every model of ``index``, profiled from its ``profile_deltas`` (of the same
-    kind as ``reference_deltas``) by a ``ProfileMap`` fitted on the reference pairs; queries centred
+    kind as ``reference_deltas``) by a ``ProfileMap`` (ridge ``alpha``, whitening ``shrinkage``)
+    fitted on the reference pairs; queries centred
     like the reference router's. With ``background``, the reference's profiles are its ``Background``:
-    a query of a reference task that no indexed model covers goes to the base. The router keeps the
-    reference pairs, so a model registered later is mapped the same way."""
+    a query of a reference task that no indexed model covers goes to the base (what each covers:
+    ``mapped_profiles``). The router keeps the reference pairs, so a model registered later is
+    mapped the same way."""
     if index.space is None or len(index) == 0:
         raise DataError("the index is empty: add finetunes before fitting a router")
     reference.check_base(index.space.base, "the index's base")
@@ -272,17 +308,39 @@ def fit_data_free(
     ids = index.model_ids()
     vectors = profile_deltas(index, ids, deltas, progress=progress)
     population = np.vstack([reference_deltas, vectors])
-    mapping = ProfileMap(alpha, delta_blocks(deltas)).fit(reference_deltas, reference.profiles, population)
-    predicted = mapping.predict(vectors)
+    pairs = ReferencePairs(reference_deltas, reference.profiles, deltas, alpha, shrinkage)
+    profiles, covers = mapped_profiles(pairs, vectors, population)
     settings = {"layer": reference.layer, "pooling": reference.pooling, "max_length": reference.max_length}
     logger.info("data-free profiles: %d models, %s deltas, %d pairs", len(ids), deltas, len(reference_deltas))
     options.setdefault("threshold", DATA_FREE_THRESHOLD)
     return Router(
-        ids, centred_profiles(predicted), reference.center, reference.base_fingerprint, **settings,
+        ids, profiles, reference.center, reference.base_fingerprint, **settings,
         base_name=reference.base_name, sources=["data-free"] * len(ids),
         background=Background(reference.profiles) if background else None,
-        reference=ReferencePairs(reference_deltas, reference.profiles, deltas, alpha), **options,
+        covers=None if covers is profiles else covers, reference=pairs, **options,
     )  # fmt: skip
+
+
+def mapped_profiles(
+    pairs: ReferencePairs, deltas: np.ndarray, population: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Data-free profiles ``[m, d]`` of finetunes with ``profile_deltas`` ``deltas`` ``[m, h]``, by
+    the ``ProfileMap`` of the reference ``pairs`` (centred on ``population``, every delta in play),
+    centred on their mean (``centred_profiles``); and what each covers of a background ``[m, d]``:
+    the same by the unwhitened map (ridge ``COVER_ALPHA``; an unwhitened router's covers are its
+    profiles, the same array). Whitening ranks a pool's models better but lands some finetunes
+    nearer a reference task than they are: whitened, both of wild's CSQA finetunes cover `full`'s
+    science task, and a pool without science finetunes sends 30% of science queries to the base, not
+    95% (wild mapped by full, dev queries: 70% of a withheld domain's queries to the base within 5
+    points whitened, 78% with these covers, 79% unwhitened; RESULTS.md, "Whitened deltas")."""
+    blocks = delta_blocks(pairs.deltas_kind)
+
+    def by(alpha: float, shrinkage: float | None) -> np.ndarray:
+        mapping = ProfileMap(alpha, blocks, shrinkage).fit(pairs.deltas, pairs.profiles, population)
+        return centred_profiles(mapping.predict(deltas))
+
+    profiles = by(pairs.alpha, pairs.shrinkage)
+    return profiles, profiles if pairs.shrinkage is None else by(COVER_ALPHA, None)
 
 
 def nearest_references(router: Router, reference: Router) -> list[tuple[str, float]]:
@@ -306,15 +364,20 @@ def centred_profiles(predicted: np.ndarray) -> np.ndarray:
 
 
 def leave_one_group_out(
-    deltas: np.ndarray, profiles: np.ndarray, groups: list[str], alpha: float = DEFAULT_ALPHA, blocks: int = 1
+    deltas: np.ndarray,
+    profiles: np.ndarray,
+    groups: list[str],
+    alpha: float = DEFAULT_ALPHA,
+    blocks: int = 1,
+    shrinkage: float | None = DEFAULT_SHRINKAGE,
 ) -> np.ndarray:
     """Each finetune's profile predicted by a map fitted without its group (e.g. its domain): how the
     data-free router does on finetunes of a kind the reference never held. ``[n, d]`` float32;
-    ``blocks``: ``ProfileMap``'s."""
+    ``blocks``, ``shrinkage``: ``ProfileMap``'s."""
     groups_arr = np.asarray(groups)
     predicted = np.zeros(np.shape(profiles), dtype=np.float32)
     for group in sorted(set(groups)):
         held = groups_arr == group
-        mapping = ProfileMap(alpha, blocks).fit(deltas[~held], profiles[~held], population=deltas)
+        mapping = ProfileMap(alpha, blocks, shrinkage).fit(deltas[~held], profiles[~held], population=deltas)
         predicted[held] = mapping.predict(deltas[held])
     return predicted

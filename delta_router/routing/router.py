@@ -189,13 +189,15 @@ class Background:
 class ReferencePairs:
     """The (delta, profile) pairs a data-free router's ``ProfileMap`` was fitted on: ``deltas``
     ``[n, h * blocks]`` of kind ``deltas_kind`` (``routing.data_free.PROFILE_DELTAS``), data-based
-    ``profiles`` ``[n, d]``, ridge ``alpha``. Kept with the router so that a model added later (the
-    live registry's) is profiled by the same map as the models it was fitted with."""
+    ``profiles`` ``[n, d]``, ridge ``alpha``, whitening ``shrinkage`` (None: not whitened). Kept with
+    the router so that a model added later (the live registry's) is profiled by the same map as the
+    models it was fitted with."""
 
     deltas: np.ndarray
     profiles: np.ndarray
     deltas_kind: str
     alpha: float
+    shrinkage: float | None
 
     def __post_init__(self) -> None:
         self.deltas = np.asarray(self.deltas, dtype=np.float32)
@@ -430,7 +432,8 @@ class Router:
                 "support": self.background.support,
             },
             "reference": None if self.reference is None else {
-                "deltas_kind": self.reference.deltas_kind, "alpha": self.reference.alpha
+                "deltas_kind": self.reference.deltas_kind, "alpha": self.reference.alpha,
+                "shrinkage": self.reference.shrinkage,
             },
         }  # fmt: skip
         with atomic_directory(Path(directory), force=force) as tmp:
@@ -459,8 +462,9 @@ class Router:
                     np.load(directory / "background.npy"), **{"support": 1} | meta["background"]
                 )
             if isinstance(meta, dict) and meta.get("reference") is not None:
-                with np.load(directory / "reference.npz") as pairs:
-                    reference = ReferencePairs(pairs["deltas"], pairs["profiles"], **meta["reference"])
+                with np.load(directory / "reference.npz") as pairs:  # saved before whitening: none
+                    settings = {"shrinkage": None} | meta["reference"]
+                    reference = ReferencePairs(pairs["deltas"], pairs["profiles"], **settings)
         except (OSError, ValueError, TypeError) as err:
             raise DataError(f"{directory} is not a saved router ({err})") from err
         if not isinstance(meta, dict):

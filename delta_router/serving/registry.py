@@ -31,6 +31,7 @@ from delta_router.routing.data_free import (
     ProfileMap,
     centred_profiles,
     delta_blocks,
+    mapped_profiles,
     profile_deltas_of,
     profile_embedder,
 )
@@ -165,14 +166,11 @@ class AdapterRegistry:
         kind = DEFAULT_PROFILE_DELTAS if reference is None else reference.deltas_kind
         embeddings = [*(self.index.get(m).embedding for m in known), embedding]
         deltas = profile_deltas_of(embeddings, kind, self.profile_deltas_embedder)  # cached but the new one
-        if reference is None:
-            mapping = ProfileMap(blocks=delta_blocks(kind)).fit(deltas[:-1], profiles, deltas)
-        else:
-            population = np.vstack([reference.deltas, deltas])
-            mapping = ProfileMap(reference.alpha, delta_blocks(kind))
-            mapping.fit(reference.deltas, reference.profiles, population)
-        predicted = mapping.predict(deltas)
-        # it covers its profile, as fit_data_free's models do; in a router saved before they did
-        # (covers of their own: uncentred predictions), its uncentred prediction
+        if reference is not None:  # as fit_data_free maps an index that holds it
+            mapped, covers = mapped_profiles(reference, deltas, np.vstack([reference.deltas, deltas]))
+            return mapped[-1], None if router.covers is router.profiles else covers[-1], "data-free"
+        predicted = ProfileMap(blocks=delta_blocks(kind)).fit(deltas[:-1], profiles, deltas).predict(deltas)
+        # it covers its profile; in a router saved with covers of its own (uncentred predictions,
+        # before profiles covered themselves), its uncentred prediction
         cover = None if router.covers is router.profiles else predicted[-1]
         return centred_profiles(predicted)[-1], cover, "data-free"
