@@ -61,9 +61,10 @@ from delta_router.search.index import ModelIndex
 
 logger = logging.getLogger(__name__)
 
-# Ridge strength and whitening shrinkage of the map, chosen together on dev queries by the lowest of
-# four ratios to the data-based router (leave one domain out on full and on wild, each zoo mapped by
-# the other): a plateau over shrinkage 0.03-0.3 and alpha 0.01-0.1 (RESULTS.md, "Whitened deltas").
+# Ridge strength and whitening shrinkage of the map, swept together on dev queries and scored by the
+# lowest of four routed-right shares (leave one domain out on full and on wild, each zoo mapped by the
+# other): a plateau over shrinkage 0.03-0.3 and alpha 0.01-0.1, and these in its middle (RESULTS.md,
+# "Whitened deltas").
 DEFAULT_ALPHA = 0.1
 DEFAULT_SHRINKAGE = 0.1
 COVER_ALPHA = 0.01  # the ridge of the unwhitened map behind a router's covers (``mapped_profiles``)
