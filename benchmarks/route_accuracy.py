@@ -202,18 +202,18 @@ def cross_zoo_profiles(
     union_groups = [""] * len(rows) + [g for g, kept in zip(groups, keep, strict=True) if kept]
     kept_ids = [union_router.model_ids[i] for i in kept_rows]
     kept_union = Router.from_means(kept_ids, union_means[kept_rows], encoder, union_router.base_fingerprint)
-    with_own = [  # profiles, then covers (as mapped_profiles makes them)
-        centred_profiles(
-            leave_one_group_out(union_deltas[kept_rows], kept_union.profiles, union_groups, a, blocks, s)[
-                len(rows) :
-            ]
-        )
-        for a, s in ((alpha, shrinkage), (COVER_ALPHA, None))
-    ]
+
+    def lodo(a: float, s: float | None) -> np.ndarray:  # this zoo's part, centred
+        own = leave_one_group_out(union_deltas[kept_rows], kept_union.profiles, union_groups, a, blocks, s)
+        return centred_profiles(own[len(rows) :])
+
+    with_own = lodo(alpha, shrinkage)
+    with_own_covers = with_own if shrinkage is None else lodo(COVER_ALPHA, None)  # as mapped_profiles
     return {
         f"data-free (map on {reference_name})": (*alone, ref.center, ref.profiles),
         f"data-free (map on {reference_name} + {zoo_name}, LODO)": (
-            *with_own,
+            with_own,
+            with_own_covers,
             kept_union.center,
             kept_union.profiles[: len(rows)],
         ),

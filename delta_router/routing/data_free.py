@@ -296,8 +296,8 @@ def fit_data_free(
 ) -> Router:
     """A ``Router`` over every model of ``index``, profiled from its ``profile_deltas`` (of the same
     kind as ``reference_deltas``) by a ``ProfileMap`` (ridge ``alpha``, whitening ``shrinkage``)
-    fitted on the reference pairs; queries centred
-    like the reference router's. With ``background``, the reference's profiles are its ``Background``:
+    fitted on the reference pairs; queries centred like the reference router's. With
+    ``background``, the reference's profiles are its ``Background``:
     a query of a reference task that no indexed model covers goes to the base (what each covers:
     ``mapped_profiles``). The router keeps the reference pairs, so a model registered later is
     mapped the same way."""
@@ -347,8 +347,8 @@ def mapped_profiles(
 def nearest_references(router: Router, reference: Router) -> list[tuple[str, float]]:
     """For each of ``router``'s models, the ``reference`` finetune whose data-based profile is nearest
     to its profile, and their cosine: what the map takes each finetune for. A data-free profile is a
-    guess; one that lands on another domain's finetune (on ``wild`` mapped by ``full``, 7 of 38) is
-    routed that domain's queries, and covers that domain's background task."""
+    guess; one that lands on another domain's finetune (on ``wild`` mapped by ``full``, 12 of 38;
+    7 unwhitened) is routed that domain's queries."""
     sims = router.profiles @ unit_rows(reference.profiles).T
     return [(reference.model_ids[j], float(row[j])) for row, j in zip(sims, sims.argmax(1), strict=True)]
 
