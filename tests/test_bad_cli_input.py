@@ -234,6 +234,11 @@ CASES = [
     ("route fit --no-background without --data-free", None,
      "route fit --index {root}/idx --examples fruit={root}/fruit.jsonl --no-background --out {root}/r2",
      "only apply with --data-free"),
+    ("route fit --shrinkage without --data-free", None,
+     "route fit --index {root}/idx --examples fruit={root}/fruit.jsonl --shrinkage 0.3 --out {root}/r2",
+     "only apply with --data-free"),
+    ("route fit --data-free --shrinkage 0", None,
+     "route fit --index {root}/idx --data-free --shrinkage 0 --out {root}/r2", "must be in (0.0, inf)"),
 ]  # fmt: skip
 
 

@@ -307,12 +307,18 @@ def test_data_free_router_sends_queries_to_their_domain(
     monkeypatch.setattr(data_free, "profile_embedder", no_forward)
     out = tmp_path / "router-index"
     argv[argv.index("--out") + 1] = str(out)
-    assert main([*argv, "--profile-deltas", "index", "--no-background"]) == 0
+    # ... with the map's own settings: the old unwhitened map at another ridge
+    options = ["--no-background", "--map-alpha", "0.03", "--shrinkage", "none"]
+    assert main([*argv, "--profile-deltas", "index", *options]) == 0
     by_index = Router.load(out)
     assert by_index.background is None
-    expected = fit_data_free(index, reference_pairs(zoo, encoder, "index")[0], reference, deltas="index")
+    assert (by_index.reference.alpha, by_index.reference.shrinkage) == (0.03, None)
+    index_deltas = reference_pairs(zoo, encoder, "index")[0]
+    expected = fit_data_free(index, index_deltas, reference, 0.03, "index", shrinkage=None)
     assert by_index.model_ids == router.model_ids
     assert np.allclose(by_index.profiles, expected.profiles, atol=1e-5)
+    default = fit_data_free(index, index_deltas, reference, deltas="index")
+    assert not np.allclose(by_index.profiles, default.profiles)  # the options reached the map
 
 
 def test_a_whitened_data_free_router_covers_what_the_unwhitened_map_predicts(tiny_base, encoder, tmp_path):

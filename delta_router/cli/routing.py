@@ -23,7 +23,12 @@ from delta_router.embedding.embedder import POOLINGS
 from delta_router.errors import DeltaRouterError
 from delta_router.home import refuse_existing
 from delta_router.models.base import resolve_base
-from delta_router.routing.data_free import DEFAULT_PROFILE_DELTAS, PROFILE_DELTAS
+from delta_router.routing.data_free import (
+    DEFAULT_ALPHA,
+    DEFAULT_PROFILE_DELTAS,
+    DEFAULT_SHRINKAGE,
+    PROFILE_DELTAS,
+)
 from delta_router.routing.router import DEFAULT_THRESHOLD
 from delta_router.search.index import ModelIndex
 
@@ -48,6 +53,7 @@ def cmd_route_fit(args: argparse.Namespace) -> None:
     if args.data_free:
         return _fit_data_free(args)
     data_free_options = {"--reference-zoo": args.reference_zoo, "--profile-deltas": args.profile_deltas,
+                         "--map-alpha": args.map_alpha, "--shrinkage": args.shrinkage,
                          "--no-background": args.no_background or None}  # fmt: skip
     given = [flag for flag, value in data_free_options.items() if value is not None]
     if given:
@@ -104,8 +110,11 @@ def _fit_data_free(args: argparse.Namespace) -> None:
     encoder = QueryEncoder.for_model(base.load_model(), base.load_tokenizer(), pooling=args.pooling)
     space = (index.space, f"the index {args.index}")
     deltas, reference = reference_pairs(zoos, encoder, profile_deltas, not args.json, space)
+    shrinkage = {None: DEFAULT_SHRINKAGE, "none": None}.get(args.shrinkage, args.shrinkage)
+    alpha = DEFAULT_ALPHA if args.map_alpha is None else args.map_alpha
+    map_options = {"alpha": alpha, "shrinkage": shrinkage}
     router = fit_data_free(index, deltas, reference, deltas=profile_deltas, progress=not args.json,
-                           background=not args.no_background)  # fmt: skip
+                           background=not args.no_background, **map_options)  # fmt: skip
     router.save(args.out, force=args.force)
     domain_of = reference_domains(zoos)
     mapped_as = zip(router.model_ids, nearest_references(router, reference), strict=True)
@@ -114,7 +123,7 @@ def _fit_data_free(args: argparse.Namespace) -> None:
         for model_id, (ref_id, cosine) in mapped_as
     }
     payload = {"router": args.out, "models": router.model_ids, "reference_zoos": [z.spec.name for z in zoos],
-               "profile_deltas": profile_deltas, "background": not args.no_background,
+               "profile_deltas": profile_deltas, "background": not args.no_background, **map_options,
                "nearest_reference": nearest}  # fmt: skip
     names = "+".join(zoo.spec.name for zoo in zoos)
     title = f"data-free router at {args.out}: {len(router.model_ids)} models, as the map on {names} sees them"
@@ -124,6 +133,11 @@ def _fit_data_free(args: argparse.Namespace) -> None:
     for model_id, row in nearest.items():
         table.add_row(model_id, row["reference"], row["domain"], f"{row['cosine']:.2f}")
     emit(args, payload, table)
+
+
+def shrinkage_type(text: str) -> float | str:
+    """argparse type of ``--shrinkage``: a share > 0, or ``none`` (no whitening)."""
+    return text if text == "none" else float_in(0.0, low_open=True)(text)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -225,6 +239,16 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                         "template (as costly); formats+plain = both, one map each, averaged (default, "
                         "two passes); index = the index's vectors, no forward pass (huge indexes of "
                         "one prompt format)")  # fmt: skip
+    p.add_argument(
+        "--map-alpha",
+        type=float_in(0.0, low_open=True),
+        metavar="ALPHA",
+        help=f"--data-free: the map's ridge penalty (default {DEFAULT_ALPHA})",
+    )
+    p.add_argument("--shrinkage", type=shrinkage_type,
+                   help=f"--data-free: how far the map's whitening of the deltas is shrunk toward isotropy, "
+                        f"a share of their mean variance (default {DEFAULT_SHRINKAGE}; 'none': not whitened, "
+                        "the map before 2026-12-07)")  # fmt: skip
     p.add_argument("--no-background", action="store_true",
                    help="--data-free: send a query to the base only below the threshold, not also when it "
                         "matches a reference task no indexed model covers")  # fmt: skip
