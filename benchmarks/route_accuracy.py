@@ -148,6 +148,13 @@ def abstention_curve(
     return rows, by_domain
 
 
+def map_label(alpha: float, shrinkage: float | None) -> str:
+    """How a row names its map: the ridge, and the whitening where it is not the default."""
+    if shrinkage == DEFAULT_SHRINKAGE:
+        return f"alpha {alpha:g}"
+    return f"alpha {alpha:g}, " + ("not whitened" if shrinkage is None else f"shrinkage {shrinkage:g}")
+
+
 def best_within(rows: list[tuple], budget: float = 5.0) -> tuple | None:
     """The row of ``abstention_curve`` that sends the most withheld queries to the base at most
     ``budget`` points of in-zoo accuracy lost (None: every threshold costs more)."""
@@ -372,15 +379,16 @@ def main() -> None:
         views[f"profile deltas ({args.profile_deltas}), what the map reads"] = deltas
         views[f"{default}: data-based profiles"] = reference.profiles
         alpha, shrinkage = args.map_alpha, args.shrinkage  # the map of every other data-free row
-        maps = [(f"alpha {a:g}", a, shrinkage) for a in sorted({*args.alphas, alpha})]
-        for label, a, s in [*maps, ("alpha 0.01, not whitened", 0.01, None)]:
+        shipped_map = f"data-free (LODO, {map_label(alpha, shrinkage)})"
+        maps = dict.fromkeys([*((a, shrinkage) for a in sorted({*args.alphas, alpha})), (0.01, None)])
+        for a, s in maps:
             predicted = leave_one_group_out(deltas, reference.profiles, groups, a, blocks, s)
             free = Router(reference.model_ids, centred_profiles(predicted), reference.center, fingerprint)
             routed = free.decide(features[default])
-            decisions[f"data-free (LODO, {label})"] = [d.adapters[0] for d in routed]
+            decisions[f"data-free (LODO, {map_label(a, s)})"] = [d.adapters[0] for d in routed]
             if (a, s) == (alpha, shrinkage):
-                routers[f"data-free (LODO, alpha {alpha:g})"] = free
-                views[f"data-free (LODO, alpha {alpha:g})"] = free.profiles
+                routers[shipped_map] = free
+                views[shipped_map] = free.profiles
         crossed_without = None
         if args.reference_zoo:
             references = [Zoo(name, progress=False) for name in args.reference_zoo]
@@ -452,9 +460,7 @@ def main() -> None:
             labels = [d for d, _ in queries]
             curves = {
                 default: abstention_curve(data_based, features[default], labels, domain_of),
-                f"data-free (LODO, alpha {alpha:g})": abstention_curve(
-                    data_free, features[default], labels, domain_of
-                ),
+                shipped_map: abstention_curve(data_free, features[default], labels, domain_of),
             }
             for name in crossed_without() if crossed_without else ():
                 for background in (False, True):
@@ -532,7 +538,7 @@ def main() -> None:
         served.set_adapter(adapter)
         return example_scores(served, tokenizer, records, max_length=256).main
 
-    free = routers.get(f"data-free (LODO, alpha {args.map_alpha:g})")
+    free = routers.get(f"data-free (LODO, {map_label(args.map_alpha, args.shrinkage)})")
     methods = ("base", "random", "router", "data-free", "arrow", "oracle")
     print(f"\nmean per record, 95% interval (n={args.downstream} per domain; acc, or -NLL/token: math, code)")
     print("\n| domain | " + " | ".join(methods) + " |")
