@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from delta_router.embedding.vectors import unit_rows
 from delta_router.errors import DataError, IncompatibleBaseError, SpaceMismatchError
 from delta_router.models.base import resolve_base
 from delta_router.routing.router import Background, QueryEncoder, Router, query_text
@@ -167,6 +168,39 @@ def test_a_background_task_no_model_covers_sends_its_queries_to_the_base(router,
     assert legacy.background is None and np.allclose(legacy.covers, legacy.profiles)
 
 
+def test_an_uncovered_task_claims_a_query_only_against_its_rival():
+    """Two background tasks, the first covered (two models reach it), the second not. A query of the
+    first that the routed profiles match badly (a poor data-free guess) stays with the pool when the
+    uncovered task must beat the covered one ("covered"), and goes to the base when it must beat the
+    routed model ("routed"); a query of the second goes to the base either way; with no task covered,
+    every query does."""
+    tasks = np.eye(3, dtype=np.float32)[:2]  # task 0 and task 1, orthogonal
+    covers = np.array([[1.0, 0.1, 0.0], [1.0, -0.1, 0.0]], dtype=np.float32)  # both near task 0
+    covers /= np.linalg.norm(covers, axis=1, keepdims=True)
+    queries = unit_rows(np.array([[1.0, 0.5, 0.0], [0.1, 1.0, 0.0]], dtype=np.float32))  # of task 0, 1
+    best = np.array([0.2, 0.2])  # the routed profiles' best cosines: poor guesses
+    for rival, expected in (("covered", [False, True]), ("routed", [True, True])):
+        background = Background(tasks, rival=rival, margin=0.0)
+        uncovered = background.uncovered(covers)
+        assert uncovered.tolist() == [False, True]
+        assert background.claims(queries, best, uncovered).tolist() == expected
+    lonely = Background(tasks)  # one model reaches task 0: below the default support of 2
+    assert lonely.claims(queries, best, lonely.uncovered(covers[:1])).all()
+    with pytest.raises(ValueError, match="rival"):
+        Background(tasks, rival="nearest")
+
+
+def test_a_router_saved_before_rivals_were_kept_loads_as_it_was_fitted(router, tmp_path):
+    """router.json with a background but no ``rival``: it was fitted against the routed models."""
+    saved = router.restricted(lambda _: True)
+    saved.background = Background(router.profiles)
+    assert Router.load(saved.save(tmp_path / "now")).background.rival == "covered"
+    meta = json.loads((tmp_path / "now" / "router.json").read_text())
+    del meta["background"]["rival"]
+    (tmp_path / "now" / "router.json").write_text(json.dumps(meta))
+    assert Router.load(tmp_path / "now").background.rival == "routed"
+
+
 def test_profile_map_interpolates_its_reference_and_refuses_too_little():
     from delta_router.routing.data_free import ProfileMap, leave_one_group_out
 
@@ -185,7 +219,6 @@ def test_profile_map_interpolates_its_reference_and_refuses_too_little():
 def test_a_profile_map_of_two_blocks_averages_one_map_per_block():
     """Two kinds of delta side by side ("formats+plain"): each block mapped by its own ridge, the
     prediction the unit mean of the two; one block is the plain map."""
-    from delta_router.embedding.vectors import unit_rows
     from delta_router.routing.data_free import ProfileMap, delta_blocks
 
     rng = np.random.default_rng(1)

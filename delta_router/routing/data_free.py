@@ -298,7 +298,7 @@ def fit_data_free(
     kind as ``reference_deltas``) by a ``ProfileMap`` (ridge ``alpha``, whitening ``shrinkage``)
     fitted on the reference pairs; queries centred like the reference router's. With
     ``background``, the reference's profiles are its ``Background``:
-    a query of a reference task that no indexed model covers goes to the base (what each covers:
+    a query of a reference task that too few indexed models cover goes to the base (what each covers:
     ``mapped_profiles``). The router keeps the reference pairs, so a model registered later is
     mapped the same way."""
     if index.space is None or len(index) == 0:
@@ -314,10 +314,15 @@ def fit_data_free(
     settings = {"layer": reference.layer, "pooling": reference.pooling, "max_length": reference.max_length}
     logger.info("data-free profiles: %d models, %s deltas, %d pairs", len(ids), deltas, len(reference_deltas))
     options.setdefault("threshold", DATA_FREE_THRESHOLD)
+    tasks = Background(reference.profiles) if background else None
+    if tasks is not None and tasks.uncovered(covers).all():
+        logger.warning(
+            "no reference task is covered by %d of these %d models: every query will go to the base "
+            "(a pool this small wants --no-background)", tasks.support, len(ids)
+        )  # fmt: skip
     return Router(
         ids, profiles, reference.center, reference.base_fingerprint, **settings,
-        base_name=reference.base_name, sources=["data-free"] * len(ids),
-        background=Background(reference.profiles) if background else None,
+        base_name=reference.base_name, sources=["data-free"] * len(ids), background=tasks,
         covers=None if covers is profiles else covers, reference=pairs, **options,
     )  # fmt: skip
 
