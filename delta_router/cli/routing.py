@@ -251,7 +251,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                         "the map before 2026-12-07)")  # fmt: skip
     p.add_argument("--no-background", action="store_true",
                    help="--data-free: send a query to the base only below the threshold, not also when it "
-                        "matches a reference task no indexed model covers")  # fmt: skip
+                        "matches a reference task too few indexed models cover")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_route_fit)
     query = route.add_parser("query", parents=[common], help="where would these queries go?")

@@ -477,7 +477,7 @@ class Router:
             covers = np.load(directory / "covers.npy") if (directory / "covers.npy").exists() else None
             background = reference = None
             if isinstance(meta, dict) and meta.get("background") is not None:
-                # routers saved before support (rival) was kept were fitted with support 1 ("routed")
+                # as fitted: saved before support was kept, support 1; before rival was, "routed"
                 saved = {"support": 1, "rival": "routed"} | meta["background"]
                 background = Background(np.load(directory / "background.npy"), **saved)
             if isinstance(meta, dict) and meta.get("reference") is not None:
