@@ -175,8 +175,7 @@ def test_an_uncovered_task_claims_a_query_only_against_its_rival():
     routed model ("routed"); a query of the second goes to the base either way; with no task covered,
     every query does."""
     tasks = np.eye(3, dtype=np.float32)[:2]  # task 0 and task 1, orthogonal
-    covers = np.array([[1.0, 0.1, 0.0], [1.0, -0.1, 0.0]], dtype=np.float32)  # both near task 0
-    covers /= np.linalg.norm(covers, axis=1, keepdims=True)
+    covers = unit_rows(np.array([[1.0, 0.1, 0.0], [1.0, -0.1, 0.0]], dtype=np.float32))  # near task 0
     queries = unit_rows(np.array([[1.0, 0.5, 0.0], [0.1, 1.0, 0.0]], dtype=np.float32))  # of task 0, 1
     best = np.array([0.2, 0.2])  # the routed profiles' best cosines: poor guesses
     for rival, expected in (("covered", [False, True]), ("routed", [True, True])):
