@@ -231,9 +231,9 @@ class Router:
     ``sources[i]`` (``PROFILE_SOURCES``) says how profile ``i`` was made (default: from examples).
 
     ``background`` (optional): tasks whose queries go to the base unless a model covers them, read
-    against ``covers`` ``[M, d]`` (unit rows), what each model covers (default: its profile; older
-    data-free routers, saved with a ``covers.npy``, keep their models' uncentred map predictions).
-    ``reference``: a data-free router's ``ReferencePairs``."""
+    against ``covers`` ``[M, d]``, what each model covers (default: its profile; older data-free routers,
+    saved with a ``covers.npy``, keep their models' uncentred map predictions). ``reference``: a data-free
+    router's ``ReferencePairs``."""
 
     def __init__(
         self,
@@ -268,8 +268,7 @@ class Router:
             raise DataError(f"profile sources must be one of {PROFILE_SOURCES} per model, got {sources}")
         self.model_ids, self.profiles, self.center = list(model_ids), profiles.astype(np.float32), center
         # no covers given: the profiles themselves (one array, never written in place: no copy)
-        # covers are unit rows, like the profiles: normalised again, a saved router would not load as saved
-        self.covers = self.profiles if covers is None else np.asarray(covers, np.float32)
+        self.covers = self.profiles if covers is None else unit_rows(np.asarray(covers, np.float32))
         if self.covers.shape != self.profiles.shape:
             raise DataError(f"cover vectors {self.covers.shape} for profiles {self.profiles.shape}")
         self.background, self.reference = background, reference
